@@ -1,0 +1,63 @@
+"""What one local vLLM instance is: a frozen description, separate from the process that runs it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Literal
+
+import msgspec
+
+Role = Literal["prefill", "decode", "monolithic"]
+
+
+class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One ``vllm serve`` process on this host. Ports 0 are chosen automatically at launch."""
+
+    role: Role
+    model: str
+    http_port: int = 0
+    side_channel_port: int = 0
+    tensor_parallel_size: int = 1
+    block_size: int | None = None
+    dtype: str | None = None
+    kv_transfer_config: dict[str, Any] | None = None
+    cpu_cores: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "0" or "0|1" for TP 2
+    kv_cache_space_gib: int = 1
+    env: dict[str, str] = {}
+    extra_args: list[str] = []
+
+    def __post_init__(self) -> None:
+        if self.role != "monolithic" and not self.kv_transfer_config:
+            raise ValueError(f"a {self.role} instance needs kv_transfer_config (e.g. a NixlConnector config)")
+        if self.block_size is not None and self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+
+def serve_command(spec: InstanceSpec, http_port: int) -> list[str]:
+    """The exact ``vllm serve`` command line for ``spec`` (through our version-fixing wrapper)."""
+    cmd = [sys.executable, "-m", "vllm_hetero_pd.launch.vllm_cli", "serve", spec.model,
+           "--host", "127.0.0.1", "--port", str(http_port), "--enforce-eager",
+           "--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    if spec.block_size is not None:
+        cmd += ["--block-size", str(spec.block_size)]
+    if spec.dtype is not None:
+        cmd += ["--dtype", spec.dtype]
+    if spec.kv_transfer_config:
+        cmd += ["--kv-transfer-config", json.dumps(spec.kv_transfer_config)]
+    return cmd + list(spec.extra_args)
+
+
+def serve_env(spec: InstanceSpec, side_channel_port: int, cpu_cores: str) -> dict[str, str]:
+    """Per-instance environment: CPU KV space, NIXL side channel, thread pinning, NIXL progress delay."""
+    env = {
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_space_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": cpu_cores,
+        "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_channel_port),
+        "VLLM_HETERO_PD_NIXL_PROGRESS_DELAY_US": "100",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(spec.env)
+    return env
