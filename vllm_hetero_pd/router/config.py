@@ -1,0 +1,177 @@
+"""Router configuration: frozen msgspec Structs, built from CLI flags or a validated YAML file.
+
+Everything the router may talk to is listed here; no request can add an address. Unknown keys
+are rejected (``forbid_unknown_fields``) so a typo in ``router.yaml`` fails at start-up instead of
+silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import msgspec
+
+
+class ConfigError(ValueError):
+    """A router option is invalid; the message names the option and how to fix it."""
+
+
+class Role(str, enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class Policy(str, enum.Enum):
+    """How a pool picks an instance (see ``policy.py``)."""
+
+    ROUND_ROBIN = "round_robin"
+    LEAST_WORK = "least_work"
+
+
+_USER = dict(frozen=True, kw_only=True, forbid_unknown_fields=True)
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+class InstanceConfig(msgspec.Struct, **_USER):
+    """One vLLM server: its base URL (no ``/v1``) and its capacity weight relative to its pool."""
+
+    url: str
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_url(self.url)
+        if not self.weight > 0:
+            raise ConfigError(f"instance {self.url}: weight must be > 0, got {self.weight}")
+
+
+class PoolConfig(msgspec.Struct, **_USER):
+    instances: tuple[InstanceConfig, ...] = ()
+    policy: Policy = Policy.LEAST_WORK
+
+
+class HealthConfig(msgspec.Struct, **_USER):
+    """Health probing and ejection.
+
+    An instance is ejected after ``max_failures`` consecutive failures (probes or requests) and
+    re-admitted after its first successful probe.
+    """
+
+    path: str = "/health"
+    interval_s: float = 2.0
+    timeout_s: float = 1.0
+    max_failures: int = 3
+
+    def __post_init__(self) -> None:
+        _positive("health.interval_s", self.interval_s)
+        _positive("health.timeout_s", self.timeout_s)
+        if self.max_failures < 1:
+            raise ConfigError(f"health.max_failures must be >= 1, got {self.max_failures}")
+
+
+class TimeoutConfig(msgspec.Struct, **_USER):
+    """Upstream deadlines, so that no request waits forever on a stuck instance.
+
+    ``connect_s`` bounds opening a connection; ``prefill_s`` bounds a whole prefill call;
+    ``decode_total_s`` bounds a whole decode call. For streaming decode, ``decode_first_byte_s``
+    bounds the wait for the first SSE event (it includes the KV transfer) and ``decode_idle_s`` the
+    silence between two later chunks. A non-streaming decode sends nothing until it is done, so
+    only ``decode_total_s`` applies to it.
+    """
+
+    connect_s: float = 3.0
+    prefill_s: float = 120.0
+    decode_first_byte_s: float = 120.0
+    decode_idle_s: float = 60.0
+    decode_total_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect_s", "prefill_s", "decode_first_byte_s", "decode_idle_s", "decode_total_s"):
+            _positive(f"timeouts.{name}", getattr(self, name))
+
+
+class RouterConfig(msgspec.Struct, **_USER):
+    """The whole router: pools, failure handling, security and limits.
+
+    ``min_disagg_tokens``: prompts estimated shorter than this skip remote prefill and are
+    prefilled by the decode instance itself (0 disables). ``local_prefill_fallback``: when no
+    prefill instance can serve a request, let decode prefill locally instead of failing.
+    ``max_attempts``: how many instances of one pool a request may try (each at most once).
+    ``api_key``: what clients must send as ``Authorization: Bearer``; ``upstream_api_key``: what the
+    router sends to instances started with ``--api-key`` (the client's header is never forwarded).
+    ``admin_token``: what admin endpoints require; without it they are disabled.
+    """
+
+    prefill: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    decode: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    upstream_api_key: str | None = None
+    admin_token: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    min_disagg_tokens: int = 0
+    local_prefill_fallback: bool = True
+    max_attempts: int = 3
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    timeouts: TimeoutConfig = msgspec.field(default_factory=TimeoutConfig)
+
+    def __post_init__(self) -> None:
+        if not self.decode.instances:
+            raise ConfigError("no decode instance: pass --decode URL (or list decode.instances in the config)")
+        if not self.prefill.instances and not self.local_prefill_fallback:
+            raise ConfigError(
+                "no prefill instance and local_prefill_fallback is off: pass --prefill URL or allow the fallback"
+            )
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.min_disagg_tokens < 0:
+            raise ConfigError(f"min_disagg_tokens must be >= 0, got {self.min_disagg_tokens}")
+        if self.api_key is not None and self.api_key == self.admin_token:
+            raise ConfigError("api_key and admin_token must differ: a client key must not unlock admin endpoints")
+        seen: set[str] = set()
+        for instance in (*self.prefill.instances, *self.decode.instances):
+            if instance.url in seen:
+                raise ConfigError(f"instance {instance.url} is listed twice; list each instance once")
+            seen.add(instance.url)
+
+
+def check_url(url: str) -> None:
+    """Accept only ``http(s)://host:port`` base URLs without a path, query or credentials."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"instance URL {url!r} must look like http://host:port")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(f"instance URL {url!r} must be a base URL like http://host:port (no path such as /v1)")
+
+
+def parse_instance(spec: str) -> InstanceConfig:
+    """Parse ``URL[,weight=W]`` as given to ``--prefill``/``--decode``."""
+    url, *options = spec.split(",")
+    weight = 1.0
+    for option in options:
+        key, sep, value = option.partition("=")
+        if key.strip() != "weight" or not sep:
+            raise ConfigError(f"instance {spec!r}: unknown option {option!r}; the only option is weight=W")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ConfigError(f"instance {spec!r}: weight {value!r} is not a number") from None
+    return InstanceConfig(url=url.strip().rstrip("/"), weight=weight)
+
+
+def load_config(path: str | Path) -> RouterConfig:
+    """Read and validate a YAML config; errors name the file and the offending key."""
+    try:
+        return msgspec.yaml.decode(Path(path).read_bytes(), type=RouterConfig)
+    except (msgspec.ValidationError, ConfigError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read router config {path}: {exc.strerror}") from None

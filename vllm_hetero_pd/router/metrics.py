@@ -1,0 +1,82 @@
+"""Prometheus metrics of one router, in its own registry so several routers can live in one process.
+
+Accounting invariant (checked by the load test): every proxied request ends in exactly one
+``requests_total`` outcome, ``ok`` or ``error``, and every ``error`` has exactly one
+``errors_total`` cause. Retries and ejections are counted separately and never end a request.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ErrorCause(str, enum.Enum):
+    """Why a request ended in an error (the ``cause`` label)."""
+
+    BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"
+    BODY_TOO_LARGE = "body_too_large"
+    NO_PREFILL_INSTANCE = "no_prefill_instance"
+    NO_DECODE_INSTANCE = "no_decode_instance"
+    PREFILL_FAILED = "prefill_failed"
+    DECODE_FAILED = "decode_failed"
+    UPSTREAM_CLIENT_ERROR = "upstream_client_error"
+    STREAM_INTERRUPTED = "stream_interrupted"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    INTERNAL = "internal"
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "hetero_pd_router_requests", "Proxied requests by endpoint and final outcome", ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.errors = Counter("hetero_pd_router_errors", "Requests that ended in an error, by cause", ["cause"],
+                              registry=r)
+        self.in_flight = Gauge(
+            "hetero_pd_router_in_flight", "Requests in flight per instance", ["role", "instance"], registry=r
+        )
+        self.healthy = Gauge(
+            "hetero_pd_router_instance_healthy", "1 if the instance is admitted, 0 if ejected", ["role", "instance"],
+            registry=r,
+        )
+        self.prefill_latency = Histogram(
+            "hetero_pd_router_prefill_seconds", "Prefill call duration (successful calls)", ["instance"],
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.decode_first_byte = Histogram(
+            "hetero_pd_router_decode_first_byte_seconds", "Decode call start to response headers", ["instance"],
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.decode_latency = Histogram(
+            "hetero_pd_router_decode_seconds", "Decode call duration until the last byte (successful calls)",
+            ["instance"], buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.retries = Counter("hetero_pd_router_retries", "Attempts repeated on another instance", ["role"],
+                               registry=r)
+        self.ejections = Counter("hetero_pd_router_ejections", "Instances ejected after consecutive failures",
+                                 ["role"], registry=r)
+        self.readmissions = Counter("hetero_pd_router_readmissions", "Ejected instances re-admitted by a probe",
+                                    ["role"], registry=r)
+        self.local_prefill = Counter(
+            "hetero_pd_router_local_prefill", "Requests prefilled by the decode instance itself", ["reason"],
+            registry=r,
+        )
+        self.stripped_kv_params = Counter(
+            "hetero_pd_router_stripped_kv_transfer_params", "Client requests whose kv_transfer_params were removed",
+            registry=r,
+        )
+
+    def error(self, endpoint: str, cause: ErrorCause) -> None:
+        self.requests.labels(endpoint, "error").inc()
+        self.errors.labels(cause.value).inc()
+
+    def ok(self, endpoint: str) -> None:
+        self.requests.labels(endpoint, "ok").inc()

@@ -1,0 +1,170 @@
+"""Instance pools: live load, health, ejection and re-admission, admin changes.
+
+A ``Pool`` owns the mutable state of its instances; ``policy.choose`` decides from a frozen
+snapshot of it. Health works on consecutive failures: a failed request or probe adds one, a
+successful request resets the count, and at ``max_failures`` the instance is ejected (no new
+requests). Only a successful health probe re-admits it, so traffic returns to an instance only
+after it has answered. Probes alone never reset the count of an admitted instance: an instance
+whose ``/health`` answers but whose requests fail is still ejected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import aiohttp
+
+from vllm_hetero_pd.router.config import HealthConfig, InstanceConfig, Policy, Role
+from vllm_hetero_pd.router.metrics import RouterMetrics
+from vllm_hetero_pd.router.policy import Candidate, choose
+
+logger = logging.getLogger(__name__)
+
+
+class AdminError(ValueError):
+    """An admin change that cannot be applied (unknown or duplicate instance)."""
+
+
+class Instance:
+    """Runtime state of one instance. Mutated only by its ``Pool``."""
+
+    __slots__ = ("role", "url", "weight", "num_active_requests", "num_pending_tokens", "consecutive_failures",
+                 "ejected", "draining", "rr_pass", "_in_flight_gauge")
+
+    def __init__(self, role: Role, config: InstanceConfig, rr_pass: float, metrics: RouterMetrics) -> None:
+        self.role = role
+        self.url = config.url.rstrip("/")
+        self.weight = config.weight
+        self.num_active_requests = 0
+        self.num_pending_tokens = 0
+        self.consecutive_failures = 0
+        self.ejected = False
+        self.draining = False
+        self.rr_pass = rr_pass
+        self._in_flight_gauge = metrics.in_flight.labels(role.value, self.url)
+
+    @property
+    def available(self) -> bool:
+        return not self.ejected and not self.draining
+
+    def describe(self) -> dict:
+        return {
+            "url": self.url, "role": self.role.value, "weight": self.weight, "ejected": self.ejected,
+            "draining": self.draining, "num_active_requests": self.num_active_requests,
+            "num_pending_tokens": self.num_pending_tokens, "consecutive_failures": self.consecutive_failures,
+        }
+
+
+class Pool:
+    def __init__(self, role: Role, policy: Policy, configs: tuple[InstanceConfig, ...], max_failures: int,
+                 metrics: RouterMetrics) -> None:
+        self.role = role
+        self.policy = policy
+        self.max_failures = max_failures
+        self.metrics = metrics
+        self.instances: list[Instance] = []
+        for config in configs:
+            self.add(config)
+
+    def pick(self, num_prompt_tokens: int, exclude: frozenset[str] = frozenset()) -> Instance | None:
+        """Choose an available instance not in ``exclude`` (URLs already tried); None if there is none."""
+        eligible = [i for i in self.instances if i.available and i.url not in exclude]
+        if not eligible:
+            return None
+        candidates = [
+            Candidate(weight=i.weight, num_pending_tokens=i.num_pending_tokens,
+                      num_active_requests=i.num_active_requests, rr_pass=i.rr_pass)
+            for i in eligible
+        ]
+        chosen = eligible[choose(self.policy, self.role, candidates, num_prompt_tokens)]
+        chosen.rr_pass += 1.0 / chosen.weight
+        return chosen
+
+    @contextmanager
+    def track(self, instance: Instance, num_prompt_tokens: int) -> Iterator[None]:
+        """Count a request as in flight on ``instance`` for the duration of the block."""
+        instance.num_active_requests += 1
+        instance.num_pending_tokens += num_prompt_tokens
+        instance._in_flight_gauge.inc()
+        try:
+            yield
+        finally:
+            instance.num_active_requests -= 1
+            instance.num_pending_tokens -= num_prompt_tokens
+            instance._in_flight_gauge.dec()
+
+    def record_success(self, instance: Instance) -> None:
+        instance.consecutive_failures = 0
+
+    def record_failure(self, instance: Instance, reason: str) -> None:
+        instance.consecutive_failures += 1
+        if not instance.ejected and instance.consecutive_failures >= self.max_failures:
+            instance.ejected = True
+            self.metrics.ejections.labels(self.role.value).inc()
+            self.metrics.healthy.labels(self.role.value, instance.url).set(0)
+            logger.warning("ejected %s instance %s after %d consecutive failures (last: %s)", self.role.value,
+                           instance.url, instance.consecutive_failures, reason)
+
+    def _readmit(self, instance: Instance) -> None:
+        instance.ejected = False
+        instance.consecutive_failures = 0
+        instance.rr_pass = max(instance.rr_pass, self._min_pass())
+        self.metrics.readmissions.labels(self.role.value).inc()
+        self.metrics.healthy.labels(self.role.value, instance.url).set(1)
+        logger.info("re-admitted %s instance %s: its health probe succeeded", self.role.value, instance.url)
+
+    async def probe(self, session: aiohttp.ClientSession, health: HealthConfig) -> None:
+        """Probe every instance once, concurrently; ejects and re-admits as results say."""
+        await asyncio.gather(*(self._probe_one(session, health, i) for i in list(self.instances)))
+
+    async def _probe_one(self, session: aiohttp.ClientSession, health: HealthConfig, instance: Instance) -> None:
+        try:
+            async with session.get(instance.url + health.path,
+                                   timeout=aiohttp.ClientTimeout(total=health.timeout_s)) as response:
+                ok = response.status == 200
+                reason = f"health probe answered HTTP {response.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            ok, reason = False, f"health probe failed: {exc!r}"
+        if ok and instance.ejected:
+            self._readmit(instance)
+        elif not ok:
+            self.record_failure(instance, reason)
+
+    def add(self, config: InstanceConfig) -> Instance:
+        url = config.url.rstrip("/")
+        if self.find(url) is not None:
+            raise AdminError(f"{self.role.value} instance {url} already exists; remove it first to change it")
+        instance = Instance(self.role, config, self._min_pass(), self.metrics)
+        self.instances.append(instance)
+        self.metrics.healthy.labels(self.role.value, url).set(1)
+        return instance
+
+    def remove(self, url: str) -> Instance:
+        """Forget the instance; requests already on it finish normally."""
+        instance = self._get(url)
+        self.instances.remove(instance)
+        self.metrics.healthy.remove(self.role.value, instance.url)
+        return instance
+
+    def drain(self, url: str) -> Instance:
+        """Send no new requests to the instance; requests already on it finish normally."""
+        instance = self._get(url)
+        instance.draining = True
+        return instance
+
+    def find(self, url: str) -> Instance | None:
+        url = url.rstrip("/")
+        return next((i for i in self.instances if i.url == url), None)
+
+    def _get(self, url: str) -> Instance:
+        instance = self.find(url)
+        if instance is None:
+            known = ", ".join(i.url for i in self.instances) or "none"
+            raise AdminError(f"no {self.role.value} instance {url}; known: {known}")
+        return instance
+
+    def _min_pass(self) -> float:
+        return min((i.rr_pass for i in self.instances if i.available), default=0.0)
