@@ -1,0 +1,164 @@
+"""Hardware catalog: accelerators, their prices and efficiencies, and the KV links between them.
+
+The shipped catalog (``hardware.yaml`` beside this module) is data, not code: every number in it
+carries a source so a reader can check it, and users replace or add devices with ``--catalog``
+files of the same schema (``vllm-hetero-pd calibrate`` writes one). A device entry in a later file
+replaces the entry of the same name; links are looked up most-specific first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+SHIPPED_CATALOG = Path(__file__).with_name("hardware.yaml")
+
+# Numeric Device fields that must each name a source in ``Device.sources``.
+_SOURCED_FIELDS = (
+    "bf16_tflops", "fp8_tflops", "hbm_gb", "hbm_tb_s", "scale_up_gb_s", "scale_out_gb_s",
+    "tdp_w", "price_per_hour", "bf16_efficiency", "fp8_efficiency", "memory_efficiency",
+    "prefill_overhead_s", "step_overhead_s", "per_sequence_overhead_s", "max_tp",
+)
+
+
+class CatalogError(ValueError):
+    """A catalog file is malformed or inconsistent; the message names the file and field."""
+
+
+class Device(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One accelerator (or a CPU socket) as the performance model sees it.
+
+    Efficiencies scale the datasheet peaks to what kernels reach (matmul efficiency for compute,
+    achieved/peak for HBM reads); overheads are the fixed per-forward costs a roofline misses
+    (kernel launches, scheduling, sampling). ``kv_format`` names the KV byte layout the device's
+    vLLM backend writes: two devices with different formats need the format shim between them.
+    """
+
+    name: str
+    vendor: str
+    kv_format: str
+    bf16_tflops: float
+    fp8_tflops: float
+    hbm_gb: float
+    hbm_tb_s: float
+    scale_up_gb_s: float
+    scale_out_gb_s: float
+    tdp_w: float
+    price_per_hour: float
+    bf16_efficiency: float
+    fp8_efficiency: float
+    memory_efficiency: float
+    prefill_overhead_s: float
+    step_overhead_s: float
+    per_sequence_overhead_s: float
+    max_tp: int
+    sources: dict[str, str]
+
+    def __post_init__(self) -> None:
+        missing = [f for f in _SOURCED_FIELDS if not self.sources.get(f, "").strip()]
+        if missing:
+            raise CatalogError(f"device {self.name}: no source for {', '.join(missing)}; "
+                               "add a 'sources: {field: where the number comes from}' entry for each")
+        for f in ("bf16_tflops", "hbm_gb", "hbm_tb_s", "scale_out_gb_s", "price_per_hour"):
+            if getattr(self, f) <= 0:
+                raise CatalogError(f"device {self.name}: {f} must be > 0, got {getattr(self, f)}")
+        for f in ("bf16_efficiency", "fp8_efficiency", "memory_efficiency"):
+            if not 0 < getattr(self, f) <= 1:
+                raise CatalogError(f"device {self.name}: {f} must be in (0, 1], got {getattr(self, f)}")
+        for f in ("prefill_overhead_s", "step_overhead_s", "per_sequence_overhead_s", "fp8_tflops"):
+            if getattr(self, f) < 0:
+                raise CatalogError(f"device {self.name}: {f} must be >= 0, got {getattr(self, f)}")
+        if self.max_tp < 1:
+            raise CatalogError(f"device {self.name}: max_tp must be >= 1, got {self.max_tp}")
+
+    def peak_flops(self, fp8: bool) -> float:
+        """Achievable FLOP/s for matmuls: FP8 when the weights are FP8 and the device has FP8 units."""
+        if fp8 and self.fp8_tflops > 0:
+            return self.fp8_tflops * 1e12 * self.fp8_efficiency
+        return self.bf16_tflops * 1e12 * self.bf16_efficiency
+
+    @property
+    def memory_bytes_s(self) -> float:
+        """Achievable HBM read bandwidth in bytes/s."""
+        return self.hbm_tb_s * 1e12 * self.memory_efficiency
+
+
+class Link(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """KV transfer path from a prefill vendor to a decode vendor ("*" matches any).
+
+    ``gb_s`` is per device lane: a TP-t prefill instance sends its t KV shards in parallel, so
+    the instance moves ``min(t_prefill, t_decode) * gb_s``. ``shim_gb_s`` is the rate at which the
+    format shim rewrites bytes when the two ends' ``kv_format`` differ.
+    """
+
+    prefill_vendor: str
+    decode_vendor: str
+    gb_s: float
+    latency_s: float
+    shim_gb_s: float
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.gb_s <= 0 or self.shim_gb_s <= 0 or self.latency_s < 0:
+            raise CatalogError(f"link {self.prefill_vendor}->{self.decode_vendor}: gb_s and shim_gb_s "
+                               "must be > 0 and latency_s >= 0")
+        if not self.source.strip():
+            raise CatalogError(f"link {self.prefill_vendor}->{self.decode_vendor}: empty source")
+
+
+class CatalogFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The schema of one catalog YAML/JSON file."""
+
+    devices: list[Device] = []
+    links: list[Link] = []
+
+
+class Catalog(msgspec.Struct, frozen=True, kw_only=True):
+    """Merged view of the shipped catalog and user files."""
+
+    devices: dict[str, Device]
+    links: list[Link]
+
+    def device(self, name: str) -> Device:
+        """Look up a device by name, case-insensitively; unknown names list the known ones."""
+        for key, dev in self.devices.items():
+            if key.lower() == name.lower():
+                return dev
+        raise CatalogError(f"unknown device {name!r}; known devices: {', '.join(self.devices)} "
+                           "(add new ones with --catalog FILE)")
+
+    def link(self, prefill: Device, decode: Device) -> Link:
+        """Most specific link for a vendor pair: exact, then prefill-only, decode-only, "*"->"*"."""
+        for want in ((prefill.vendor, decode.vendor), (prefill.vendor, "*"),
+                     ("*", decode.vendor), ("*", "*")):
+            for link in reversed(self.links):  # later files win
+                if (link.prefill_vendor, link.decode_vendor) == want:
+                    return link
+        raise CatalogError(f"no KV link from {prefill.vendor} to {decode.vendor}; "
+                           "add a links entry (prefill_vendor/decode_vendor may be '*')")
+
+
+def read_catalog_file(path: Path) -> CatalogFile:
+    """Decode one YAML or JSON catalog file; errors name the file and the offending field."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CatalogError(f"cannot read catalog {path}: {e.strerror}") from e
+    try:
+        if path.suffix == ".json":
+            return msgspec.json.decode(raw, type=CatalogFile)
+        return msgspec.yaml.decode(raw, type=CatalogFile)
+    except (msgspec.ValidationError, msgspec.DecodeError, CatalogError) as e:
+        raise CatalogError(f"catalog {path}: {e}") from e
+
+
+def load_catalog(extra_paths: list[Path] = ()) -> Catalog:
+    """The shipped catalog with each file in ``extra_paths`` layered on top, in order."""
+    devices: dict[str, Device] = {}
+    links: list[Link] = []
+    for path in (SHIPPED_CATALOG, *extra_paths):
+        part = read_catalog_file(Path(path))
+        devices.update((d.name, d) for d in part.devices)
+        links.extend(part.links)
+    return Catalog(devices=devices, links=links)

@@ -1,0 +1,299 @@
+"""Exact joint search for the cheapest deployment that meets the SLO at the requested rate.
+
+The search space: a prefill pool and a decode pool (or one colocated pool), each of 1 to
+``max_entries`` entries (device, TP, count), count <= ``max_instances``; mixing device types and TP
+degrees inside a pool is allowed. A plan is feasible when each pool's summed per-instance capacity
+(``perf``) covers the rate, the devices fit the inventory and the $/h fits the budget. We minimise
+$/h, which at a fixed rate is the same as minimising $/Mtok.
+
+Why enumeration is exact and small: with positive prices, lowering any count lowers cost and
+device use, so some optimum consists of *minimal* pools (no count can drop without losing
+coverage). A minimal pool is fixed by its entries and the count of all but its last entry,
+so there are O(options^2 x max_instances) of them per phase. Prefill capacity depends on the
+decode pool only through the decode KV formats (transfer, shim), so we group decode pools by
+their set of KV endpoints and pair each group with the prefill pools valid for it, cheapest first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import msgspec
+import numpy as np
+
+from vllm_hetero_pd.planner import perf
+from vllm_hetero_pd.planner.catalog import Catalog, Device
+from vllm_hetero_pd.planner.model import ModelSpec
+from vllm_hetero_pd.planner.workload import Slo, Workload
+
+COVER_TOLERANCE = 1e-9  # relative slack when checking that capacity covers the rate
+
+
+class SearchError(ValueError):
+    """The search inputs are inconsistent (no devices, zero inventory); the message says which."""
+
+
+class SearchSpace(msgspec.Struct, frozen=True, kw_only=True):
+    """Which plans the search may return."""
+
+    prefill_devices: tuple[str, ...]
+    decode_devices: tuple[str, ...]
+    colocated_devices: tuple[str, ...]
+    tp_degrees: tuple[int, ...] = perf.TP_DEGREES
+    max_instances: int = 64
+    max_entries: int = 2
+    inventory: dict[str, int] | None = None  # devices per type; None = unlimited
+    budget_per_hour: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_entries <= 2:
+            raise SearchError(f"--max-entries must be 1 or 2, got {self.max_entries}")
+        if self.max_instances < 1:
+            raise SearchError(f"--max-instances must be >= 1, got {self.max_instances}")
+        if self.inventory is not None and sum(self.inventory.values()) <= 0:
+            raise SearchError("--inventory lists no devices (every count is 0); give at least one "
+                              "NAME=COUNT with COUNT > 0, or drop --inventory for unlimited devices")
+        if self.budget_per_hour is not None and self.budget_per_hour <= 0:
+            raise SearchError(f"--budget must be > 0 $/h, got {self.budget_per_hour}")
+
+
+class Option(msgspec.Struct, frozen=True, kw_only=True):
+    """One (device, TP) instance shape with its per-instance capacity for one role."""
+
+    device: str
+    tp: int
+    price_per_hour: float
+    capacity: perf.Capacity
+
+
+class Entry(msgspec.Struct, frozen=True, kw_only=True):
+    """``count`` instances of one shape in a pool, with the latencies predicted at their share of load."""
+
+    device: str
+    tp: int
+    count: int
+    capacity_per_instance: float
+    binding: str
+    price_per_hour: float  # all instances of the entry
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+    @property
+    def num_devices(self) -> int:
+        return self.count * self.tp
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    """A deployment: disaggregated (prefill + decode pools) or colocated (one pool)."""
+
+    mode: str  # "disaggregated" | "colocated"
+    rate: float
+    output_tokens_per_s: float
+    cost_per_hour: float
+    cost_per_mtok: float  # $ per million output tokens
+    prefill: tuple[Entry, ...] = ()
+    decode: tuple[Entry, ...] = ()
+    colocated: tuple[Entry, ...] = ()
+
+    @property
+    def entries(self) -> tuple[Entry, ...]:
+        return self.prefill + self.decode + self.colocated
+
+    def describe(self) -> str:
+        def pool(entries: tuple[Entry, ...]) -> str:
+            return " + ".join(f"{e.count}x {e.device} TP{e.tp}" for e in entries)
+        if self.mode == "colocated":
+            return f"colocated [{pool(self.colocated)}]"
+        return f"prefill [{pool(self.prefill)}] : decode [{pool(self.decode)}]"
+
+
+class SearchResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The winner, the best of each mode, and every option's capacity (for --explain)."""
+
+    best: Plan | None
+    best_disaggregated: Plan | None
+    best_colocated: Plan | None
+    prefill_options: tuple[Option, ...]
+    decode_options: tuple[Option, ...]
+    colocated_options: tuple[Option, ...]
+
+
+class _Candidates(msgspec.Struct, frozen=True):
+    """Minimal pools of one role as parallel arrays, sorted by cost (entry 2 = -1 when absent)."""
+
+    opt1: np.ndarray
+    n1: np.ndarray
+    opt2: np.ndarray
+    n2: np.ndarray
+    cost: np.ndarray
+    usage: np.ndarray  # (num_candidates, num_device_types) devices used
+
+
+def _minimal_pools(rates: np.ndarray, prices: np.ndarray, type_ids: np.ndarray, tps: np.ndarray,
+                   rate: float, space: SearchSpace, num_types: int) -> _Candidates:
+    """All minimal pools of at most ``max_entries`` options covering ``rate``, cheapest first."""
+    need = rate * (1 - COVER_TOLERANCE)
+    max_n = space.max_instances
+    usable = np.flatnonzero(rates > 0)
+    parts: list[tuple[np.ndarray, ...]] = []
+    # single entries: the fewest instances that cover the rate
+    n = np.ceil(need / rates[usable]).astype(np.int64)
+    keep = n <= max_n
+    parts.append((usable[keep], n[keep], np.full(keep.sum(), -1), np.zeros(keep.sum(), np.int64)))
+    if space.max_entries >= 2 and len(usable) >= 2:
+        i, j = (np.array(x) for x in zip(*itertools.combinations(usable, 2)))
+        counts = np.arange(1, max_n + 1)
+        ii, nn = np.repeat(i, max_n), np.tile(counts, len(i))
+        jj = np.repeat(j, max_n)
+        rest = need - nn * rates[ii]
+        nj = np.ceil(rest / rates[jj]).astype(np.int64)
+        # minimal: the second entry is needed, fits the cap, and the first cannot drop one instance
+        keep = (rest > 0) & (nj <= max_n) & ((nn - 1) * rates[ii] + nj * rates[jj] < need)
+        parts.append((ii[keep], nn[keep], jj[keep], nj[keep]))
+    opt1, n1, opt2, n2 = (np.concatenate(x) for x in zip(*parts))
+    has2 = opt2 >= 0
+    o2 = np.where(has2, opt2, 0)
+    cost = n1 * prices[opt1] + np.where(has2, n2 * prices[o2], 0.0)
+    usage = np.zeros((len(opt1), num_types))
+    np.add.at(usage, (np.arange(len(opt1)), type_ids[opt1]), n1 * tps[opt1])
+    np.add.at(usage, (np.arange(len(opt1)), type_ids[o2]), np.where(has2, n2 * tps[o2], 0))
+    order = np.lexsort((usage.sum(axis=1), cost))  # cheapest, then fewest devices
+    return _Candidates(opt1[order], n1[order], opt2[order], n2[order], cost[order], usage[order])
+
+
+def _within_limits(cands: _Candidates, inventory: np.ndarray, budget: float) -> np.ndarray:
+    return (cands.usage <= inventory).all(axis=1) & (cands.cost <= budget * (1 + COVER_TOLERANCE))
+
+
+class _Catalogued(msgspec.Struct, frozen=True):
+    """Options of one role as numpy arrays for ``_minimal_pools``."""
+
+    options: tuple[Option, ...]
+    prices: np.ndarray
+    type_ids: np.ndarray
+    tps: np.ndarray
+
+
+def _options(devices: list[Device], space: SearchSpace, type_index: dict[str, int],
+             capacity) -> _Catalogued:
+    options = tuple(Option(device=d.name, tp=tp, price_per_hour=tp * d.price_per_hour,
+                           capacity=capacity(d, tp)) for d in devices for tp in space.tp_degrees)
+    return _Catalogued(options, np.array([o.price_per_hour for o in options]),
+                       np.array([type_index[o.device] for o in options], dtype=np.int64),
+                       np.array([o.tp for o in options], dtype=np.int64))
+
+
+def _entries(cat: _Catalogued, opt1: int, n1: int, opt2: int, n2: int,
+             rates: np.ndarray) -> tuple[Entry, ...]:
+    picks = [(opt1, n1)] + ([(opt2, n2)] if opt2 >= 0 else [])
+    return tuple(Entry(device=cat.options[o].device, tp=cat.options[o].tp, count=int(n),
+                       capacity_per_instance=float(rates[o]), binding=cat.options[o].capacity.binding,
+                       price_per_hour=int(n) * cat.options[o].price_per_hour) for o, n in picks)
+
+
+def _make_plan(mode: str, workload: Workload, pools: dict[str, tuple[Entry, ...]]) -> Plan:
+    cost = sum(e.price_per_hour for entries in pools.values() for e in entries)
+    tokens_s = workload.rate * workload.osl
+    return Plan(mode=mode, rate=workload.rate, output_tokens_per_s=tokens_s, cost_per_hour=cost,
+                cost_per_mtok=cost / (tokens_s * 3600) * 1e6, **pools)
+
+
+def search(model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo,
+           space: SearchSpace) -> SearchResult:
+    """Cheapest disaggregated and colocated plans (``best`` is the cheaper; None if infeasible)."""
+    names = sorted({*space.prefill_devices, *space.decode_devices, *space.colocated_devices})
+    if not names:
+        raise SearchError("no devices to search; name some with --devices or the per-role flags")
+    devices = {n: catalog.device(n) for n in names}
+    type_index = {d.name: i for i, d in enumerate(devices.values())}
+    inventory = np.array([math.inf if space.inventory is None else space.inventory.get(d, 0)
+                          for d in type_index], dtype=float)
+    budget = math.inf if space.budget_per_hour is None else space.budget_per_hour
+
+    decode_devs = [devices[n] for n in sorted(set(space.decode_devices))]
+    prefill_devs = [devices[n] for n in sorted(set(space.prefill_devices))]
+    endpoints = sorted({(d.vendor, d.kv_format) for d in decode_devs})
+    endpoint_of = {d.name: endpoints.index((d.vendor, d.kv_format)) for d in decode_devs}
+    sample = {ep: next(d for d in decode_devs if (d.vendor, d.kv_format) == ep) for ep in endpoints}
+
+    decode = _options(decode_devs, space, type_index,
+                      lambda d, tp: perf.decode_capacity(model, d, tp, workload, slo))
+    colocated = _options([devices[n] for n in sorted(set(space.colocated_devices))], space, type_index,
+                         lambda d, tp: perf.colocated_capacity(model, d, tp, workload, slo))
+    # prefill capacity per decode KV endpoint; the option's reported capacity is the worst one
+    per_endpoint = {ep: _options(prefill_devs, space, type_index,
+                                 lambda d, tp, ep=ep: perf.prefill_capacity(
+                                     model, d, tp, workload, slo, catalog.link(d, sample[ep]), ep[1]))
+                    for ep in endpoints}
+    prefill_rates = np.array([[o.capacity.rate for o in per_endpoint[ep].options] for ep in endpoints]) \
+        if endpoints else np.zeros((0, 0))
+    prefill = (min(per_endpoint.values(), key=lambda c: sum(o.capacity.rate for o in c.options))
+               if endpoints else _options([], space, type_index, None))
+
+    best_disagg = _search_disaggregated(workload, space, type_index, inventory, budget, decode, prefill,
+                                        prefill_rates, endpoint_of) if endpoints and prefill_devs else None
+    best_coloc = _search_colocated(workload, space, type_index, inventory, budget, colocated)
+    plans = [p for p in (best_disagg, best_coloc) if p is not None]
+    best = min(plans, key=lambda p: (p.cost_per_hour, p.mode != "disaggregated")) if plans else None
+    return SearchResult(best=best, best_disaggregated=best_disagg, best_colocated=best_coloc,
+                        prefill_options=prefill.options, decode_options=decode.options,
+                        colocated_options=colocated.options)
+
+
+def _search_colocated(workload: Workload, space: SearchSpace, type_index: dict[str, int],
+                      inventory: np.ndarray, budget: float, colocated: _Catalogued) -> Plan | None:
+    if not colocated.options:
+        return None
+    rates = np.array([o.capacity.rate for o in colocated.options])
+    cands = _minimal_pools(rates, colocated.prices, colocated.type_ids, colocated.tps, workload.rate,
+                           space, len(type_index))
+    ok = np.flatnonzero(_within_limits(cands, inventory, budget))
+    if not len(ok):
+        return None
+    k = ok[0]
+    entries = _entries(colocated, cands.opt1[k], cands.n1[k], cands.opt2[k], cands.n2[k], rates)
+    return _make_plan("colocated", workload, {"colocated": entries})
+
+
+def _search_disaggregated(workload: Workload, space: SearchSpace, type_index: dict[str, int],
+                          inventory: np.ndarray, budget: float, decode: _Catalogued,
+                          prefill: _Catalogued, prefill_rates: np.ndarray,
+                          endpoint_of: dict[str, int]) -> Plan | None:
+    num_types = len(type_index)
+    decode_rates = np.array([o.capacity.rate for o in decode.options])
+    dec = _minimal_pools(decode_rates, decode.prices, decode.type_ids, decode.tps, workload.rate,
+                         space, num_types)
+    dec_ok = _within_limits(dec, inventory, budget)
+    ep = np.array([endpoint_of[o.device] for o in decode.options], dtype=np.int64)
+    ep1 = ep[dec.opt1]
+    ep2 = np.where(dec.opt2 >= 0, ep[np.maximum(dec.opt2, 0)], ep1)
+    best_cost, best = math.inf, None
+    for group in sorted({(min(a, b), max(a, b)) for a, b in zip(ep1, ep2)}):
+        in_group = np.flatnonzero(dec_ok & (np.minimum(ep1, ep2) == group[0])
+                                  & (np.maximum(ep1, ep2) == group[1]))
+        if not len(in_group):
+            continue
+        rates = prefill_rates[list(set(group))].min(axis=0)  # worst KV hand-off of the group
+        pre = _minimal_pools(rates, prefill.prices, prefill.type_ids, prefill.tps, workload.rate,
+                             space, num_types)
+        pre_ok = np.flatnonzero(_within_limits(pre, inventory, budget))
+        if not len(pre_ok):
+            continue
+        pre_cost, pre_usage = pre.cost[pre_ok], pre.usage[pre_ok]
+        for k in in_group:  # decode pools cheapest first
+            if dec.cost[k] + pre_cost[0] >= best_cost:
+                break
+            total = dec.cost[k] + pre_cost
+            fits = (total < best_cost) & (total <= budget * (1 + COVER_TOLERANCE))
+            for t in np.flatnonzero(dec.usage[k] > 0):
+                fits &= pre_usage[:, t] + dec.usage[k, t] <= inventory[t]
+            hit = np.flatnonzero(fits)
+            if len(hit):
+                p = pre_ok[hit[0]]
+                best_cost = float(total[hit[0]])
+                best = (_entries(prefill, pre.opt1[p], pre.n1[p], pre.opt2[p], pre.n2[p], rates),
+                        _entries(decode, dec.opt1[k], dec.n1[k], dec.opt2[k], dec.n2[k], decode_rates))
+    if best is None:
+        return None
+    return _make_plan("disaggregated", workload, {"prefill": best[0], "decode": best[1]})
