@@ -15,7 +15,9 @@ It speaks the parts of vLLM's protocol the router depends on, and checks them:
 Output is deterministic: token ``i`` of a request is `` w<(hash(prompt) + i) % 1000>``, so a test
 can compare an answer through the router with a direct call. ``Faults`` injects failures.
 
-Run standalone: ``python -m vllm_hetero_pd.router.fake_backend --role decode --port 8200``.
+``FakeCluster`` starts fake prefill and decode pools plus a router on loopback ports in the
+current event loop. Run one instance standalone:
+``python -m vllm_hetero_pd.router.fake_backend --role decode --port 8200``.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ import argparse
 import asyncio
 import time
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
+import aiohttp
 import msgspec
 from aiohttp import web
+
+from vllm_hetero_pd.router.app import RunningRouter, start_router
+from vllm_hetero_pd.router.config import InstanceConfig, Policy, PoolConfig, RouterConfig
 
 REQUEST_ID_HEADER = "X-Request-Id"
 
@@ -180,6 +187,55 @@ class FakeVllm:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+class FakeCluster:
+    """Fake prefill/decode pools behind a real router, all on loopback in this event loop.
+
+    Decode fakes accept only ``kv_transfer_params`` issued by this cluster's prefill fakes, and
+    refuse requests without them unless ``allow_local_prefill``. Use as ``async with``.
+    """
+
+    def __init__(self, prefill_weights: Sequence[float] = (1.0,), decode_weights: Sequence[float] = (1.0,), *,
+                 prefill_policy: Policy = Policy.LEAST_WORK, decode_policy: Policy = Policy.LEAST_WORK,
+                 allow_local_prefill: bool = False, token_interval_s: float = 0.0, record: bool = True,
+                 **router_options: Any) -> None:
+        self.prefill = [FakeVllm("prefill", f"prefill-{i}", record=record) for i in range(len(prefill_weights))]
+        engine_ids = frozenset(p.engine_id for p in self.prefill)
+        self.decode = [FakeVllm("decode", f"decode-{i}", prefill_engine_ids=engine_ids, record=record,
+                                allow_local_prefill=allow_local_prefill, token_interval_s=token_interval_s)
+                       for i in range(len(decode_weights))]
+        self._weights = (tuple(prefill_weights), tuple(decode_weights))
+        self._policies = (prefill_policy, decode_policy)
+        self._router_options = {"port": 0, **router_options}
+        self.router: RunningRouter | None = None
+        self.session: aiohttp.ClientSession | None = None
+
+    @property
+    def url(self) -> str:
+        return self.router.url
+
+    async def __aenter__(self) -> FakeCluster:
+        for fake in (*self.prefill, *self.decode):
+            await fake.start()
+        config = RouterConfig(
+            prefill=PoolConfig(instances=tuple(InstanceConfig(url=f.url, weight=w)
+                                               for f, w in zip(self.prefill, self._weights[0])),
+                               policy=self._policies[0]),
+            decode=PoolConfig(instances=tuple(InstanceConfig(url=f.url, weight=w)
+                                              for f, w in zip(self.decode, self._weights[1])),
+                              policy=self._policies[1]),
+            **self._router_options,
+        )
+        self.router = await start_router(config)
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.session.close()
+        await self.router.stop()
+        for fake in (*self.prefill, *self.decode):
+            await fake.stop()
 
 
 def output_tokens(body: dict[str, Any]) -> list[str]:

@@ -1,0 +1,140 @@
+"""Client request parsing and the prefill/decode bodies (router/protocol.py), and router config."""
+
+import argparse
+
+import msgspec
+import pytest
+
+from vllm_hetero_pd.router import cli
+from vllm_hetero_pd.router.config import ConfigError, Policy, RouterConfig, load_config, parse_instance
+from vllm_hetero_pd.router.protocol import (
+    BadRequestError,
+    Endpoint,
+    PrefillError,
+    decode_body,
+    parse_request,
+    prefill_body,
+    read_kv_transfer_params,
+)
+
+
+def parse(body, endpoint=Endpoint.COMPLETIONS):
+    return parse_request(msgspec.json.encode(body), endpoint)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [("a" * 40, 10), ("abc", 1), ([1, 2, 3, 4, 5], 5), ([[1, 2], [3, 4, 5]], 5), (["a" * 8, "b" * 12], 5)],
+)
+def test_prompt_tokens_are_estimated_without_a_tokenizer(prompt, expected):
+    assert parse({"prompt": prompt}).num_prompt_tokens == expected
+
+
+def test_chat_tokens_count_text_parts_only():
+    body = {"messages": [{"role": "system", "content": "x" * 20},
+                         {"role": "user", "content": [{"type": "text", "text": "y" * 8},
+                                                      {"type": "image_url", "image_url": {"url": "data:..."}}]},
+                         {"role": "assistant", "content": None}]}
+    assert parse(body, Endpoint.CHAT).num_prompt_tokens == 5 + 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "endpoint", "message"),
+    [
+        (b"{not json", Endpoint.COMPLETIONS, "not valid JSON"),
+        (b"[1, 2]", Endpoint.COMPLETIONS, "must be a JSON object"),
+        (b'{"prompt": "x", "stream": "yes"}', Endpoint.COMPLETIONS, "'stream' must be true or false"),
+        (b'{"max_tokens": 3}', Endpoint.COMPLETIONS, "'prompt' must be"),
+        (b'{"prompt": []}', Endpoint.COMPLETIONS, "'prompt' must be"),
+        (b'{"prompt": [1, "a"]}', Endpoint.COMPLETIONS, "'prompt' must be"),
+        (b'{"prompt": "hi"}', Endpoint.CHAT, "'messages' must be"),
+        (b'{"messages": [{"content": "x"}]}', Endpoint.CHAT, r"messages\[0\] must be an object with a 'role'"),
+        (b'{"messages": [{"role": "user", "content": 5}]}', Endpoint.CHAT, r"messages\[0\].content"),
+    ],
+)
+def test_malformed_requests_are_refused_with_the_field_named(raw, endpoint, message):
+    with pytest.raises(BadRequestError, match=message):
+        parse_request(raw, endpoint)
+
+
+def test_client_kv_transfer_params_are_stripped_and_everything_else_passes_through():
+    body = {"prompt": "hi", "max_tokens": 7, "seed": 3, "stop": ["\n"], "logprobs": 2, "stream": True,
+            "stream_options": {"include_usage": True}, "vendor_field": {"a": 1},
+            "kv_transfer_params": {"do_remote_prefill": True, "remote_host": "evil", "remote_block_ids": [[1]]}}
+    request = parse(body)
+    assert request.stripped_kv_transfer_params
+    expected = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+    assert msgspec.json.decode(decode_body(request, None)) == expected
+    assert msgspec.json.decode(decode_body(request, {"do_remote_prefill": True})) == {
+        **expected, "kv_transfer_params": {"do_remote_prefill": True}}
+
+
+def test_prefill_body_asks_for_one_token_and_remote_decode():
+    request = parse({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 50, "min_tokens": 4,
+                     "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.5}, Endpoint.CHAT)
+    body = msgspec.json.decode(prefill_body(request))
+    assert body["max_tokens"] == 1 and body["max_completion_tokens"] == 1 and body["stream"] is False
+    assert "stream_options" not in body and "min_tokens" not in body and body["temperature"] == 0.5
+    assert body["kv_transfer_params"]["do_remote_decode"] is True
+    assert body["kv_transfer_params"]["do_remote_prefill"] is False
+
+
+@pytest.mark.parametrize("raw", [b"[]", b"{}", b'{"kv_transfer_params": {"do_remote_prefill": false}}', b"oops"])
+def test_prefill_answer_without_usable_params_is_a_prefill_error(raw):
+    with pytest.raises(PrefillError, match="prefill http://p:1"):
+        read_kv_transfer_params(raw, "http://p:1")
+
+
+def test_instance_specs_parse_with_weights_and_refuse_unknown_options():
+    assert parse_instance("http://a:1,weight=2.5").weight == 2.5
+    assert parse_instance("http://a:1/").url == "http://a:1"
+    with pytest.raises(ConfigError, match="unknown option 'w=2'"):
+        parse_instance("http://a:1,w=2")
+    with pytest.raises(ConfigError, match="weight must be > 0"):
+        parse_instance("http://a:1,weight=0")
+    with pytest.raises(ConfigError, match="must look like http://host:port"):
+        parse_instance("a:1")
+
+
+def test_yaml_config_is_validated_with_the_key_named(tmp_path):
+    good = tmp_path / "router.yaml"
+    good.write_text("prefill:\n  policy: round_robin\n  instances:\n    - {url: 'http://p:1', weight: 2}\n"
+                    "decode:\n  instances:\n    - {url: 'http://d:1'}\nhealth: {max_failures: 5}\n")
+    config = load_config(good)
+    assert config.prefill.policy is Policy.ROUND_ROBIN and config.prefill.instances[0].weight == 2
+    assert config.health.max_failures == 5 and config.decode.policy is Policy.LEAST_WORK
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("decode:\n  instances: [{url: 'http://d:1'}]\nhealth: {max_failure: 5}\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: Object contains unknown field `max_failure` - at `\$.health`"):
+        load_config(typo)
+    bad_policy = tmp_path / "policy.yaml"
+    bad_policy.write_text("decode:\n  policy: fastest\n  instances: [{url: 'http://d:1'}]\n")
+    with pytest.raises(ConfigError, match=r"\$.decode.policy"):
+        load_config(bad_policy)
+    with pytest.raises(ConfigError, match="cannot read router config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_config_checks_cross_field_rules():
+    with pytest.raises(ConfigError, match="no decode instance"):
+        RouterConfig()
+    with pytest.raises(msgspec.ValidationError, match="listed twice"):
+        msgspec.convert({"prefill": {"instances": [{"url": "http://a:1"}]},
+                         "decode": {"instances": [{"url": "http://a:1"}]}}, RouterConfig)
+    with pytest.raises(msgspec.ValidationError, match="api_key and admin_token must differ"):
+        msgspec.convert({"decode": {"instances": [{"url": "http://a:1"}]}, "api_key": "k", "admin_token": "k"},
+                        RouterConfig)
+
+
+def test_cli_flags_build_the_config_and_secrets_come_from_the_environment(monkeypatch):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    monkeypatch.setenv("ROUTER_KEY", "sekret")
+    args = parser.parse_args(["--prefill", "http://p:1,weight=2", "--prefill", "http://p:2", "--decode", "http://d:1",
+                              "--decode-policy", "round_robin", "--api-key-env", "ROUTER_KEY", "--port", "0"])
+    config = cli.config_from_args(args)
+    assert [i.weight for i in config.prefill.instances] == [2.0, 1.0]
+    assert config.decode.policy is Policy.ROUND_ROBIN and config.api_key == "sekret" and config.port == 0
+    args = parser.parse_args(["--decode", "http://d:1", "--admin-token-env", "UNSET_VARIABLE_FOR_TEST"])
+    with pytest.raises(ConfigError, match="UNSET_VARIABLE_FOR_TEST is empty or unset"):
+        cli.config_from_args(args)
