@@ -46,6 +46,7 @@ class Capacity(msgspec.Struct, frozen=True, kw_only=True):
     rate: float
     binding: str
     reason: str = ""
+    floor_s: float = 0.0  # zero-load latency of the binding metric when it misses the SLO
 
 
 def label(device: Device, tp: int) -> str:
@@ -163,7 +164,7 @@ def prefill_capacity(model: ModelSpec, device: Device, tp: int, workload: Worklo
     handoff = kv_transfer_s(model, device, tp, link, decode_format, workload.isl) + slo.tpot_s
     floor = service + handoff
     if floor > slo.ttft_s:
-        return Capacity(device=device.name, tp=tp, rate=0.0, binding="TTFT",
+        return Capacity(device=device.name, tp=tp, rate=0.0, binding="TTFT", floor_s=floor,
                         reason=f"TTFT floor {floor * 1e3:.0f} ms on {label(device, tp)} > SLO "
                                f"{slo.ttft_s * 1e3:.0f} ms (prefill {service * 1e3:.0f} ms + KV hand-off "
                                f"{handoff * 1e3:.0f} ms)")
@@ -215,7 +216,7 @@ def decode_capacity(model: ModelSpec, device: Device, tp: int, workload: Workloa
     by_tpot = max_batch_within(model, device, tp, context, slo.tpot_s)
     if by_tpot == 0:
         floor = decode_step_s(model, device, tp, 1, context)
-        return Capacity(device=device.name, tp=tp, rate=0.0, binding="TPOT",
+        return Capacity(device=device.name, tp=tp, rate=0.0, binding="TPOT", floor_s=floor,
                         reason=f"TPOT floor {floor * 1e3:.1f} ms on {label(device, tp)} > SLO "
                                f"{slo.tpot_s * 1e3:.1f} ms")
     by_memory = int(kv_capacity_tokens(model, device, tp) // context)
@@ -252,7 +253,7 @@ def colocated_capacity(model: ModelSpec, device: Device, tp: int, workload: Work
     if ttft0 > slo.ttft_s or tpot0 > slo.tpot_s:
         which = "TTFT" if ttft0 > slo.ttft_s else "TPOT"
         floor, target = (ttft0, slo.ttft_s) if which == "TTFT" else (tpot0, slo.tpot_s)
-        return Capacity(device=device.name, tp=tp, rate=0.0, binding=which,
+        return Capacity(device=device.name, tp=tp, rate=0.0, binding=which, floor_s=floor,
                         reason=f"{which} floor {floor * 1e3:.1f} ms on {label(device, tp)} "
                                f"(colocated) > SLO {target * 1e3:.1f} ms")
     context = workload.mean_context

@@ -297,3 +297,65 @@ def _search_disaggregated(workload: Workload, space: SearchSpace, type_index: di
     if best is None:
         return None
     return _make_plan("disaggregated", workload, {"prefill": best[0], "decode": best[1]})
+
+
+def _closest_miss(options: tuple[Option, ...]) -> str:
+    """The infeasibility reason of the option that misses the SLO by the least."""
+    misses = [o.capacity for o in options if o.capacity.rate == 0]
+    slo_misses = [c for c in misses if c.floor_s > 0]
+    pick = min(slo_misses, key=lambda c: c.floor_s) if slo_misses else misses[0]
+    return pick.reason
+
+
+def diagnose(model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo, space: SearchSpace,
+             result: SearchResult) -> str:
+    """Why no plan was found, with numbers: an SLO floor, the instance cap, inventory or budget."""
+    reasons = []
+    for role, options in (("prefill", result.prefill_options), ("decode", result.decode_options),
+                          ("colocated", result.colocated_options)):
+        if options and all(o.capacity.rate == 0 for o in options):
+            reasons.append(f"no {role} option meets the SLO; closest: {_closest_miss(options)}")
+    if reasons:
+        return "; ".join(reasons)
+    loose = msgspec.structs.replace(space, inventory=None, budget_per_hour=None, max_instances=1 << 20)
+    free = search(model, catalog, workload, slo, loose).best
+    if free is None:
+        return "no plan found even without inventory, budget and instance limits"
+    problems = []
+    if any(e.count > space.max_instances for e in free.entries):
+        problems.append(f"it needs {max(e.count for e in free.entries)} instances in one entry > "
+                        f"--max-instances {space.max_instances}")
+    if space.inventory is not None:
+        used: dict[str, int] = {}
+        for e in free.entries:
+            used[e.device] = used.get(e.device, 0) + e.num_devices
+        problems += [f"it uses {n} {d} > inventory {space.inventory.get(d, 0)}"
+                     for d, n in used.items() if n > space.inventory.get(d, 0)]
+    if space.budget_per_hour is not None and free.cost_per_hour > space.budget_per_hour:
+        problems.append(f"it costs ${free.cost_per_hour:.2f}/h > budget ${space.budget_per_hour:.2f}/h")
+    return (f"without limits the cheapest plan is {free.describe()} at ${free.cost_per_hour:.2f}/h, but "
+            + "; ".join(problems or ["no combination within the limits covers the rate"]))
+
+
+class Alternative(msgspec.Struct, frozen=True, kw_only=True):
+    """The best plan when each phase is restricted to one device type (or one colocated type)."""
+
+    label: str
+    plan: Plan | None
+    reason: str = ""
+
+
+def alternatives(model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo,
+                 space: SearchSpace) -> list[Alternative]:
+    """Best plan per (prefill type, decode type) pair and per colocated type, for --explain."""
+    out = []
+    combos = [((p,), (d,), ()) for p in space.prefill_devices for d in space.decode_devices]
+    combos += [((), (), (c,)) for c in space.colocated_devices]
+    for prefill, decode, colocated in combos:
+        sub = msgspec.structs.replace(space, prefill_devices=prefill, decode_devices=decode,
+                                      colocated_devices=colocated)
+        res = search(model, catalog, workload, slo, sub)
+        label = f"{prefill[0]}:{decode[0]}" if prefill else f"colocated {colocated[0]}"
+        out.append(Alternative(label=label, plan=res.best,
+                               reason="" if res.best else diagnose(model, catalog, workload, slo, sub, res)))
+    return out

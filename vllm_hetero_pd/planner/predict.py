@@ -1,0 +1,46 @@
+"""Latencies a plan is predicted to deliver at the requested rate (not at its capacity limit).
+
+The router spreads requests in proportion to per-instance capacity (the weights ``emit`` gives
+it), so every instance of a pool runs at the same fraction of its capacity.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from vllm_hetero_pd.planner import perf
+from vllm_hetero_pd.planner.catalog import Catalog
+from vllm_hetero_pd.planner.model import ModelSpec
+from vllm_hetero_pd.planner.search import Entry, Plan
+from vllm_hetero_pd.planner.workload import Slo, Workload
+
+
+def _load_per_instance(entries: tuple[Entry, ...], rate: float) -> list[float]:
+    total = sum(e.count * e.capacity_per_instance for e in entries)
+    return [rate * e.capacity_per_instance / total for e in entries]
+
+
+def predict(plan: Plan, model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo) -> Plan:
+    """The plan with ``ttft_s`` / ``tpot_s`` filled in for every entry (quantile ``slo.quantile``)."""
+    q = slo.quantile
+    if plan.mode == "colocated":
+        loads = _load_per_instance(plan.colocated, plan.rate)
+        entries = []
+        for e, load in zip(plan.colocated, loads):
+            ttft, tpot = perf.colocated_latency(model, catalog.device(e.device), e.tp, workload, load, q)
+            entries.append(msgspec.structs.replace(e, ttft_s=ttft, tpot_s=tpot))
+        return msgspec.structs.replace(plan, colocated=tuple(entries))
+
+    decode = []
+    for e, load in zip(plan.decode, _load_per_instance(plan.decode, plan.rate)):
+        tpot = perf.decode_tpot_s(model, catalog.device(e.device), e.tp, workload, load, q)
+        decode.append(msgspec.structs.replace(e, tpot_s=tpot))
+    prefill = []
+    for e, load in zip(plan.prefill, _load_per_instance(plan.prefill, plan.rate)):
+        dev = catalog.device(e.device)
+        handoff = max(perf.kv_transfer_s(model, dev, e.tp, catalog.link(dev, catalog.device(d.device)),
+                                         catalog.device(d.device).kv_format, workload.isl) + d.tpot_s
+                      for d in decode)  # the slowest decode instance the router may pick
+        service = perf.prefill_s(model, dev, e.tp, workload.isl)
+        prefill.append(msgspec.structs.replace(e, ttft_s=perf.prefill_ttft_s(service, handoff, load, q)))
+    return msgspec.structs.replace(plan, prefill=tuple(prefill), decode=tuple(decode))

@@ -1,0 +1,124 @@
+"""Turn search results into text, JSON and a chart. Formatting only: no searching here."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import msgspec
+
+from vllm_hetero_pd.planner.search import Alternative, Entry, Option, Plan, SearchResult
+from vllm_hetero_pd.planner.workload import Slo, Workload
+
+_COLUMNS = ("role", "device", "TP", "count", "req/s/inst", "TTFT p{q}", "TPOT p{q}", "out tok/s",
+            "$/h", "binding")
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return "inf" if math.isinf(seconds) else f"{seconds * 1e3:.1f} ms"
+
+
+def _entry_row(role: str, e: Entry, plan: Plan, pool: tuple[Entry, ...], workload: Workload) -> list[str]:
+    share = e.count * e.capacity_per_instance / sum(x.count * x.capacity_per_instance for x in pool)
+    return [role, e.device, str(e.tp), str(e.count), f"{e.capacity_per_instance:.3g}", _ms(e.ttft_s),
+            _ms(e.tpot_s), f"{plan.rate * share * workload.osl:.0f}", f"{e.price_per_hour:.2f}", e.binding]
+
+
+def _format(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def plan_table(plan: Plan, workload: Workload, slo: Slo) -> str:
+    """One row per pool entry plus a total row; latencies are predicted at the requested rate."""
+    q = f"{slo.quantile * 100:g}"
+    rows = [[c.format(q=q) for c in _COLUMNS]]
+    for role, pool in (("prefill", plan.prefill), ("decode", plan.decode), ("colocated", plan.colocated)):
+        rows += [_entry_row(role, e, plan, pool, workload) for e in pool]
+    devices = sum(e.num_devices for e in plan.entries)
+    rows.append(["total", f"{devices} devices", "", "", "", "", "", f"{plan.output_tokens_per_s:.0f}",
+                 f"{plan.cost_per_hour:.2f}", f"${plan.cost_per_mtok:.3f}/Mtok out"])
+    return _format(rows)
+
+
+def headline(result: SearchResult, workload: Workload, slo: Slo) -> str:
+    """Which mode wins and by how much, in one or two lines."""
+    best = result.best
+    assert best is not None
+    lines = [f"{best.mode} plan for {workload.rate:g} req/s (ISL {workload.isl}, OSL {workload.osl}; "
+             f"TTFT p{slo.quantile * 100:g} <= {slo.ttft_s * 1e3:g} ms, TPOT p{slo.quantile * 100:g} <= "
+             f"{slo.tpot_s * 1e3:g} ms): {best.describe()}"]
+    d, c = result.best_disaggregated, result.best_colocated
+    if d and c:
+        winner, loser = (d, c) if best.mode == "disaggregated" else (c, d)
+        lines.append(f"{winner.mode} is {loser.cost_per_hour / winner.cost_per_hour:.2f}x cheaper than the best "
+                     f"{loser.mode} plan ({loser.describe()}, ${loser.cost_per_hour:.2f}/h)")
+    elif d or c:
+        lines.append(f"no {'colocated' if d else 'disaggregated'} plan meets the SLO within the limits")
+    return "\n".join(lines)
+
+
+def _option_line(o: Option) -> str:
+    cap = o.capacity
+    if cap.rate == 0:
+        return f"  {o.device} TP{o.tp}: infeasible: {cap.reason}"
+    return (f"  {o.device} TP{o.tp}: {cap.rate:.3g} req/s per instance ({cap.binding}-bound), "
+            f"${o.price_per_hour / cap.rate:.2f}/h per req/s")
+
+
+def explain(result: SearchResult, alts: list[Alternative]) -> str:
+    """Per-option capacities and, for each single-type alternative, why it lost."""
+    best = result.best
+    parts = []
+    for role, options in (("prefill (worst KV hand-off)", result.prefill_options),
+                          ("decode", result.decode_options), ("colocated", result.colocated_options)):
+        if options:
+            parts.append(f"{role} options:\n" + "\n".join(_option_line(o) for o in options))
+    rows = [["alternative", "plan", "$/h", "$/Mtok", "vs best"]]
+    for a in sorted(alts, key=lambda a: a.plan.cost_per_hour if a.plan else math.inf):
+        if a.plan is None:
+            rows.append([a.label, f"infeasible: {a.reason}", "", "", ""])
+        else:
+            ratio = f"{a.plan.cost_per_hour / best.cost_per_hour:.2f}x" if best else ""
+            rows.append([a.label, a.plan.describe(), f"{a.plan.cost_per_hour:.2f}",
+                         f"{a.plan.cost_per_mtok:.3f}", ratio])
+    parts.append("single-type alternatives (cost relative to the chosen plan):\n" + _format(rows))
+    return "\n\n".join(parts)
+
+
+class Report(msgspec.Struct, frozen=True, kw_only=True):
+    """The --json document."""
+
+    model: str
+    workload: Workload
+    slo: Slo
+    result: SearchResult
+    alternatives: list[Alternative] = []
+
+
+def to_json(report: Report) -> bytes:
+    return msgspec.json.format(msgspec.json.encode(report), indent=2)
+
+
+def plot_pareto(path: Path, series: dict[str, list[tuple[float, float]]], title: str) -> None:
+    """Cost ($/h) against output tokens/s, one line per plan family; needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, points in series.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", linewidth=2.5 if label.startswith("best") else 1, label=label)
+    ax.set_xlabel("output tokens/s")
+    ax.set_ylabel("$/h")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
