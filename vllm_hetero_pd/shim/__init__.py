@@ -1,0 +1,10 @@
+"""Format-translation shim: any KV format to any other with vectorised torch copies.
+
+``plan(src_formats, dst)`` once per peer, then ``translate(plan, src, dst, ...)`` per request.
+"""
+
+from vllm_hetero_pd.shim.canonical import decode, encode
+from vllm_hetero_pd.shim.plan import TranslationPlan, plan
+from vllm_hetero_pd.shim.translate import translate
+
+__all__ = ["TranslationPlan", "decode", "encode", "plan", "translate"]

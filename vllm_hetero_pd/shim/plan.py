@@ -1,0 +1,266 @@
+"""Pure planning: which strided copies turn blocks of one format into blocks of another.
+
+``plan(src_formats, dst)`` is computed once per peer (after the handshake) and reused for
+every request. ``TranslationPlan.copies(...)`` then turns a request's block ids and token
+range into a short list of ``Copy`` records, each one rectangular strided region per side,
+so that ``shim.translate`` moves every byte with one vectorised ``copy_`` per record. No
+torch here: the plan is plain integers and can be built, inspected and tested anywhere.
+
+Positions: ``src_block_ids[i]`` holds sequence positions ``[i*bs, (i+1)*bs)`` of the request
+(and likewise on the destination); the plan copies positions ``[start, stop)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from vllm_hetero_pd.formats.format import Factors, KVFormat, LayoutError, can_translate
+
+Side = Literal["k", "v"]
+Conversion = Literal["copy", "fn_to_fnuz", "fnuz_to_fn", "convert"]
+
+
+@dataclass(frozen=True, slots=True)
+class AxisMap:
+    """Where one K or V element lives: ``offset + block*block + token*token + head*head + dim``."""
+
+    offset: int
+    layer: int
+    block: int
+    token: int
+    head: int
+    dim: Factors  # refined to the factors shared with the other side
+
+
+@dataclass(frozen=True, slots=True)
+class HeadRun:
+    """Destination heads ``[dst_head, dst_head+count)`` come from source rank ``src`` at ``src_head``."""
+
+    src: int
+    src_head: int  # local index on the source rank
+    dst_head: int  # local index on the destination rank
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """One rectangular strided copy within one layer; offsets and strides in elements."""
+
+    src: int  # source rank index
+    side: Side
+    sizes: tuple[int, ...]
+    src_offset: int
+    src_strides: tuple[int, ...]
+    dst_offset: int
+    dst_strides: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TranslationPlan:
+    """A compiled ``src_formats -> dst`` translation, reusable for every request."""
+
+    src_formats: tuple[KVFormat, ...]
+    dst: KVFormat
+    heads: tuple[HeadRun, ...]
+    sides: tuple[Side, ...]
+    src_maps: dict[tuple[int, Side], AxisMap]
+    dst_maps: dict[tuple[int, Side], AxisMap]  # keyed by source index too: dim refinement is per pair
+    conversion: dict[Side, Conversion]
+
+    @property
+    def is_identity(self) -> bool:
+        """True when every destination block is a byte copy of the same source block.
+
+        The connector may then transfer blocks straight into its KV cache and skip the shim.
+        """
+        if len(self.src_formats) != 1:
+            return False
+        src, dst = self.src_formats[0], self.dst
+        same = ("storage", "outer", "k_inner", "v_inner", "block_size", "head_start", "num_heads", "head_size", "head_size_v")
+        return all(getattr(src, f) == getattr(dst, f) for f in same) and all(c == "copy" for c in self.conversion.values())
+
+    def copies(self, src_block_ids: Sequence[int], dst_block_ids: Sequence[int], start: int, stop: int) -> list[Copy]:
+        """The copies that move positions ``[start, stop)``, for one layer (see ``translate``)."""
+        src_bs = self.src_formats[0].block_size
+        dst_bs = self.dst.block_size
+        _check_ids("src", src_block_ids, src_bs, start, stop, self.src_formats[0])
+        _check_ids("dst", dst_block_ids, dst_bs, start, stop, self.dst)
+        small, big = min(src_bs, dst_bs), max(src_bs, dst_bs)
+        out: list[Copy] = []
+        for a, b in _runs(start, stop, src_block_ids, src_bs, dst_block_ids, dst_bs):
+            for p, grid in _pieces(a, b, small, big):
+                for run in self.heads:
+                    for side in self.sides:
+                        sm, dm = self.src_maps[run.src, side], self.dst_maps[run.src, side]
+                        s_off, s_str = _place(sm, p, grid, src_block_ids, src_bs, small, big)
+                        d_off, d_str = _place(dm, p, grid, dst_block_ids, dst_bs, small, big)
+                        out.append(
+                            Copy(
+                                src=run.src,
+                                side=side,
+                                sizes=(*grid, run.count, *(n for n, _ in sm.dim)),
+                                src_offset=s_off + run.src_head * sm.head,
+                                src_strides=(*s_str, sm.head, *(s for _, s in sm.dim)),
+                                dst_offset=d_off + run.dst_head * dm.head,
+                                dst_strides=(*d_str, dm.head, *(s for _, s in dm.dim)),
+                            )
+                        )
+        return out
+
+
+def plan(src_formats: Sequence[KVFormat], dst: KVFormat) -> TranslationPlan:
+    """Compile a translation from the listed source ranks into one destination rank.
+
+    Heads are taken from the first source rank that holds them, so with GQA replication any
+    one replica suffices. Raises ``LayoutError`` naming the field when no translation exists.
+    """
+    src_formats = tuple(src_formats)
+    if not src_formats:
+        raise LayoutError("plan needs at least one source format")
+    for i, src in enumerate(src_formats):
+        if problem := can_translate(src, dst):
+            raise LayoutError(f"source rank {i}: {problem}")
+        if src.block_size != src_formats[0].block_size:
+            raise LayoutError(f"source ranks disagree on block_size: {src.block_size} vs {src_formats[0].block_size}")
+    heads = _head_runs(src_formats, dst)
+    sides: tuple[Side, ...] = ("k", "v") if dst.head_size_v else ("k",)
+    src_maps: dict[tuple[int, Side], AxisMap] = {}
+    dst_maps: dict[tuple[int, Side], AxisMap] = {}
+    for i, src in enumerate(src_formats):
+        for side in sides:
+            sf, df = src.factors(side), dst.factors(side)
+            dims = _common_refinement(sf["D"], df["D"], src.extent("D", side))
+            src_maps[i, side] = _axis_map(src, side, sf, dims)
+            dst_maps[i, side] = _axis_map(dst, side, df, dims)
+    conversion = {side: _conversion(src_formats, dst, side) for side in sides}
+    return TranslationPlan(src_formats, dst, heads, sides, src_maps, dst_maps, conversion)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _head_runs(src_formats: tuple[KVFormat, ...], dst: KVFormat) -> tuple[HeadRun, ...]:
+    runs: list[HeadRun] = []
+    for h in range(dst.head_start, dst.head_start + dst.num_heads):
+        owner = next((i for i, s in enumerate(src_formats) if s.head_start <= h < s.head_start + s.num_heads), None)
+        if owner is None:
+            held = ", ".join(f"[{s.head_start}, {s.head_start + s.num_heads})" for s in src_formats)
+            raise LayoutError(f"KV head {h} needed by the destination is on none of the source ranks (they hold {held})")
+        src_local, dst_local = h - src_formats[owner].head_start, h - dst.head_start
+        last = runs[-1] if runs else None
+        if last and last.src == owner and last.src_head + last.count == src_local and last.dst_head + last.count == dst_local:
+            runs[-1] = HeadRun(owner, last.src_head, last.dst_head, last.count + 1)
+        else:
+            runs.append(HeadRun(owner, src_local, dst_local, 1))
+    return tuple(runs)
+
+
+def _single(fmt: KVFormat, side: Side, factors: dict[str, Factors], axis: str) -> int:
+    if len(factors[axis]) != 1:
+        raise LayoutError(f"{fmt.name or 'format'}: axis {axis} of {side.upper()} is split; only D may be split")
+    return factors[axis][0][1]
+
+
+def _axis_map(fmt: KVFormat, side: Side, factors: dict[str, Factors], dims: tuple[int, ...]) -> AxisMap:
+    return AxisMap(
+        offset=fmt.v_offset() if side == "v" else 0,
+        layer=_single(fmt, side, factors, "L"),
+        block=_single(fmt, side, factors, "B"),
+        token=_single(fmt, side, factors, "N"),
+        head=_single(fmt, side, factors, "H"),
+        dim=_refine(factors["D"], dims),
+    )
+
+
+def _breaks(factors: Factors) -> set[int]:
+    """Place values (products of the inner factors) at which this factorisation cuts D."""
+    cuts, value = set(), 1
+    for size, _ in reversed(factors[1:]):
+        value *= size
+        cuts.add(value)
+    return cuts
+
+
+def _common_refinement(a: Factors, b: Factors, extent: int) -> tuple[int, ...]:
+    """Factor sizes of D (outermost first) that both factorisations can be viewed in."""
+    cuts = sorted(_breaks(a) | _breaks(b))
+    for lo, hi in zip([1, *cuts], [*cuts, extent]):
+        if hi % lo:
+            raise LayoutError(f"head dim packings {a} and {b} do not nest")
+    return tuple(hi // lo for lo, hi in reversed(list(zip([1, *cuts], [*cuts, extent]))))
+
+
+def _refine(factors: Factors, dims: tuple[int, ...]) -> Factors:
+    """Split each ``(size, stride)`` factor into the finer ``dims`` (which nest inside it)."""
+    out: list[tuple[int, int]] = []
+    queue = list(dims)
+    for size, stride in reversed(factors):  # innermost first
+        covered = 1
+        while covered < size:
+            n = queue.pop()
+            out.insert(0, (n, stride * covered))
+            covered *= n
+    return tuple(out)
+
+
+def _conversion(src_formats: tuple[KVFormat, ...], dst: KVFormat, side: Side) -> Conversion:
+    scale = "k_scale" if side == "k" else "v_scale"
+    kinds = set()
+    for src in src_formats:
+        ratios = {getattr(dst, scale)(l) / getattr(src, scale)(l) for l in range(dst.num_layers)}
+        if src.dtype == dst.dtype and (not dst.is_fp8 or ratios == {1.0}):
+            kinds.add("copy")
+        elif (src.dtype, dst.dtype, ratios) == ("float8_e4m3fn", "float8_e4m3fnuz", {2.0}):
+            kinds.add("fn_to_fnuz")  # lossless: value_fn(b) == 2 * value_fnuz(b)
+        elif (src.dtype, dst.dtype, ratios) == ("float8_e4m3fnuz", "float8_e4m3fn", {0.5}):
+            kinds.add("fnuz_to_fn")  # exact except fnuz +-240 codes, which saturate
+        else:
+            kinds.add("convert")
+    return kinds.pop() if len(kinds) == 1 else "convert"
+
+
+def _check_ids(which: str, ids: Sequence[int], bs: int, start: int, stop: int, fmt: KVFormat) -> None:
+    if not 0 <= start <= stop:
+        raise LayoutError(f"bad token range [{start}, {stop})")
+    needed = math.ceil(stop / bs)
+    if len(ids) < needed:
+        raise LayoutError(f"{which}_block_ids has {len(ids)} blocks; positions up to {stop} need {needed} of size {bs}")
+    bad = [b for b in ids[start // bs : needed] if not 0 <= b < fmt.num_blocks]
+    if bad:
+        raise LayoutError(f"{which}_block_ids {bad[:4]} outside [0, {fmt.num_blocks}) of {fmt.name or 'format'}")
+
+
+def _runs(start: int, stop: int, src_ids: Sequence[int], src_bs: int, dst_ids: Sequence[int], dst_bs: int):
+    """Split ``[start, stop)`` where either side's next block is not the previous id + 1."""
+    cuts = {start, stop}
+    for ids, bs in ((src_ids, src_bs), (dst_ids, dst_bs)):
+        for i in range(start // bs + 1, math.ceil(stop / bs)):
+            if ids[i] != ids[i - 1] + 1:
+                cuts.add(i * bs)
+    edges = sorted(cuts)
+    return [(a, b) for a, b in zip(edges, edges[1:]) if a < b]
+
+
+def _pieces(a: int, b: int, small: int, big: int):
+    """Cut one run into rectangles ``(first position, (n_big, n_small, n_tokens))``."""
+    k = big // small
+    p = a
+    while p < b:
+        if p % small or b - p < small:  # part of one small block
+            end = min(b, (p // small + 1) * small)
+            yield p, (1, 1, end - p)
+        elif p % big or b - p < big:  # whole small blocks inside one big block
+            end = min(b // small * small, (p // big + 1) * big)
+            yield p, (1, (end - p) // small, small)
+        else:  # whole big blocks
+            end = b // big * big
+            yield p, ((end - p) // big, k, small)
+        p = end
+
+
+def _place(m: AxisMap, p: int, grid: tuple[int, int, int], ids: Sequence[int], bs: int, small: int, big: int):
+    """Offset of position ``p`` and the strides of the three grid dims on one side."""
+    offset = m.offset + ids[p // bs] * m.block + (p % bs) * m.token
+    step_small = m.block if bs == small else small * m.token
+    step_big = m.block if bs == big else (big // small) * m.block
+    return offset, (step_big, step_small, m.token)

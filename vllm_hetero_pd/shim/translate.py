@@ -1,0 +1,156 @@
+"""The one function that moves KV bytes between formats.
+
+Buffers are given per rank in any of the forms a KV cache exists in:
+
+* one tensor holding the whole cache in the format's physical order (a staging buffer or the
+  area a peer exports; joint storage), or a ``(K, V)`` pair of such tensors (split storage);
+* a sequence (or a ``dict`` in layer order, as ``register_kv_caches`` receives it) with one
+  entry per layer: a tensor for joint storage, a ``(K, V)`` pair for split storage. Each
+  entry's storage offset marks where that layer starts; its shape and strides are ignored,
+  so vLLM's own per-layer views (and vllm-gaudi's flattened tensors) can be passed as they are.
+
+Destination buffers are written in place. Every copy is one ``torch.as_strided`` view per
+side and one vectorised ``copy_`` (bit-exact for same-dtype pairs); layers that sit evenly
+spaced in one allocation are moved by the same copy. Works on any torch device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vllm_hetero_pd.formats.format import KVFormat, LayoutError
+from vllm_hetero_pd.shim.fp8 import STORAGE_DTYPES, remap
+from vllm_hetero_pd.shim.plan import Copy, Side, TranslationPlan
+
+KVBuffers = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Sequence | Mapping
+
+
+@dataclass(frozen=True, slots=True)
+class Layers:
+    """Where each layer of one K or V part starts: a flat storage view and element offsets."""
+
+    flats: tuple[torch.Tensor, ...]  # one per layer (the same object when layers share storage)
+    offsets: tuple[int, ...]
+
+    @property
+    def uniform_stride(self) -> int | None:
+        """Layer stride when every layer lives in one storage at evenly spaced offsets."""
+        if len(self.offsets) == 1:
+            return 0
+        same = all(f is self.flats[0] for f in self.flats)
+        steps = {b - a for a, b in zip(self.offsets, self.offsets[1:])}
+        return steps.pop() if same and len(steps) == 1 else None
+
+
+def translate(
+    plan: TranslationPlan,
+    src: Sequence[KVBuffers],
+    dst: KVBuffers,
+    *,
+    src_block_ids: Sequence[int],
+    dst_block_ids: Sequence[int],
+    start: int = 0,
+    stop: int,
+) -> None:
+    """Copy positions ``[start, stop)`` from the source ranks' blocks into ``dst``'s blocks.
+
+    ``src`` holds one buffer set per format in ``plan.src_formats``. Raises ``LayoutError``
+    when a buffer is too small for its format or block ids are out of range.
+    """
+    if len(src) != len(plan.src_formats):
+        raise LayoutError(f"plan expects {len(plan.src_formats)} source buffers, got {len(src)}")
+    copies = plan.copies(src_block_ids, dst_block_ids, start, stop)
+    if not copies:
+        return
+    dst_layers = {side: layers(dst, plan.dst, side) for side in plan.sides}
+    src_layers = {
+        (i, side): layers(buf, fmt, side)
+        for i, (buf, fmt) in enumerate(zip(src, plan.src_formats))
+        for side in plan.sides
+        if any(c.src == i for c in copies)
+    }
+    for c in copies:
+        _apply(plan, c, src_layers[c.src, c.side], dst_layers[c.side])
+
+
+def layers(buffers: KVBuffers, fmt: KVFormat, side: Side) -> Layers:
+    """Resolve one rank's buffers into per-layer (storage, offset) pairs for K or V."""
+    dtype = STORAGE_DTYPES[fmt.dtype]
+    if isinstance(buffers, Mapping):
+        buffers = [buffers[n] for n in fmt.layer_names] if fmt.layer_names else list(buffers.values())
+    part = 0 if side == "k" or fmt.storage == "joint" else 1
+    if isinstance(buffers, torch.Tensor) or (
+        fmt.storage == "split" and isinstance(buffers, tuple) and len(buffers) == 2 and isinstance(buffers[0], torch.Tensor)
+    ):
+        whole = buffers if isinstance(buffers, torch.Tensor) else buffers[part]
+        flat, base = _flat(whole, dtype, _span(fmt, side, whole_cache=True), fmt)
+        stride = fmt.factors(side)["L"][0][1]
+        return Layers((flat,) * fmt.num_layers, tuple(base + l * stride for l in range(fmt.num_layers)))
+    if len(buffers) != fmt.num_layers:
+        raise LayoutError(f"{fmt.name or 'format'}: got {len(buffers)} layer buffers for {fmt.num_layers} layers")
+    flats, offsets, storages = [], [], {}
+    for entry in buffers:
+        tensor = entry[part] if fmt.storage == "split" else entry
+        if not isinstance(tensor, torch.Tensor):
+            raise LayoutError(f"{fmt.name or 'format'}: {fmt.storage} storage wants per-layer "
+                              f"{'(K, V) pairs' if fmt.storage == 'split' else 'tensors'}, got {type(entry).__name__}")
+        key = (tensor.untyped_storage().data_ptr(), tensor.device)
+        flat, offset = _flat(tensor, dtype, _span(fmt, side, whole_cache=False), fmt, storages.get(key))
+        storages[key] = flat
+        flats.append(flat)
+        offsets.append(offset)
+    return Layers(tuple(flats), tuple(offsets))
+
+
+def _span(fmt: KVFormat, side: Side, whole_cache: bool) -> int:
+    """Elements from a buffer's start that the format addresses (bounds check)."""
+    total = 0
+    for axis, factors in fmt.factors(side).items():
+        if axis != "L" or whole_cache:
+            total += sum((n - 1) * s for n, s in factors)
+    return total + 1 + (fmt.v_offset() if side == "v" else 0)
+
+
+def _flat(t: torch.Tensor, dtype: torch.dtype, span: int, fmt: KVFormat, flat: torch.Tensor | None = None):
+    """A 1-D ``dtype`` view of ``t``'s whole storage and ``t``'s start within it."""
+    storage = t.untyped_storage()
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    start_bytes = t.storage_offset() * t.element_size()
+    if start_bytes % itemsize:
+        raise LayoutError(f"{fmt.name or 'format'}: buffer offset {start_bytes} B is not a multiple of {itemsize} B")
+    if flat is None:
+        flat = torch.empty(0, dtype=dtype, device=t.device)
+        flat.set_(storage, 0, (storage.nbytes() // itemsize,), (1,))
+    offset = start_bytes // itemsize
+    if offset + span > flat.numel():
+        raise LayoutError(
+            f"{fmt.name or 'format'}: buffer holds {flat.numel() - offset} elements from its start, "
+            f"the format addresses {span}; check num_blocks/num_layers/heads"
+        )
+    return flat, offset
+
+
+def _apply(plan: TranslationPlan, c: Copy, src: Layers, dst: Layers) -> None:
+    conversion = plan.conversion[c.side]
+    src_fmt, dst_fmt = plan.src_formats[c.src], plan.dst
+    s_step, d_step = src.uniform_stride, dst.uniform_stride
+    if s_step is not None and d_step is not None:
+        groups = [(range(len(src.offsets)), s_step, d_step)]
+    else:
+        groups = [(range(l, l + 1), 0, 0) for l in range(len(src.offsets))]
+    for ls, s_step, d_step in groups:
+        l0 = ls.start
+        sizes = (len(ls), *c.sizes)
+        s_view = src.flats[l0].as_strided(sizes, (s_step, *c.src_strides), src.offsets[l0] + c.src_offset)
+        d_view = dst.flats[l0].as_strided(sizes, (d_step, *c.dst_strides), dst.offsets[l0] + c.dst_offset)
+        if conversion == "copy":
+            d_view.copy_(s_view)
+            continue
+        scale_of = "k_scale" if c.side == "k" else "v_scale"
+        shape = (len(ls),) + (1,) * len(c.sizes)
+        s_scale = torch.tensor([getattr(src_fmt, scale_of)(l) for l in ls], device=s_view.device).view(shape)
+        d_scale = torch.tensor([getattr(dst_fmt, scale_of)(l) for l in ls], device=d_view.device).view(shape)
+        d_view.copy_(remap(s_view, conversion, src_fmt.dtype, dst_fmt.dtype, s_scale, d_scale))
