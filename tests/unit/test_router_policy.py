@@ -111,3 +111,39 @@ def test_a_new_instance_does_not_get_a_burst_under_round_robin():
     newcomer = p.add(InstanceConfig(url="http://10.0.0.9:8000"))
     picks = Counter(p.pick(1).url for _ in range(30))
     assert picks[newcomer.url] == 10
+
+
+def test_readmission_needs_more_good_probes_after_each_ejection_in_a_row():
+    p = pool(Role.DECODE, Policy.LEAST_WORK, [1.0], max_failures=2)
+    (instance,) = p.instances
+    probes_needed = []
+    for _ in range(4):
+        while not instance.ejected:
+            p.record_failure(instance, "request failed")
+        probes = 0
+        while instance.ejected:
+            p.record_probe(instance, ok=True, reason="")
+            probes += 1
+        probes_needed.append(probes)
+        assert instance.consecutive_failures == 1  # probation: the next failure ejects again
+    assert probes_needed == [1, 2, 4, 8]
+    p.record_success(instance)
+    p.record_failure(instance, "x")
+    p.record_failure(instance, "x")
+    p.record_probe(instance, ok=True, reason="")
+    assert not instance.ejected  # a successful request cleared the history
+
+
+def test_a_failed_probe_restarts_the_count_of_good_probes():
+    p = pool(Role.DECODE, Policy.LEAST_WORK, [1.0], max_failures=1)
+    (instance,) = p.instances
+    for _ in range(3):
+        p.record_failure(instance, "x")
+        while instance.ejected:
+            p.record_probe(instance, ok=True, reason="")
+    p.record_failure(instance, "x")  # 4th ejection in a row: 8 good probes needed
+    for ok in [True] * 7 + [False] + [True] * 7:
+        p.record_probe(instance, ok=ok, reason="")
+    assert instance.ejected
+    p.record_probe(instance, ok=True, reason="")
+    assert not instance.ejected

@@ -421,10 +421,10 @@ class Router:
     # ------------------------------------------------------------------ lifecycle
 
     async def run_health_probes(self) -> None:
-        """Probe all instances every ``health.interval_s`` until cancelled."""
+        """Probe all instances every ``health.interval_s`` until cancelled; they start out admitted."""
         while True:
-            await asyncio.gather(*(pool.probe(self.session, self.config.health) for pool in self.pools.values()))
             await asyncio.sleep(self.config.health.interval_s)
+            await asyncio.gather(*(pool.probe(self.session, self.config.health) for pool in self.pools.values()))
 
 
 def _check_status(response: aiohttp.ClientResponse, raw: bytes, who: str) -> None:

@@ -3,9 +3,14 @@
 A ``Pool`` owns the mutable state of its instances; ``policy.choose`` decides from a frozen
 snapshot of it. Health works on consecutive failures: a failed request or probe adds one, a
 successful request resets the count, and at ``max_failures`` the instance is ejected (no new
-requests). Only a successful health probe re-admits it, so traffic returns to an instance only
-after it has answered. Probes alone never reset the count of an admitted instance: an instance
-whose ``/health`` answers but whose requests fail is still ejected.
+requests). Only successful health probes re-admit it, so traffic returns to an instance only
+after it has answered.
+
+Probes alone never reset the count of an admitted instance, so an instance whose ``/health``
+answers but whose requests fail is still ejected. To keep such an instance from flapping, a
+re-admitted instance is on probation (its next failure ejects it again), and the k-th ejection
+in a row without a successful request in between needs 2^(k-1) consecutive successful probes
+(at most ``_MAX_PROBES_TO_READMIT``) before re-admission.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from vllm_hetero_pd.router.policy import Candidate, choose
 
 logger = logging.getLogger(__name__)
 
+_MAX_PROBES_TO_READMIT = 32
+
 
 class AdminError(ValueError):
     """An admin change that cannot be applied (unknown or duplicate instance)."""
@@ -32,7 +39,8 @@ class Instance:
     """Runtime state of one instance. Mutated only by its ``Pool``."""
 
     __slots__ = ("role", "url", "weight", "num_active_requests", "num_pending_tokens", "consecutive_failures",
-                 "ejected", "draining", "rr_pass", "_in_flight_gauge")
+                 "ejected", "num_ejections_in_row", "num_good_probes", "draining", "rr_pass",
+                 "_in_flight_gauge")
 
     def __init__(self, role: Role, config: InstanceConfig, rr_pass: float, metrics: RouterMetrics) -> None:
         self.role = role
@@ -42,6 +50,8 @@ class Instance:
         self.num_pending_tokens = 0
         self.consecutive_failures = 0
         self.ejected = False
+        self.num_ejections_in_row = 0
+        self.num_good_probes = 0
         self.draining = False
         self.rr_pass = rr_pass
         self._in_flight_gauge = metrics.in_flight.labels(role.value, self.url)
@@ -98,20 +108,35 @@ class Pool:
 
     def record_success(self, instance: Instance) -> None:
         instance.consecutive_failures = 0
+        instance.num_ejections_in_row = 0
 
     def record_failure(self, instance: Instance, reason: str) -> None:
         instance.consecutive_failures += 1
         if not instance.ejected and instance.consecutive_failures >= self.max_failures:
             instance.ejected = True
+            instance.num_ejections_in_row += 1
+            instance.num_good_probes = 0
             self.metrics.ejections.labels(self.role.value).inc()
             self.metrics.healthy.labels(self.role.value, instance.url).set(0)
             logger.warning("ejected %s instance %s after %d consecutive failures (last: %s)", self.role.value,
                            instance.url, instance.consecutive_failures, reason)
 
+    def record_probe(self, instance: Instance, ok: bool, reason: str) -> None:
+        """Apply one health probe's result (see the module docstring for the rules)."""
+        if not ok:
+            instance.num_good_probes = 0
+            self.record_failure(instance, reason)
+            return
+        if not instance.ejected:
+            return
+        instance.num_good_probes += 1
+        if instance.num_good_probes >= min(2 ** (instance.num_ejections_in_row - 1), _MAX_PROBES_TO_READMIT):
+            self._readmit(instance)
+
     def _readmit(self, instance: Instance) -> None:
+        instance.rr_pass = max(instance.rr_pass, self._min_pass())  # no catch-up burst
         instance.ejected = False
-        instance.consecutive_failures = 0
-        instance.rr_pass = max(instance.rr_pass, self._min_pass())
+        instance.consecutive_failures = self.max_failures - 1  # probation
         self.metrics.readmissions.labels(self.role.value).inc()
         self.metrics.healthy.labels(self.role.value, instance.url).set(1)
         logger.info("re-admitted %s instance %s: its health probe succeeded", self.role.value, instance.url)
@@ -128,10 +153,7 @@ class Pool:
                 reason = f"health probe answered HTTP {response.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             ok, reason = False, f"health probe failed: {exc!r}"
-        if ok and instance.ejected:
-            self._readmit(instance)
-        elif not ok:
-            self.record_failure(instance, reason)
+        self.record_probe(instance, ok, reason)
 
     def add(self, config: InstanceConfig) -> Instance:
         url = config.url.rstrip("/")

@@ -1,0 +1,214 @@
+"""Every retry and fallback path of the router, over real HTTP against fake vLLM servers.
+
+Instances are "killed" by closing their server (connection refused afterwards), and faults are
+injected through ``FakeVllm.faults``. Timeouts are shortened so that no test waits long.
+"""
+
+import asyncio
+import time
+
+import msgspec
+
+from vllm_hetero_pd.router.config import HealthConfig, Policy, TimeoutConfig
+from vllm_hetero_pd.router.fake_backend import FakeCluster, output_tokens
+
+from test_router_http import COMPLETION, metric, metrics_text, post, run_async, sse_events
+
+# Probes run every 30 s, i.e. not during a test: ejection is driven by request failures alone,
+# so counts are exact. Tests of re-admission pass PROBING.
+FAST = dict(
+    timeouts=TimeoutConfig(connect_s=0.5, prefill_s=0.5, decode_first_byte_s=0.5, decode_idle_s=0.5,
+                           decode_total_s=5.0),
+    health=HealthConfig(interval_s=30, timeout_s=0.2, max_failures=2),
+)
+PROBING = HealthConfig(interval_s=0.05, timeout_s=0.2, max_failures=2)
+STREAM = {**COMPLETION, "stream": True, "stream_options": {"include_usage": True}}
+
+
+def rr_cluster(num_prefill=1, num_decode=1, **options) -> FakeCluster:
+    """Round robin everywhere, so which instance a request tries first is known."""
+    return FakeCluster(prefill_weights=(1.0,) * num_prefill, decode_weights=(1.0,) * num_decode,
+                       prefill_policy=Policy.ROUND_ROBIN, decode_policy=Policy.ROUND_ROBIN, **{**FAST, **options})
+
+
+def ok_text(raw: bytes) -> str:
+    return msgspec.json.decode(raw)["choices"][0]["text"]
+
+
+@run_async
+async def test_failed_prefill_is_retried_on_another_prefill_instance():
+    async with rr_cluster(num_prefill=2) as cluster:
+        cluster.prefill[0].faults.fail_count = 1
+        status, _, raw = await post(cluster, "/v1/completions", COMPLETION)
+        assert status == 200 and ok_text(raw) == "".join(output_tokens(COMPLETION))
+        assert [f.num_requests for f in cluster.prefill] == [1, 1]
+        assert cluster.decode[0].received[0].body["kv_transfer_params"]["remote_engine_id"] == "prefill-1"
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_retries_total", role="prefill") == 1
+        assert metric(text, "hetero_pd_router_requests_total", outcome="ok") == 1
+
+
+@run_async
+async def test_prefill_without_kv_transfer_params_or_too_slow_counts_as_a_failure():
+    async with rr_cluster(num_prefill=3) as cluster:
+        cluster.prefill[0].faults.omit_kv_params = True
+        cluster.prefill[1].faults.delay_s = 2.0  # beyond prefill_s=0.5
+        start = time.perf_counter()
+        status, _, _ = await post(cluster, "/v1/completions", COMPLETION)
+        assert status == 200 and time.perf_counter() - start < 1.5
+        assert cluster.decode[0].received[0].body["kv_transfer_params"]["remote_engine_id"] == "prefill-2"
+
+
+@run_async
+async def test_prefill_instance_killed_is_ejected_then_readmitted_when_it_answers_again():
+    async with rr_cluster(num_prefill=2, health=PROBING) as cluster:
+        victim = cluster.prefill[0]
+        await victim.stop()
+        for _ in range(4):
+            assert (await post(cluster, "/v1/completions", COMPLETION))[0] == 200
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_ejections_total", role="prefill") == 1
+        assert metric(text, "hetero_pd_router_instance_healthy", instance=victim.url) == 0
+        await victim.start(victim.port)  # same port: the router only knows configured addresses
+        await asyncio.sleep(0.3)  # a few probe intervals
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_readmissions_total", role="prefill") == 1
+        for _ in range(4):
+            assert (await post(cluster, "/v1/completions", COMPLETION))[0] == 200
+        assert victim.num_requests == 2
+
+
+@run_async
+async def test_an_instance_whose_health_passes_but_requests_fail_is_still_ejected():
+    async with rr_cluster(num_decode=2, health=PROBING) as cluster:
+        cluster.decode[0].faults.fail_count = 100
+        assert (await post(cluster, "/v1/completions", COMPLETION))[0] == 200
+        await asyncio.sleep(0.15)  # passing probes in between do not wipe out the failure
+        assert (await post(cluster, "/v1/completions", COMPLETION))[0] == 200
+        instance = cluster.router.router.decode.instances[0]
+        assert instance.ejected or instance.num_ejections_in_row == 1
+        for _ in range(8):  # re-admitted on probation at most: each return costs one retried attempt
+            assert (await post(cluster, "/v1/completions", COMPLETION))[0] == 200
+            await asyncio.sleep(0.02)
+        assert cluster.decode[0].num_requests < 6
+        assert cluster.decode[1].num_requests == 10
+
+
+@run_async
+async def test_every_prefill_down_falls_back_to_local_prefill_when_allowed():
+    async with rr_cluster(num_prefill=2, allow_local_prefill=True) as cluster:
+        for fake in cluster.prefill:
+            fake.faults.fail_count = 100
+        status, _, raw = await post(cluster, "/v1/completions", STREAM)
+        assert status == 200 and sse_events(raw)[-1] == "[DONE]"
+        assert "kv_transfer_params" not in cluster.decode[0].received[0].body
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_local_prefill_total", reason="prefill_failed") == 1
+        for fake in cluster.prefill:
+            await fake.stop()
+        for _ in range(4):  # both get ejected, then requests skip prefill without trying it
+            assert (await post(cluster, "/v1/completions", COMPLETION))[0] == 200
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_local_prefill_total", reason="no_prefill_instance") >= 1
+
+
+@run_async
+async def test_every_prefill_down_is_a_clean_error_when_fallback_is_off():
+    async with rr_cluster(num_prefill=2, local_prefill_fallback=False) as cluster:
+        for fake in cluster.prefill:
+            fake.faults.fail_count = 2
+        status, request_id, raw = await post(cluster, "/v1/completions", COMPLETION)
+        assert status == 502 and request_id
+        message = msgspec.json.decode(raw)["error"]["message"]
+        assert message.startswith("prefill failed") and "HTTP 500" in message
+        assert cluster.decode[0].num_requests == 0
+        assert (await post(cluster, "/v1/completions", COMPLETION))[0] == 502  # 2nd failure each: ejected
+        status, _, raw = await post(cluster, "/v1/completions", COMPLETION)
+        assert status == 503 and b"no prefill instance is available" in raw
+        async with cluster.session.get(cluster.url + "/health") as response:
+            assert response.status == 503
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_errors_total", cause="prefill_failed") == 2
+        assert metric(text, "hetero_pd_router_errors_total", cause="no_prefill_instance") == 1
+
+
+@run_async
+async def test_decode_5xx_is_retried_on_another_decode_with_a_fresh_prefill():
+    async with rr_cluster(num_decode=2) as cluster:
+        cluster.decode[0].faults.fail_count = 1
+        status, _, raw = await post(cluster, "/v1/completions", COMPLETION)
+        assert status == 200 and ok_text(raw) == "".join(output_tokens(COMPLETION))
+        # the failed decode got the request, so it may have consumed the prefilled blocks: prefill again
+        assert cluster.prefill[0].num_requests == 2
+        assert [f.num_requests for f in cluster.decode] == [1, 1]
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_retries_total", role="decode") == 1
+
+
+@run_async
+async def test_unreachable_decode_is_retried_reusing_the_prefill():
+    async with rr_cluster(num_decode=2) as cluster:
+        await cluster.decode[0].stop()  # never connected: connection refused
+        status, _, _ = await post(cluster, "/v1/completions", COMPLETION)
+        assert status == 200
+        assert cluster.prefill[0].num_requests == 1  # the blocks were never read, reuse them
+        assert cluster.decode[1].num_requests == 1
+
+
+@run_async
+async def test_streaming_decode_that_errors_before_the_first_token_is_retried():
+    async with rr_cluster(num_decode=2) as cluster:
+        cluster.decode[0].faults.error_event_first = True  # vLLM-style: HTTP 200, error as first event
+        status, _, raw = await post(cluster, "/v1/completions", STREAM)
+        events = sse_events(raw)
+        assert status == 200 and events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+        assert "".join(e["choices"][0]["text"] for e in events[:-2]) == "".join(output_tokens(STREAM))
+        assert [f.num_requests for f in cluster.decode] == [1, 1] and cluster.prefill[0].num_requests == 2
+
+
+@run_async
+async def test_slow_first_byte_is_retried_and_nothing_hangs():
+    async with rr_cluster(num_decode=2) as cluster:
+        cluster.decode[0].faults.delay_s = 3.0  # beyond decode_first_byte_s=0.5
+        start = time.perf_counter()
+        status, _, raw = await post(cluster, "/v1/completions", STREAM)
+        assert status == 200 and sse_events(raw)[-1] == "[DONE]"
+        assert time.perf_counter() - start < 1.5
+
+
+@run_async
+async def test_stream_broken_after_the_first_byte_ends_with_an_sse_error_event():
+    async with rr_cluster() as cluster:
+        cluster.decode[0].faults.break_after_events = 2
+        status, _, raw = await post(cluster, "/v1/completions", STREAM)
+        assert status == 200  # the status was sent with the first event
+        events = sse_events(raw)
+        assert [e["choices"][0]["text"] for e in events[:2]] == output_tokens(STREAM)[:2]
+        assert "[DONE]" not in events
+        assert events[-1]["error"]["code"] == 502 and "stream broke" in events[-1]["error"]["message"]
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_errors_total", cause="stream_interrupted") == 1
+        assert metric(text, "hetero_pd_router_requests_total", outcome="error") == 1
+
+
+@run_async
+async def test_every_decode_failing_is_a_clean_502_naming_each_instance():
+    async with rr_cluster(num_decode=2) as cluster:
+        for fake in cluster.decode:
+            fake.faults.fail_count = 1
+        status, _, raw = await post(cluster, "/v1/completions", STREAM)
+        message = msgspec.json.decode(raw)["error"]["message"]
+        assert status == 502 and all(f.url in message for f in cluster.decode)
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_errors_total", cause="decode_failed") == 1
+        assert metric(text, "hetero_pd_router_in_flight") == 0
+
+
+@run_async
+async def test_no_decode_instance_left_is_a_503_and_health_says_so():
+    async with rr_cluster(num_decode=1) as cluster:
+        await cluster.decode[0].stop()
+        statuses = [(await post(cluster, "/v1/completions", COMPLETION))[0] for _ in range(3)]
+        assert statuses == [502, 502, 503]
+        async with cluster.session.get(cluster.url + "/health") as response:
+            assert response.status == 503 and (await response.json())["decode_available"] == 0
