@@ -8,11 +8,14 @@ in bfloat16 around 1e-2.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from vllm_hetero_pd.launch.request import post_json
+from vllm_hetero_pd.launch.cluster import LocalCluster
+from vllm_hetero_pd.launch.instance import InstanceSpec
+from vllm_hetero_pd.launch.request import disaggregated_request, post_json
 
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 2e-2}
 
@@ -31,7 +34,7 @@ class Mismatch(msgspec.Struct, frozen=True):
 
 def greedy_body(prompt: list[int], max_tokens: int = 32, logprobs: int = 5) -> dict[str, Any]:
     return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "logprobs": logprobs,
-            "ignore_eos": True, "return_token_ids": True}
+            "ignore_eos": True, "return_token_ids": True, "return_tokens_as_token_ids": True}
 
 
 def parse_completion(answer: dict[str, Any]) -> Completion:
@@ -41,9 +44,23 @@ def parse_completion(answer: dict[str, Any]) -> Completion:
 
 
 def run_greedy(url: str, prompts: list[list[int]], max_tokens: int = 32) -> list[Completion]:
-    """Monolithic reference: one request per prompt, sequentially (batch-independent numerics)."""
+    """One request per prompt, sequentially, so that batch composition cannot change the numerics."""
     return [parse_completion(post_json(url + "/v1/completions", greedy_body(p, max_tokens), f"ref-{i}", 300))
             for i, p in enumerate(prompts)]
+
+
+def run_disaggregated(prefill_url: str, decode_url: str, prompts: list[list[int]],
+                      max_tokens: int = 32) -> list[Completion]:
+    """The same requests as ``run_greedy``, each prefilled on one instance and decoded on another."""
+    return [parse_completion(disaggregated_request(prefill_url, decode_url, greedy_body(p, max_tokens)))
+            for p in prompts]
+
+
+def reference_completions(model_dir: str, prompts: list[list[int]], log_dir: Path,
+                          max_tokens: int = 32) -> list[Completion]:
+    """Greedy completions of a monolithic engine (no connector) on the same model: the ground truth."""
+    with LocalCluster([InstanceSpec(role="monolithic", model=model_dir)], log_dir) as cluster:
+        return run_greedy(cluster.instances[0].url, prompts, max_tokens)
 
 
 def compare(reference: list[Completion], candidate: list[Completion], tolerance: float) -> list[Mismatch]:
