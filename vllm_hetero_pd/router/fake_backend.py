@@ -89,6 +89,7 @@ class FakeVllm:
         self.num_requests = 0
         self.port = 0
         self._runner: web.AppRunner | None = None
+        self._open_transports: set[asyncio.Transport] = set()
 
     @property
     def url(self) -> str:
@@ -108,7 +109,9 @@ class FakeVllm:
         return self
 
     async def stop(self) -> None:
-        """Close the socket and every open connection, as a crashed instance would."""
+        """Close the socket and cut every request in progress, as a crashed instance would."""
+        for transport in self._open_transports:
+            transport.abort()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -121,6 +124,13 @@ class FakeVllm:
                                                               "owned_by": "vllm", "root": self.model}]})
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
+        self._open_transports.add(request.transport)
+        try:
+            return await self._answer(request)
+        finally:
+            self._open_transports.discard(request.transport)
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         self.num_requests += 1
         body = msgspec.json.decode(await request.read())
         request_id = request.headers.get(REQUEST_ID_HEADER)
@@ -177,15 +187,18 @@ class FakeVllm:
         if self.faults.error_event_first:
             events = [{"error": {"message": f"injected in-stream error on {self.engine_id}", "type": "InternalServerError",
                                  "code": 500}}]
-        for i, event in enumerate(events):
-            if self.faults.break_after_events is not None and i >= self.faults.break_after_events:
-                request.transport.close()  # an instance dying mid-stream
-                return response
-            await response.write(b"data: " + msgspec.json.encode(event) + b"\n\n")
-            if self.token_interval_s:
-                await asyncio.sleep(self.token_interval_s)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        try:
+            for i, event in enumerate(events):
+                if self.faults.break_after_events is not None and i >= self.faults.break_after_events:
+                    request.transport.close()  # an instance dying mid-stream
+                    return response
+                await response.write(b"data: " + msgspec.json.encode(event) + b"\n\n")
+                if self.token_interval_s:
+                    await asyncio.sleep(self.token_interval_s)
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:  # the reader went away (or stop() cut the connection)
+            pass
         return response
 
 
