@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from vllm_hetero_pd.planner import perf
-from vllm_hetero_pd.planner.catalog import SHIPPED_CATALOG, CatalogError, load_catalog
+from vllm_hetero_pd.planner.catalog import CatalogError, load_catalog
 from vllm_hetero_pd.planner.model import ModelError, load_model
 from vllm_hetero_pd.planner.queueing import md1_wait_quantile, poisson_quantile
 from vllm_hetero_pd.planner.workload import Slo, Workload
@@ -147,9 +147,12 @@ def test_shipped_catalog_has_the_required_devices_with_sources():
 
 
 def test_catalog_rejects_a_number_without_source(tmp_path):
-    text = SHIPPED_CATALOG.read_text().replace('      tdp_w: "MLE; AIC h100_sxm.yaml"\n', "")
+    import msgspec
+
+    entry = msgspec.to_builtins(CATALOG.device("H100"))
+    del entry["sources"]["tdp_w"]
     bad = tmp_path / "bad.yaml"
-    bad.write_text(text)
+    bad.write_bytes(msgspec.yaml.encode({"devices": [entry]}))
     with pytest.raises(CatalogError, match="H100: no source for tdp_w"):
         load_catalog([bad])
 
