@@ -5,6 +5,6 @@
 
 from vllm_hetero_pd.shim.canonical import decode, encode
 from vllm_hetero_pd.shim.plan import TranslationPlan, plan
-from vllm_hetero_pd.shim.translate import translate
+from vllm_hetero_pd.shim.translate import allocate, translate
 
-__all__ = ["TranslationPlan", "decode", "encode", "plan", "translate"]
+__all__ = ["TranslationPlan", "allocate", "decode", "encode", "plan", "translate"]

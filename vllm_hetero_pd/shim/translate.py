@@ -76,6 +76,15 @@ def translate(
         _apply(plan, c, src_layers[c.src, c.side], dst_layers[c.side])
 
 
+def allocate(fmt: KVFormat, device: torch.device | str = "cpu") -> KVBuffers:
+    """Zeroed buffers holding one whole cache in ``fmt`` (a staging or export area)."""
+    dtype = STORAGE_DTYPES[fmt.dtype]
+    if fmt.storage == "joint":
+        return torch.zeros(_span(fmt, "k", whole_cache=True) + fmt.inner_elements("v"), dtype=dtype, device=device)
+    k, v = (_span(fmt, s, whole_cache=True) if fmt.factors(s) else 0 for s in ("k", "v"))
+    return torch.zeros(k, dtype=dtype, device=device), torch.zeros(v, dtype=dtype, device=device)
+
+
 def layers(buffers: KVBuffers, fmt: KVFormat, side: Side) -> Layers:
     """Resolve one rank's buffers into per-layer (storage, offset) pairs for K or V."""
     dtype = STORAGE_DTYPES[fmt.dtype]
@@ -111,6 +120,7 @@ def _span(fmt: KVFormat, side: Side, whole_cache: bool) -> int:
     for axis, factors in fmt.factors(side).items():
         if axis != "L" or whole_cache:
             total += sum((n - 1) * s for n, s in factors)
+    total -= fmt.num_pad_blocks * fmt.factors(side)["B"][0][1]  # pad blocks are never addressed
     return total + 1 + (fmt.v_offset() if side == "v" else 0)
 
 
@@ -125,10 +135,11 @@ def _flat(t: torch.Tensor, dtype: torch.dtype, span: int, fmt: KVFormat, flat: t
         flat = torch.empty(0, dtype=dtype, device=t.device)
         flat.set_(storage, 0, (storage.nbytes() // itemsize,), (1,))
     offset = start_bytes // itemsize
-    if offset + span > flat.numel():
+    extent_bytes = (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size() if t.numel() else 0
+    if span * itemsize > extent_bytes:
         raise LayoutError(
-            f"{fmt.name or 'format'}: buffer holds {flat.numel() - offset} elements from its start, "
-            f"the format addresses {span}; check num_blocks/num_layers/heads"
+            f"{fmt.name or 'format'}: buffer spans {extent_bytes} B, the format addresses {span * itemsize} B; "
+            "check num_blocks/num_layers/heads (or pass the whole tensor, not a slice)"
         )
     return flat, offset
 

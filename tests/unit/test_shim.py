@@ -1,0 +1,186 @@
+"""Translation between formats: hypothesis properties over presets x block sizes x TP splits x
+head dims x token counts, plus plans, live vLLM-style per-layer views and bad input.
+
+Encoding and decoding go through the shim; test_formats.py pins both to each backend's
+source, and test_cpu_attn.py pins CPU_ATTN to vLLM's kernel.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vllm_hetero_pd.formats import PRESETS, LayoutError, preset
+from vllm_hetero_pd.shim import allocate, decode, encode, plan, translate
+from vllm_hetero_pd.shim.plan import _pieces
+
+LAYOUT_PRESETS = sorted(n for n, p in PRESETS.items() if not p.mla)
+MLA_PRESETS = sorted(n for n, p in PRESETS.items() if p.mla)
+NUM_LAYERS = 2
+
+
+def _ids(draw, count: int, num_blocks: int) -> list[int]:
+    """Block ids: consecutive runs and shuffles, so both coalesced and scattered paths run."""
+    if draw(st.booleans()):
+        first = draw(st.integers(0, num_blocks - count))
+        return list(range(first, first + count))
+    return draw(st.permutations(range(num_blocks)))[:count]
+
+
+@st.composite
+def translation_cases(draw, names=LAYOUT_PRESETS):
+    src_name, dst_name = draw(st.sampled_from(names)), draw(st.sampled_from(names))
+    src_bs, dst_bs = draw(st.sampled_from([16, 32, 64, 128])), draw(st.sampled_from([16, 32, 64, 128]))
+    mla = PRESETS[src_name].mla
+    heads = 1 if mla else draw(st.sampled_from([1, 2, 4, 8]))
+    head_size = draw(st.sampled_from([32, 64, 80, 128] if not mla else [64, 96]))
+    big = max(src_bs, dst_bs)
+    tokens = draw(st.one_of(st.just(1), st.sampled_from([src_bs - 1, src_bs + 1, dst_bs - 1, dst_bs + 1]),
+                            st.integers(1, 3 * big)))
+    start = draw(st.one_of(st.just(0), st.integers(0, tokens - 1)))
+    src_tp, dst_tp = draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([1, 2, 4]))
+    if mla:
+        src_tp = dst_tp = 1
+    case = dict(src=src_name, dst=dst_name, src_bs=src_bs, dst_bs=dst_bs, heads=heads, head_size=head_size,
+                tokens=tokens, start=start, src_tp=src_tp, dst_tp=dst_tp)
+    src_blocks, dst_blocks = -(-tokens // src_bs), -(-tokens // dst_bs)
+    case["src_ids"] = _ids(draw, src_blocks, src_blocks + 3)
+    case["dst_ids"] = _ids(draw, dst_blocks, dst_blocks + 2)
+    return case
+
+
+def _formats(name: str, bs: int, num_blocks: int, tp: int, case: dict, dtype: str = "bfloat16"):
+    return [
+        preset(name).build(num_layers=NUM_LAYERS, num_blocks=num_blocks, num_kv_heads=case["heads"],
+                           head_size=case["head_size"], block_size=bs, dtype=dtype, tp_rank=r, tp_size=tp)
+        for r in range(tp)
+    ]
+
+
+def _heads(fmt):
+    return slice(fmt.head_start, fmt.head_start + fmt.num_heads)
+
+
+def _run(case: dict, dtype: str = "bfloat16", k=None, v=None):
+    """Encode canonical K/V into every source rank, translate into every destination rank,
+    and return (canonical K, V, decoded K, V per destination rank)."""
+    torch.manual_seed(case["tokens"])
+    src_fmts = _formats(case["src"], case["src_bs"], len(case["src_ids"]) + 3, case["src_tp"], case, dtype)
+    dst_fmts = _formats(case["dst"], case["dst_bs"], len(case["dst_ids"]) + 2, case["dst_tp"], case, dtype)
+    shape = (NUM_LAYERS, case["tokens"], case["heads"])
+    k = torch.randn(*shape, src_fmts[0].head_size).to(torch.bfloat16) if k is None else k
+    v = torch.randn(*shape, src_fmts[0].head_size_v).to(torch.bfloat16) if v is None else v
+    src_bufs = []
+    for fmt in src_fmts:
+        buf = allocate(fmt)
+        encode(fmt, buf, case["src_ids"], k[:, :, _heads(fmt)], v[:, :, _heads(fmt)])
+        src_bufs.append(buf)
+    out = []
+    for fmt in dst_fmts:
+        buf = allocate(fmt)
+        translate(plan(src_fmts, fmt), src_bufs, buf, src_block_ids=case["src_ids"], dst_block_ids=case["dst_ids"],
+                  start=case["start"], stop=case["tokens"])
+        out.append((fmt, *decode(fmt, buf, case["dst_ids"], case["tokens"])))
+    return k, v, out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(translation_cases())
+def test_any_layout_pair_translates_bit_exactly(case):
+    k, v, out = _run(case)
+    start = case["start"]
+    for fmt, k_out, v_out in out:
+        assert torch.equal(k_out[:, start:], k[:, start:, _heads(fmt)])
+        assert torch.equal(v_out[:, start:], v[:, start:, _heads(fmt)])
+        assert not k_out[:, :start].any(), "positions before start must stay untouched"
+
+
+@settings(max_examples=40, deadline=None)
+@given(translation_cases(names=MLA_PRESETS))
+def test_mla_latents_translate_bit_exactly(case):
+    k, v, out = _run(case)
+    for fmt, k_out, v_out in out:
+        assert torch.equal(k_out[:, case["start"]:], k[:, case["start"]:]) and v_out.numel() == 0
+
+
+def test_prefill_fa_lbnhc_bs16_to_cpu_decode_bs128_and_gaudi_bs128_to_cpu():
+    """The two routes the connector needs first, with GQA heads and a partial last block."""
+    for src, src_bs, src_ids in (("cuda/flash_attn/C/LBNHC", 16, [9, 3, 4, 5, 0, 1, 2, *range(10, 22)]),
+                                 ("hpu/gaudi", 128, [2, 0, 1])):
+        case = dict(src=src, dst="cpu/cpu_attn/vec", src_bs=src_bs, dst_bs=128, heads=8, head_size=128, tokens=300,
+                    start=0, src_tp=2, dst_tp=1, src_ids=src_ids, dst_ids=[2, 0, 1])
+        k, v, [(fmt, k_out, v_out)] = _run(case)
+        assert torch.equal(k_out, k) and torch.equal(v_out, v)
+
+
+def test_plan_is_identity_only_for_byte_identical_blocks():
+    a = preset("cuda/flash_attn/C/LBHNC").build(num_layers=2, num_blocks=10, num_kv_heads=4, head_size=64)
+    assert plan([a], msgspec.structs.replace(a, num_blocks=99)).is_identity
+    assert not plan([a], preset("cuda/flash_attn/C/LBNHC").build(num_layers=2, num_blocks=10, num_kv_heads=4, head_size=64)).is_identity
+    assert not plan([a], msgspec.structs.replace(a, block_size=32)).is_identity
+    assert not plan([a.shard(0, 2), a.shard(1, 2)], a).is_identity
+
+
+def test_aligned_consecutive_blocks_need_one_copy_per_side():
+    """16 -> 128 with consecutive ids on both sides: one rectangular copy for K and one for V."""
+    a = preset("cuda/flash_attn/C/LBNHC").build(num_layers=2, num_blocks=64, num_kv_heads=4, head_size=64)
+    b = preset("cpu/cpu_attn/vec").build(num_layers=2, num_blocks=8, num_kv_heads=4, head_size=64)
+    copies = plan([a], b).copies(range(64), range(8), 0, 1024)
+    assert [c.sizes[:3] for c in copies] == [(8, 8, 16)] * 2
+
+
+@pytest.mark.parametrize("a, b, small, big", [(0, 300, 16, 128), (5, 140, 16, 128), (7, 9, 32, 32), (33, 64, 32, 64)])
+def test_pieces_tile_the_range_exactly(a, b, small, big):
+    covered = []
+    for p, (n1, n2, n3) in _pieces(a, b, small, big):
+        covered += [p + i * big + j * small + t for i in range(n1) for j in range(n2) for t in range(n3)]
+    assert covered == list(range(a, b))
+
+
+def test_translate_into_vllm_per_layer_views_of_one_allocation():
+    """Destination as vLLM 0.32 hands it over: a dict of per-layer [B, H, N, C] views into one
+    int8 buffer (create_kv_cache_views), here in the cross-layer BLHNC layout."""
+    src = preset("cuda/flash_attn/C/LBNHC").build(num_layers=3, num_blocks=8, num_kv_heads=2, head_size=32)
+    dst = preset("cuda/flash_attn/C/BLHNC").build(num_layers=3, num_blocks=4, num_kv_heads=2, head_size=32,
+                                                   layer_names=("l0", "l1", "l2"))
+    raw = torch.zeros(dst.nbytes(), dtype=torch.int8)
+    page = 2 * 16 * 64  # H * N * C elements
+    views = {f"l{l}": raw.view(torch.bfloat16).as_strided((4, 2, 16, 64), (3 * page, 16 * 64, 64, 1), l * page)
+             for l in (2, 0, 1)}  # dict order differs from layer order: layer_names decide
+    k, v = torch.randn(3, 40, 2, 32).to(torch.bfloat16), torch.randn(3, 40, 2, 32).to(torch.bfloat16)
+    buf = allocate(src)
+    encode(src, buf, [1, 2, 3], k, v)
+    translate(plan([src], dst), [buf], views, src_block_ids=[1, 2, 3], dst_block_ids=[3, 0, 2], stop=40)
+    k_back, v_back = decode(dst, raw.view(torch.bfloat16), [3, 0, 2], 40)
+    assert torch.equal(k_back, k) and torch.equal(v_back, v)
+    # and through the views themselves: block 3, layer 1, head 0, token 5 holds K then V
+    assert torch.equal(views["l1"][3, 0, 5], torch.cat([k[1, 5, 0], v[1, 5, 0]]))
+
+
+def test_per_layer_split_tensors_are_accepted():
+    gaudi = preset("hpu/gaudi").build(num_layers=2, num_blocks=3, num_kv_heads=2, head_size=32)
+    per_layer = [(torch.zeros(4 * 128, 2, 32, dtype=torch.bfloat16), torch.zeros(4 * 128, 2, 32, dtype=torch.bfloat16))
+                 for _ in range(2)]
+    k, v = torch.randn(2, 130, 2, 32).to(torch.bfloat16), torch.randn(2, 130, 2, 32).to(torch.bfloat16)
+    encode(gaudi, per_layer, [2, 0], k, v)
+    assert torch.equal(per_layer[1][0][2 * 128 + 7], k[1, 7]) and torch.equal(per_layer[0][1][0 * 128 + 1], v[0, 129])
+    assert not per_layer[0][0][3 * 128:].any(), "the pad block stays untouched"
+
+
+def test_bad_input_is_named():
+    a = preset("cuda/flash_attn/C/LBNHC").build(num_layers=2, num_blocks=4, num_kv_heads=4, head_size=32)
+    b = preset("cpu/cpu_attn/vec").build(num_layers=2, num_blocks=4, num_kv_heads=4, head_size=32)
+    p = plan([a], b)
+    with pytest.raises(LayoutError, match="src_block_ids has 1 blocks"):
+        translate(p, [allocate(a)], allocate(b), src_block_ids=[0], dst_block_ids=[0], stop=40)
+    with pytest.raises(LayoutError, match=r"dst_block_ids \[7\] outside"):
+        translate(p, [allocate(a)], allocate(b), src_block_ids=[0, 1, 2], dst_block_ids=[7], stop=40)
+    with pytest.raises(LayoutError, match="the format addresses"):
+        translate(p, [allocate(a)[:100]], allocate(b), src_block_ids=[0, 1, 2], dst_block_ids=[0], stop=40)
+    with pytest.raises(LayoutError, match="KV head 2 .* none of the source ranks"):
+        plan([a.shard(0, 2)], b)
+    with pytest.raises(LayoutError, match="head_size differs: source 32 vs destination 64"):
+        plan([a], msgspec.structs.replace(b, head_size=64, head_size_v=64))
