@@ -17,7 +17,7 @@ from vllm_hetero_pd.planner.catalog import Catalog, CatalogError, load_catalog
 from vllm_hetero_pd.planner.model import ModelError, load_model, serve_name
 from vllm_hetero_pd.planner.perf import TP_DEGREES
 from vllm_hetero_pd.planner.predict import predict
-from vllm_hetero_pd.planner.search import SearchError, SearchSpace, alternatives, diagnose, search
+from vllm_hetero_pd.planner.search import SearchError, SearchSpace, alternatives, diagnose, prepare, search, solve
 from vllm_hetero_pd.planner.workload import Slo, Workload, WorkloadError
 
 _INPUT_ERRORS = (CatalogError, ModelError, WorkloadError, SearchError)
@@ -116,15 +116,17 @@ def _max_goodput(model, catalog, workload, slo, space) -> Workload:
     if space.inventory is None and space.budget_per_hour is None:
         raise SearchError("--objective goodput needs a limit: give --budget and/or --inventory")
 
+    prepared = prepare(model, catalog, workload, slo, space)
+
     def ok(rate: float) -> bool:
-        return search(model, catalog, msgspec.structs.replace(workload, rate=rate), slo, space).best is not None
+        return solve(prepared, msgspec.structs.replace(workload, rate=rate)).best is not None
 
     lo, hi = 0.0, workload.rate
     while ok(hi):
         lo, hi = hi, hi * 2
         if hi > 1e7:
             raise SearchError("goodput is unbounded: the limits never bind; lower --max-instances")
-    for _ in range(20):
+    while hi - lo > 1e-3 * hi:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     if lo == 0.0:
@@ -145,8 +147,9 @@ def _pareto_series(model, catalog, workload, slo, space, alts) -> dict[str, list
     series = {}
     for label, sub in families.items():
         points = []
+        prepared = prepare(model, catalog, workload, slo, sub)
         for rate in rates:
-            best = search(model, catalog, msgspec.structs.replace(workload, rate=rate), slo, sub).best
+            best = solve(prepared, msgspec.structs.replace(workload, rate=rate)).best
             if best:
                 points.append((best.output_tokens_per_s, best.cost_per_hour))
         series[label] = points

@@ -53,8 +53,10 @@ def headline(result: SearchResult, workload: Workload, slo: Slo) -> str:
     d, c = result.best_disaggregated, result.best_colocated
     if d and c:
         winner, loser = (d, c) if best.mode == "disaggregated" else (c, d)
-        lines.append(f"{winner.mode} is {loser.cost_per_hour / winner.cost_per_hour:.2f}x cheaper than the best "
-                     f"{loser.mode} plan ({loser.describe()}, ${loser.cost_per_hour:.2f}/h)")
+        ratio = loser.cost_per_hour / winner.cost_per_hour
+        verdict = f"is {ratio:.2f}x cheaper than" if ratio >= 1.005 else "costs the same as"
+        lines.append(f"{winner.mode} {verdict} the best {loser.mode} plan ({loser.describe()}, "
+                     f"${loser.cost_per_hour:.2f}/h)")
     elif d or c:
         lines.append(f"no {'colocated' if d else 'disaggregated'} plan meets the SLO within the limits")
     return "\n".join(lines)

@@ -199,9 +199,22 @@ def _make_plan(mode: str, workload: Workload, pools: dict[str, tuple[Entry, ...]
                 cost_per_mtok=cost / (tokens_s * 3600) * 1e6, **pools)
 
 
-def search(model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo,
-           space: SearchSpace) -> SearchResult:
-    """Cheapest disaggregated and colocated plans (``best`` is the cheaper; None if infeasible)."""
+class Prepared(msgspec.Struct, frozen=True):
+    """Everything the search needs that does not depend on the rate: options and their capacities."""
+
+    space: SearchSpace
+    type_index: dict[str, int]
+    inventory: np.ndarray
+    budget: float
+    prefill: _Catalogued  # reported per option: the worst KV hand-off
+    prefill_rates: np.ndarray  # (decode KV endpoints, prefill options)
+    decode: _Catalogued
+    colocated: _Catalogued
+    endpoint_of: dict[str, int]
+
+
+def prepare(model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo, space: SearchSpace) -> Prepared:
+    """Per-instance capacity of every (device, TP) option in every role (``workload.rate`` unused)."""
     names = sorted({*space.prefill_devices, *space.decode_devices, *space.colocated_devices})
     if not names:
         raise SearchError("no devices to search; name some with --devices or the per-role flags")
@@ -209,45 +222,54 @@ def search(model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo,
     type_index = {d.name: i for i, d in enumerate(devices.values())}
     inventory = np.array([math.inf if space.inventory is None else space.inventory.get(d, 0)
                           for d in type_index], dtype=float)
-    budget = math.inf if space.budget_per_hour is None else space.budget_per_hour
 
     decode_devs = [devices[n] for n in sorted(set(space.decode_devices))]
     prefill_devs = [devices[n] for n in sorted(set(space.prefill_devices))]
-    endpoints = sorted({(d.vendor, d.kv_format) for d in decode_devs})
-    endpoint_of = {d.name: endpoints.index((d.vendor, d.kv_format)) for d in decode_devs}
+    endpoints = sorted({(d.vendor, d.kv_format) for d in decode_devs}) if prefill_devs else []
     sample = {ep: next(d for d in decode_devs if (d.vendor, d.kv_format) == ep) for ep in endpoints}
 
-    decode = _options(decode_devs, space, type_index,
+    decode = _options(decode_devs if endpoints else [], space, type_index,
                       lambda d, tp: perf.decode_capacity(model, d, tp, workload, slo))
     colocated = _options([devices[n] for n in sorted(set(space.colocated_devices))], space, type_index,
                          lambda d, tp: perf.colocated_capacity(model, d, tp, workload, slo))
-    # prefill capacity per decode KV endpoint; the option's reported capacity is the worst one
-    per_endpoint = {ep: _options(prefill_devs, space, type_index,
-                                 lambda d, tp, ep=ep: perf.prefill_capacity(
-                                     model, d, tp, workload, slo, catalog.link(d, sample[ep]), ep[1]))
-                    for ep in endpoints}
-    prefill_rates = np.array([[o.capacity.rate for o in per_endpoint[ep].options] for ep in endpoints]) \
-        if endpoints else np.zeros((0, 0))
-    prefill = (min(per_endpoint.values(), key=lambda c: sum(o.capacity.rate for o in c.options))
-               if endpoints else _options([], space, type_index, None))
+    per_endpoint = [_options(prefill_devs, space, type_index,
+                             lambda d, tp, ep=ep: perf.prefill_capacity(
+                                 model, d, tp, workload, slo, catalog.link(d, sample[ep]), ep[1]))
+                    for ep in endpoints]
+    prefill_rates = np.array([[o.capacity.rate for o in c.options] for c in per_endpoint])
+    prefill = (min(per_endpoint, key=lambda c: sum(o.capacity.rate for o in c.options)) if per_endpoint
+               else _options([], space, type_index, None))
+    return Prepared(space=space, type_index=type_index, inventory=inventory,
+                    budget=math.inf if space.budget_per_hour is None else space.budget_per_hour,
+                    prefill=prefill, prefill_rates=prefill_rates, decode=decode, colocated=colocated,
+                    endpoint_of={d.name: endpoints.index((d.vendor, d.kv_format))
+                                 for d in decode_devs if endpoints})
 
-    best_disagg = _search_disaggregated(workload, space, type_index, inventory, budget, decode, prefill,
-                                        prefill_rates, endpoint_of) if endpoints and prefill_devs else None
-    best_coloc = _search_colocated(workload, space, type_index, inventory, budget, colocated)
+
+def solve(prepared: Prepared, workload: Workload) -> SearchResult:
+    """Cheapest disaggregated and colocated plans at ``workload.rate`` (None where infeasible)."""
+    best_disagg = _search_disaggregated(prepared, workload) if prepared.decode.options else None
+    best_coloc = _search_colocated(prepared, workload)
     plans = [p for p in (best_disagg, best_coloc) if p is not None]
     best = min(plans, key=lambda p: (p.cost_per_hour, p.mode != "disaggregated")) if plans else None
     return SearchResult(best=best, best_disaggregated=best_disagg, best_colocated=best_coloc,
-                        prefill_options=prefill.options, decode_options=decode.options,
-                        colocated_options=colocated.options)
+                        prefill_options=prepared.prefill.options, decode_options=prepared.decode.options,
+                        colocated_options=prepared.colocated.options)
 
 
-def _search_colocated(workload: Workload, space: SearchSpace, type_index: dict[str, int],
-                      inventory: np.ndarray, budget: float, colocated: _Catalogued) -> Plan | None:
+def search(model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo,
+           space: SearchSpace) -> SearchResult:
+    """Cheapest disaggregated and colocated plans (``best`` is the cheaper; None if infeasible)."""
+    return solve(prepare(model, catalog, workload, slo, space), workload)
+
+
+def _search_colocated(prep: Prepared, workload: Workload) -> Plan | None:
+    colocated, inventory, budget = prep.colocated, prep.inventory, prep.budget
     if not colocated.options:
         return None
     rates = np.array([o.capacity.rate for o in colocated.options])
     cands = _minimal_pools(rates, colocated.prices, colocated.type_ids, colocated.tps, workload.rate,
-                           space, len(type_index))
+                           prep.space, len(prep.type_index))
     ok = np.flatnonzero(_within_limits(cands, inventory, budget))
     if not len(ok):
         return None
@@ -256,11 +278,10 @@ def _search_colocated(workload: Workload, space: SearchSpace, type_index: dict[s
     return _make_plan("colocated", workload, {"colocated": entries})
 
 
-def _search_disaggregated(workload: Workload, space: SearchSpace, type_index: dict[str, int],
-                          inventory: np.ndarray, budget: float, decode: _Catalogued,
-                          prefill: _Catalogued, prefill_rates: np.ndarray,
-                          endpoint_of: dict[str, int]) -> Plan | None:
-    num_types = len(type_index)
+def _search_disaggregated(prep: Prepared, workload: Workload) -> Plan | None:
+    space, inventory, budget = prep.space, prep.inventory, prep.budget
+    decode, prefill, prefill_rates, endpoint_of = prep.decode, prep.prefill, prep.prefill_rates, prep.endpoint_of
+    num_types = len(prep.type_index)
     decode_rates = np.array([o.capacity.rate for o in decode.options])
     dec = _minimal_pools(decode_rates, decode.prices, decode.type_ids, decode.tps, workload.rate,
                          space, num_types)
@@ -317,7 +338,9 @@ def diagnose(model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo, s
             reasons.append(f"no {role} option meets the SLO; closest: {_closest_miss(options)}")
     if reasons:
         return "; ".join(reasons)
-    loose = msgspec.structs.replace(space, inventory=None, budget_per_hour=None, max_instances=1 << 20)
+    # single-entry pools keep this cheap at any count; the point is to show which limit binds
+    loose = msgspec.structs.replace(space, inventory=None, budget_per_hour=None, max_instances=1 << 20,
+                                    max_entries=1)
     free = search(model, catalog, workload, slo, loose).best
     if free is None:
         return "no plan found even without inventory, budget and instance limits"

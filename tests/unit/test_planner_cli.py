@@ -1,0 +1,122 @@
+"""``vllm-hetero-pd plan`` end to end through the real CLI entry point, in-process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import msgspec
+import pytest
+
+from vllm_hetero_pd.cli import main
+
+BASE = ["plan", "--model", "llama-3.1-70b", "--dtype", "fp8", "--isl", "4096", "--osl", "512",
+        "--rate", "10", "--ttft-p90", "2000", "--tpot-p90", "50"]
+
+
+def run(capsys, *extra: str) -> tuple[int, str, str]:
+    code = main([*BASE, *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_json_is_consistent(capsys):
+    code, out, _ = run(capsys, "--json", "--devices", "H100,B200,Gaudi3")
+    assert code == 0
+    doc = json.loads(out)
+    best = doc["result"]["best"]
+    assert best["mode"] in ("disaggregated", "colocated")
+    entries = best["prefill"] + best["decode"] + best["colocated"]
+    assert {e["device"] for e in entries} <= {"H100", "B200", "Gaudi3"}
+    assert best["cost_per_hour"] == pytest.approx(sum(e["price_per_hour"] for e in entries))
+    assert all(e["ttft_s"] is None or e["ttft_s"] <= 2.0 for e in entries)
+    assert all(e["tpot_s"] is None or e["tpot_s"] <= 0.05 for e in entries)
+
+
+def test_table_names_the_winner_and_the_colocated_comparison(capsys):
+    code, out, _ = run(capsys, "--devices", "H100")
+    assert code == 0
+    assert "total" in out and "/Mtok out" in out
+    assert "the best colocated plan" in out  # both modes were feasible, so the comparison is printed
+
+
+def test_infeasible_slo_exits_2_with_the_floor(capsys):
+    code, _, err = main([*BASE[:-4], "--ttft-p90", "20", "--tpot-p90", "50", "--devices", "Gaudi2"]), *capsys.readouterr()
+    assert code == 2
+    assert "TTFT floor" in err and "> SLO 20 ms" in err and "Gaudi2" in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--devices", "H300"], "unknown device 'H300'"),
+    (["--inventory", "H100=0"], "--inventory lists no devices"),
+    (["--inventory", "H100"], "--inventory expects NAME=NUMBER"),
+    (["--price", "H100=-1"], "a price must be > 0"),
+    (["--max-entries", "3"], "--max-entries must be 1 or 2"),
+])
+def test_bad_input_exits_2_with_a_clear_message(capsys, extra, message):
+    code, _, err = run(capsys, *extra)
+    assert code == 2 and message in err
+
+
+def test_model_config_missing_fields_exits_2(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    code = main(["plan", "--model", str(tmp_path), *BASE[3:]])
+    assert code == 2 and "lacks num_hidden_layers" in capsys.readouterr().err
+
+
+def test_inventory_limits_are_respected_and_reported(capsys):
+    code, out, _ = run(capsys, "--json", "--inventory", "H100=16,MI300X=8")
+    assert code == 0
+    best = json.loads(out)["result"]["best"]
+    used: dict[str, int] = {}
+    for e in best["prefill"] + best["decode"] + best["colocated"]:
+        used[e["device"]] = used.get(e["device"], 0) + e["count"] * e["tp"]
+    assert used.get("H100", 0) <= 16 and used.get("MI300X", 0) <= 8 and set(used) <= {"H100", "MI300X"}
+    code, _, err = run(capsys, "--inventory", "H100=2")
+    assert code == 2 and "> inventory 2" in err
+
+
+def test_goodput_objective_stays_within_budget(capsys):
+    code, out, _ = run(capsys, "--json", "--objective", "goodput", "--budget", "40", "--devices", "B200,MI300X")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["result"]["best"]["cost_per_hour"] <= 40
+    rate = doc["workload"]["rate"]
+    code = main([*BASE[:9], "--rate", str(rate * 1.01), *BASE[11:], "--budget", "40", "--devices", "B200,MI300X"])
+    capsys.readouterr()
+    assert code == 2  # 1 % more load no longer fits the budget
+
+
+def test_emit_launch_writes_runnable_scripts(capsys, tmp_path):
+    code, out, _ = run(capsys, "--json", "--mode", "disaggregated", "--devices", "B200,Gaudi3",
+                       "--emit-launch", str(tmp_path))
+    assert code == 0
+    best = json.loads(out)["result"]["best"]
+    num_prefill = sum(e["count"] for e in best["prefill"])
+    num_decode = sum(e["count"] for e in best["decode"])
+    scripts = sorted(tmp_path.glob("*.sh"))
+    assert len(scripts) == num_prefill + num_decode + 1
+    for script in scripts:
+        text = script.read_text()
+        assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    prefill = (tmp_path / "prefill_0.sh").read_text()
+    config = json.loads(prefill.split("--kv-transfer-config '")[1].split("'")[0])
+    assert config == {"kv_connector": "HeteroNixlConnector", "kv_role": "kv_producer", "kv_connector_extra_config": {}}
+    assert '"kv_role":"kv_consumer"' in (tmp_path / "decode_0.sh").read_text()
+    router = (tmp_path / "router.sh").read_text()
+    assert "vllm-hetero-pd proxy" in router
+    assert router.count("--prefill ") == num_prefill and router.count("--decode ") == num_decode
+    from vllm_hetero_pd.launch.instance import InstanceSpec
+
+    specs = msgspec.json.decode((tmp_path / "instances.json").read_bytes(), type=list[InstanceSpec])
+    assert [s.role for s in specs] == ["prefill"] * num_prefill + ["decode"] * num_decode
+
+
+def test_explain_and_plot(capsys, tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (in the test extra)")
+    png = tmp_path / "pareto.png"
+    code, out, _ = run(capsys, "--explain", "--devices", "H100,B200", "--plot", str(png))
+    assert code == 0
+    assert "single-type alternatives" in out and "B200:H100" in out and "colocated H100" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
