@@ -267,7 +267,7 @@ class Router:
         except PrefillError as exc:
             raise UpstreamFailure(str(exc)) from None
         self.prefill.record_success(instance)
-        self.metrics.prefill_latency.labels(instance.url).observe(time.perf_counter() - start)
+        instance.latency_histogram.observe(time.perf_counter() - start)
         return params
 
     # ------------------------------------------------------------------ decode
@@ -318,8 +318,8 @@ class Router:
         _check_status(response, raw, f"decode {instance.url}")
         self.decode.record_success(instance)
         elapsed = time.perf_counter() - start
-        self.metrics.decode_first_byte.labels(instance.url).observe(elapsed)
-        self.metrics.decode_latency.labels(instance.url).observe(elapsed)
+        instance.first_byte_histogram.observe(elapsed)
+        instance.latency_histogram.observe(elapsed)
         self.metrics.ok(parsed.endpoint.value)
         return web.Response(body=raw, status=response.status, content_type="application/json",
                             headers={REQUEST_ID_HEADER: request_id})
@@ -328,7 +328,7 @@ class Router:
                              kv_params: dict[str, Any] | None, request_id: str) -> web.StreamResponse:
         start = time.perf_counter()
         upstream, head = await self._open_stream(instance, parsed, kv_params, request_id)
-        self.metrics.decode_first_byte.labels(instance.url).observe(time.perf_counter() - start)
+        instance.first_byte_histogram.observe(time.perf_counter() - start)
         try:
             return await self._relay_stream(request, instance, parsed, upstream, head, start, request_id)
         finally:
@@ -363,7 +363,7 @@ class Router:
                 return response
         if reason is None:
             self.decode.record_success(instance)
-            self.metrics.decode_latency.labels(instance.url).observe(time.perf_counter() - start)
+            instance.latency_histogram.observe(time.perf_counter() - start)
             self.metrics.ok(parsed.endpoint.value)
         else:
             logger.warning("request %s: %s", request_id, reason)
@@ -483,7 +483,9 @@ def build_app(config: RouterConfig) -> web.Application:
     app[ROUTER_KEY] = router
 
     async def lifecycle(app: web.Application):
-        router.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+        # no cookie jar: instances set no cookies, and a jar costs work on every request
+        router.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
+                                               cookie_jar=aiohttp.DummyCookieJar())
         probes = asyncio.create_task(router.run_health_probes())
         yield
         probes.cancel()

@@ -11,6 +11,8 @@ import enum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from vllm_hetero_pd.router.protocol import Endpoint
+
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -74,9 +76,11 @@ class RouterMetrics:
             registry=r,
         )
 
+        self._ok_counters = {e.value: self.requests.labels(e.value, "ok") for e in Endpoint}
+
     def error(self, endpoint: str, cause: ErrorCause) -> None:
         self.requests.labels(endpoint, "error").inc()
         self.errors.labels(cause.value).inc()
 
     def ok(self, endpoint: str) -> None:
-        self.requests.labels(endpoint, "ok").inc()
+        self._ok_counters[endpoint].inc()

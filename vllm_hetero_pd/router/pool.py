@@ -40,7 +40,7 @@ class Instance:
 
     __slots__ = ("role", "url", "weight", "num_active_requests", "num_pending_tokens", "consecutive_failures",
                  "ejected", "num_ejections_in_row", "num_good_probes", "draining", "rr_pass",
-                 "_in_flight_gauge")
+                 "_in_flight_gauge", "latency_histogram", "first_byte_histogram")
 
     def __init__(self, role: Role, config: InstanceConfig, rr_pass: float, metrics: RouterMetrics) -> None:
         self.role = role
@@ -54,7 +54,11 @@ class Instance:
         self.num_good_probes = 0
         self.draining = False
         self.rr_pass = rr_pass
+        # metric children resolved once: labels() takes a lock and a dict lookup on every call
         self._in_flight_gauge = metrics.in_flight.labels(role.value, self.url)
+        histogram = metrics.prefill_latency if role is Role.PREFILL else metrics.decode_latency
+        self.latency_histogram = histogram.labels(self.url)
+        self.first_byte_histogram = metrics.decode_first_byte.labels(self.url) if role is Role.DECODE else None
 
     @property
     def available(self) -> bool:
