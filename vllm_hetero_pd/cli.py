@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tiny-model": ("vllm_hetero_pd.testing.cli", "build a deterministic tiny random-weight model on disk"),
     "proxy": ("vllm_hetero_pd.router.cli", "run the OpenAI-compatible P/D router in front of prefill and decode pools"),
     "plan": ("vllm_hetero_pd.planner.cli", "find the cheapest prefill/decode deployment (devices, TP, counts) for an SLO"),
+    "calibrate": ("vllm_hetero_pd.planner.calibrate", "fit a device's efficiency factors to a running vLLM server"),
 }
 
 

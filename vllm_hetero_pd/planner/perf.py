@@ -84,12 +84,15 @@ def fit_problem(model: ModelSpec, device: Device, tp: int, min_tokens: int) -> s
     return ""
 
 
+def prefill_flops(model: ModelSpec, num_tokens: int) -> float:
+    """Matmul FLOPs of one prefill, including the causal attention term ``2 n_l L^2 d``."""
+    attention_width = model.num_heads * model.head_dim
+    return 2 * model.num_active_params * num_tokens + 2 * model.num_layers * num_tokens ** 2 * attention_width
+
+
 def prefill_s(model: ModelSpec, device: Device, tp: int, num_tokens: int) -> float:
     """Execution time of one prefill of ``num_tokens`` tokens."""
-    attention_width = model.num_heads * model.head_dim
-    flops = (2 * model.num_active_params * num_tokens
-             + 2 * model.num_layers * num_tokens ** 2 * attention_width)
-    compute = flops / (tp * device.peak_flops(model.fp8_weights))
+    compute = prefill_flops(model, num_tokens) / (tp * device.peak_flops(model.fp8_weights))
     memory = model.weight_bytes / tp / device.memory_bytes_s
     comm = 2 * model.num_layers * allreduce_s(device, tp, num_tokens * model.hidden_size * ACTIVATION_BYTES)
     return max(compute, memory) + comm + device.prefill_overhead_s
