@@ -1,6 +1,7 @@
 """Client request parsing and the prefill/decode bodies (router/protocol.py), and router config."""
 
 import argparse
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -138,3 +139,28 @@ def test_cli_flags_build_the_config_and_secrets_come_from_the_environment(monkey
     args = parser.parse_args(["--decode", "http://d:1", "--admin-token-env", "UNSET_VARIABLE_FOR_TEST"])
     with pytest.raises(ConfigError, match="UNSET_VARIABLE_FOR_TEST is empty or unset"):
         cli.config_from_args(args)
+
+
+def test_cli_refuses_flags_next_to_a_config_file_and_keeps_config_defaults(tmp_path):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    path = tmp_path / "router.yaml"
+    path.write_text("decode:\n  instances: [{url: 'http://d:1'}]\nmax_attempts: 5\n")
+    config = cli.config_from_args(parser.parse_args(["--config", str(path), "--port", "9000"]))
+    assert config.max_attempts == 5 and config.port == 9000
+    with pytest.raises(ConfigError, match="drop --max-attempts, --decode-policy"):
+        cli.config_from_args(parser.parse_args(["--config", str(path), "--max-attempts", "2",
+                                                "--decode-policy", "round_robin"]))
+    config = cli.config_from_args(parser.parse_args(["--decode", "http://d:1"]))
+    assert config == RouterConfig(decode=config.decode) and config.decode.policy is Policy.LEAST_WORK
+    config = cli.config_from_args(parser.parse_args(["--decode", "http://d:1", "--no-local-prefill-fallback",
+                                                     "--prefill", "http://p:1", "--health-interval-s", "0.5"]))
+    assert config.local_prefill_fallback is False and config.health.interval_s == 0.5
+
+
+def test_the_yaml_example_in_the_docs_is_a_valid_config(tmp_path):
+    docs = (Path(__file__).parents[2] / "docs" / "router.md").read_text()
+    example = docs.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "router.yaml").write_text(example)
+    config = load_config(tmp_path / "router.yaml")
+    assert config.prefill.instances[0].weight == 2.0 and config.admin_token == "admin-secret"

@@ -1,7 +1,8 @@
 """``vllm-hetero-pd proxy``: run the P/D router from flags or a YAML config.
 
-Flags build the same ``RouterConfig`` a YAML file does; with ``--config`` the file is the whole
-configuration and instance/policy flags are refused, so there is one source of truth.
+Flags build the same ``RouterConfig`` a YAML file does, and flags not given keep the defaults in
+``config.py``. With ``--config`` the file is the whole configuration: only ``--host``/``--port``
+may be added, other flags are refused, so there is one source of truth.
 """
 
 from __future__ import annotations
@@ -28,62 +29,78 @@ from vllm_hetero_pd.router.config import (
 
 logger = logging.getLogger(__name__)
 
-_POLICIES = [p.value for p in Policy]
+_POLICIES = "{" + ",".join(p.value for p in Policy) + "}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="router.yaml (see docs/router.md); replaces the instance and policy flags")
+    parser.add_argument("--config", help="router.yaml (see docs/router.md); replaces every flag but --host/--port")
+    parser.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
+    parser.add_argument("--log-level", default="INFO")
+    # Defaults of the flags below live in config.py only; None means "not given".
     parser.add_argument("--prefill", action="append", default=[], metavar="URL[,weight=W]",
                         help="a prefill instance, e.g. http://10.0.0.1:8100,weight=2 (repeatable)")
     parser.add_argument("--decode", action="append", default=[], metavar="URL[,weight=W]",
                         help="a decode instance (repeatable)")
-    parser.add_argument("--prefill-policy", choices=_POLICIES, default=Policy.LEAST_WORK.value)
-    parser.add_argument("--decode-policy", choices=_POLICIES, default=Policy.LEAST_WORK.value)
-    parser.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
-    parser.add_argument("--min-disagg-tokens", type=int, default=0,
-                        help="prompts estimated shorter than this are prefilled by decode itself (0: never)")
-    parser.add_argument("--no-local-prefill-fallback", action="store_true",
+    parser.add_argument("--prefill-policy", type=Policy, choices=list(Policy), metavar=_POLICIES,
+                        help="default least_work")
+    parser.add_argument("--decode-policy", type=Policy, choices=list(Policy), metavar=_POLICIES,
+                        help="default least_work")
+    parser.add_argument("--min-disagg-tokens", type=int,
+                        help="prompts estimated shorter than this are prefilled by decode itself (default 0: never)")
+    parser.add_argument("--no-local-prefill-fallback", action="store_const", const=False,
+                        dest="local_prefill_fallback",
                         help="fail requests instead of prefilling on decode when no prefill instance can serve")
-    parser.add_argument("--max-attempts", type=int, default=3, help="instances a request may try per pool")
-    parser.add_argument("--max-failures", type=int, default=3, help="consecutive failures that eject an instance")
-    parser.add_argument("--health-interval-s", type=float, default=2.0)
-    parser.add_argument("--prefill-timeout-s", type=float, default=120.0)
-    parser.add_argument("--decode-first-byte-timeout-s", type=float, default=120.0)
-    parser.add_argument("--decode-idle-timeout-s", type=float, default=60.0)
-    parser.add_argument("--api-key-env", default=None, metavar="VAR",
+    parser.add_argument("--max-attempts", type=int, help="instances a request may try per pool (default 3)")
+    parser.add_argument("--max-failures", type=int, help="consecutive failures that eject an instance (default 3)")
+    parser.add_argument("--health-interval-s", type=float, help="seconds between health probes (default 2)")
+    parser.add_argument("--prefill-timeout-s", type=float, help="bound on one prefill call (default 120)")
+    parser.add_argument("--decode-first-byte-timeout-s", type=float,
+                        help="bound on the wait for a stream's first event (default 120)")
+    parser.add_argument("--decode-idle-timeout-s", type=float,
+                        help="bound on the silence between two stream chunks (default 60)")
+    parser.add_argument("--api-key-env", metavar="VAR",
                         help="environment variable holding the client API key (keys stay out of `ps`)")
-    parser.add_argument("--upstream-api-key-env", default=None, metavar="VAR",
+    parser.add_argument("--upstream-api-key-env", metavar="VAR",
                         help="environment variable holding the key sent to vLLM instances started with --api-key")
-    parser.add_argument("--admin-token-env", default=None, metavar="VAR",
+    parser.add_argument("--admin-token-env", metavar="VAR",
                         help="environment variable holding the admin token (admin endpoints are off without it)")
-    parser.add_argument("--log-level", default="INFO")
+
+
+_TOP_LEVEL = ("min_disagg_tokens", "local_prefill_fallback", "max_attempts")
+_HEALTH = {"max_failures": "max_failures", "health_interval_s": "interval_s"}
+_TIMEOUTS = {"prefill_timeout_s": "prefill_s", "decode_first_byte_timeout_s": "decode_first_byte_s",
+             "decode_idle_timeout_s": "decode_idle_s"}
+_SECRETS = {"api_key_env": "api_key", "upstream_api_key_env": "upstream_api_key", "admin_token_env": "admin_token"}
+_POLICY_FLAGS = ("prefill_policy", "decode_policy")
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     """Build and validate the config; raises ``ConfigError`` naming the flag at fault."""
+    listen = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if args.config:
-        if args.prefill or args.decode:
-            raise ConfigError("--config lists the instances; drop --prefill/--decode or drop --config")
-        config = load_config(args.config)
-        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-        return msgspec.structs.replace(config, **overrides)
+        given = [f"--{name.replace('_', '-')}" for name in (*_TOP_LEVEL, *_HEALTH, *_TIMEOUTS, *_SECRETS,
+                                                             *_POLICY_FLAGS, "prefill", "decode")
+                 if getattr(args, name) not in (None, [])]
+        if given:
+            raise ConfigError(f"--config holds the whole configuration; drop {', '.join(given)} or drop --config")
+        return msgspec.structs.replace(load_config(args.config), **listen)
+    pools = {
+        role: PoolConfig(instances=tuple(parse_instance(s) for s in getattr(args, role)),
+                         **_given({"policy": getattr(args, f"{role}_policy")}))
+        for role in ("prefill", "decode")
+    }
     return RouterConfig(
-        prefill=PoolConfig(instances=tuple(parse_instance(s) for s in args.prefill),
-                           policy=Policy(args.prefill_policy)),
-        decode=PoolConfig(instances=tuple(parse_instance(s) for s in args.decode), policy=Policy(args.decode_policy)),
-        host=args.host or "127.0.0.1",
-        port=8000 if args.port is None else args.port,
-        api_key=_secret(args.api_key_env),
-        upstream_api_key=_secret(args.upstream_api_key_env),
-        admin_token=_secret(args.admin_token_env),
-        min_disagg_tokens=args.min_disagg_tokens,
-        local_prefill_fallback=not args.no_local_prefill_fallback,
-        max_attempts=args.max_attempts,
-        health=HealthConfig(interval_s=args.health_interval_s, max_failures=args.max_failures),
-        timeouts=TimeoutConfig(prefill_s=args.prefill_timeout_s, decode_first_byte_s=args.decode_first_byte_timeout_s,
-                               decode_idle_s=args.decode_idle_timeout_s),
+        **pools, **listen,
+        **_given({name: getattr(args, name) for name in _TOP_LEVEL}),
+        **_given({field: _secret(getattr(args, flag)) for flag, field in _SECRETS.items()}),
+        health=HealthConfig(**_given({field: getattr(args, flag) for flag, field in _HEALTH.items()})),
+        timeouts=TimeoutConfig(**_given({field: getattr(args, flag) for flag, field in _TIMEOUTS.items()})),
     )
+
+
+def _given(values: dict) -> dict:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def run(args: argparse.Namespace) -> int:
