@@ -8,8 +8,19 @@ at module level.
 __version__ = "0.1.0"
 
 
+CONNECTOR_NAME = "HeteroNixlConnector"
+
+
 def register() -> None:
-    """vLLM ``general_plugins`` entry point: runs once in every vLLM process."""
+    """vLLM ``general_plugins`` entry point: runs once in every vLLM process.
+
+    Registers ``HeteroNixlConnector`` with vLLM's connector factory (lazily: the class is only
+    imported when an engine is configured with it) and applies the opt-in NIXL progress delay.
+    """
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
     from vllm_hetero_pd.launch.nixl_progress import apply_progress_delay_from_env
 
+    if CONNECTOR_NAME not in KVConnectorFactory._registry:  # register_connector raises on duplicates
+        KVConnectorFactory.register_connector(CONNECTOR_NAME, "vllm_hetero_pd.connector.connector", CONNECTOR_NAME)
     apply_progress_delay_from_env()

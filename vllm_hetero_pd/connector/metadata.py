@@ -1,0 +1,50 @@
+"""Per-step messages from the scheduler-side connector to its workers (same host, pickled by vLLM)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorHandshakeMetadata, KVConnectorMetadata
+
+from vllm_hetero_pd.transport.wire import TransferParams
+
+
+@dataclass(frozen=True)
+class RecvJob:
+    """Decode side: read prompt positions ``[start, stop)`` of a remote request into local blocks.
+
+    ``error`` is set when the scheduler already knows the job cannot run (malformed
+    ``kv_transfer_params``); the worker then reports the load as failed without touching NIXL.
+    """
+
+    request_id: str
+    local_block_ids: list[int]
+    start: int
+    stop: int
+    params: TransferParams | None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """Prefill side: positions ``[start, stop)`` of a request were written this step; mirror them
+    into the export area (only when an export format is configured)."""
+
+    request_id: str
+    block_ids: list[int]
+    start: int
+    stop: int
+
+
+@dataclass
+class HeteroConnectorMetadata(KVConnectorMetadata):
+    recvs: list[RecvJob] = field(default_factory=list)
+    exports: list[ExportJob] = field(default_factory=list)
+    freed: list[str] = field(default_factory=list)  # prefill: released or expired; report finished_sending
+
+
+@dataclass(frozen=True)
+class RankHandshake(KVConnectorHandshakeMetadata):
+    """A worker's contribution to the handshake, collected by the engine core for the scheduler."""
+
+    rank_info: bytes  # msgpack-encoded wire.RankInfo

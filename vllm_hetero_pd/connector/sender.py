@@ -1,0 +1,58 @@
+"""Prefill worker side: expose the KV cache to readers, natively or through an export area.
+
+Usually a decode reads the prefill's own blocks. When the decode cannot read the native
+format (or for tests that must produce another vendor's bytes on CPU), the prefill mirrors
+every block it writes into a registered *export area* laid out in a configured preset format;
+readers then see only that format. Export block ids follow from native ones by a fixed rule
+(native block ``b`` holds export blocks ``b*r .. b*r+r-1``), so the scheduler can name them
+without asking the workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import msgspec
+import torch
+
+from vllm_hetero_pd.config import ConfigError
+from vllm_hetero_pd.connector.metadata import ExportJob
+from vllm_hetero_pd.formats.format import KVFormat, LayoutError
+from vllm_hetero_pd.formats.presets import preset
+from vllm_hetero_pd.shim.plan import plan
+from vllm_hetero_pd.shim.translate import allocate, translate
+from vllm_hetero_pd.transport.block_layout import whole_cache_layer_addrs
+
+
+class ExportArea:
+    def __init__(self, native: KVFormat, preset_name: str, block_size: int, device: torch.device):
+        try:
+            rule = preset(preset_name)
+        except LayoutError as e:
+            raise ConfigError(f"kv_connector_extra_config.export_format: {e}") from None
+        export_bs = block_size or rule.block_size
+        if native.block_size % export_bs:
+            raise ConfigError(f"export_block_size {export_bs} must divide the engine's block size "
+                              f"{native.block_size}; pick a divisor or change --block-size")
+        self.ratio = native.block_size // export_bs
+        built = rule.build(num_layers=native.num_layers, num_blocks=native.num_blocks * self.ratio,
+                           num_kv_heads=native.num_kv_heads, head_size=native.head_size,
+                           head_size_v=native.head_size_v, dtype=native.dtype, block_size=export_bs,
+                           k_scales=native.k_scales, v_scales=native.v_scales, layer_names=native.layer_names)
+        self.format = msgspec.structs.replace(built, head_start=native.head_start, num_heads=native.num_heads)
+        self.plan = plan([native], self.format)
+        self.buffers = allocate(self.format, device)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.buffers) if isinstance(self.buffers, tuple) else [self.buffers]
+
+    @property
+    def layer_addrs(self) -> list[list[int]]:
+        return whole_cache_layer_addrs(self.format, [t.data_ptr() for t in self.tensors])
+
+    def write(self, kv_caches: Mapping[str, torch.Tensor], job: ExportJob) -> None:
+        """Mirror positions ``[job.start, job.stop)`` of a request into its export blocks."""
+        export_ids = [b * self.ratio + j for b in job.block_ids for j in range(self.ratio)]
+        translate(self.plan, [kv_caches], self.buffers, src_block_ids=job.block_ids, dst_block_ids=export_ids,
+                  start=job.start, stop=job.stop)

@@ -1,0 +1,107 @@
+"""Worker side of HeteroNixlConnector: one per TP rank, in the process that owns the KV cache.
+
+It describes the local cache as a ``KVFormat``, registers it (and the export area, if any) with
+its own NIXL agent, publishes a ``RankInfo`` for the handshake, mirrors written blocks into the
+export area (prefill), drives the ``Receiver`` (decode), and reports finished and failed
+requests to vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+from vllm.logger import init_logger
+
+from vllm_hetero_pd.config import ConnectorConfig
+from vllm_hetero_pd.connector.metadata import HeteroConnectorMetadata, RankHandshake
+from vllm_hetero_pd.connector.receiver import LocalCache, Receiver
+from vllm_hetero_pd.connector.sender import ExportArea
+from vllm_hetero_pd.connector.stats import HeteroConnectorStats
+from vllm_hetero_pd.formats.detect import detect
+from vllm_hetero_pd.transport import wire
+from vllm_hetero_pd.transport.block_layout import block_layout
+from vllm_hetero_pd.transport.nixl_agent import NixlAgent
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = init_logger(__name__)
+
+
+class ConnectorWorker:
+    def __init__(self, vllm_config: VllmConfig, config: ConnectorConfig, engine_id: str,
+                 is_producer: bool, is_consumer: bool):
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        self.vllm_config, self.config = vllm_config, config
+        self.is_producer, self.is_consumer = is_producer, is_consumer
+        self.tp_rank = get_tensor_model_parallel_rank()
+        self.agent = NixlAgent(f"{engine_id}-tp{self.tp_rank}", config.backends, config.backend_params,
+                               config.progress_delay_us)
+        self.local: LocalCache | None = None
+        self.export: ExportArea | None = None
+        self.receiver: Receiver | None = None
+        self.rank_info: wire.RankInfo | None = None
+        self._num_failed = 0
+
+    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
+        fmt = detect(self.vllm_config, kv_caches)
+        tensors = [t for entry in kv_caches.values() for t in (entry if isinstance(entry, tuple) else (entry,))]
+        mem_type = "DRAM" if tensors[0].device.type == "cpu" else "VRAM"
+        storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors}
+        self.agent.register(sorted(storages), mem_type)
+        parts = 2 if fmt.storage == "split" else 1
+        layer_addrs = [[(e[p] if isinstance(e, tuple) else e).data_ptr() for e in kv_caches.values()]
+                       for p in range(parts)]
+        self.local = LocalCache(fmt, kv_caches, block_layout(fmt), layer_addrs, mem_type)
+        exposed, exposed_addrs = fmt, layer_addrs
+        if self.is_producer and self.config.export_format:
+            self.export = ExportArea(fmt, self.config.export_format, self.config.export_block_size, tensors[0].device)
+            self.agent.register([(t.data_ptr(), t.nbytes) for t in self.export.tensors], mem_type)
+            exposed, exposed_addrs = self.export.format, self.export.layer_addrs
+            block_layout(exposed)  # refuse at start-up a format that NIXL cannot read per block
+        if self.is_consumer:
+            self.receiver = Receiver(self.agent, self.config, self.local)
+        self.rank_info = wire.RankInfo(tp_rank=self.tp_rank, agent_name=self.agent.name,
+                                       agent_metadata=self.agent.metadata(), format=exposed,
+                                       layer_addrs=exposed_addrs, mem_type=mem_type)
+        logger.info("HeteroNixlConnector rank %d: native format %s (block %d, %d heads from %d, %s)%s",
+                    self.tp_rank, fmt.name, fmt.block_size, fmt.num_heads, fmt.head_start, fmt.dtype,
+                    f", exporting {exposed.name} block {exposed.block_size}" if self.export else "")
+
+    def get_handshake_metadata(self) -> RankHandshake | None:
+        return None if self.rank_info is None else RankHandshake(wire.encode(self.rank_info))
+
+    def start_load_kv(self, meta: HeteroConnectorMetadata) -> None:
+        for job in meta.recvs:
+            self.receiver.add(job)
+
+    def wait_for_save(self, meta: HeteroConnectorMetadata) -> None:
+        if self.export is not None:
+            for job in meta.exports:
+                self.export.write(self.local.kv_caches, job)
+
+    def get_transfer_results(self, meta: HeteroConnectorMetadata | None) -> KVConnectorTransferResults:
+        sending = set(meta.freed) if meta is not None else set()
+        if self.receiver is None:
+            return KVConnectorTransferResults(finished_sending=sending)
+        done, failed = self.receiver.poll()
+        self._num_failed += len(failed)
+        return KVConnectorTransferResults(finished_sending=sending, finished_recving=done | set(failed),
+                                          failed_recving=set(failed))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.receiver.take_bad_blocks() if self.receiver is not None else set()
+
+    def get_stats(self) -> HeteroConnectorStats | None:
+        if self.receiver is None or not (self.receiver.finished_stats or self._num_failed):
+            return None
+        stats = HeteroConnectorStats.of(self.receiver.finished_stats, self._num_failed)
+        self.receiver.finished_stats, self._num_failed = [], 0
+        return stats
+
+    def shutdown(self) -> None:
+        self.agent.close()

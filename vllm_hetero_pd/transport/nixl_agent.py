@@ -1,0 +1,112 @@
+"""``NixlAgent``: the only code that talks to NIXL. Registers memory, reads remote blocks, polls.
+
+Descriptors are plain ``(address, length)`` lists built by the caller; this module knows
+nothing of KV formats. Progress: NIXL's progress thread is kept (a passive prefill agent needs
+it for transports without one-sided RMA) but with a poll timeout, because NIXL 1.5.1 otherwise
+sets it to zero and the thread busy-spins a whole core per agent.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vllm_hetero_pd.launch.nixl_progress import set_progress_delay
+
+logger = logging.getLogger(__name__)
+
+
+class TransferError(RuntimeError):
+    """A NIXL call or transfer failed."""
+
+
+@dataclass
+class Read:
+    """One posted READ: poll ``NixlAgent.poll`` until it is no longer running."""
+
+    handle: object
+    num_bytes: int
+    state: str = "PROC"
+
+
+@dataclass
+class NixlAgent:
+    name: str
+    backends: list[str]
+    backend_params: dict[str, str]
+    progress_delay_us: int
+    _agent: object = field(init=False, repr=False)
+    _registered: list = field(init=False, default_factory=list, repr=False)
+    _remotes: set = field(init=False, default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            from nixl._api import nixl_agent, nixl_agent_config
+        except ImportError as e:
+            raise TransferError("NIXL is not installed: pip install 'nixl==1.5.*'") from e
+        set_progress_delay(self.progress_delay_us)
+        self._agent = nixl_agent(self.name, nixl_agent_config(enable_prog_thread=True, backends=[]))
+        for backend in self.backends:
+            params = self.backend_params if backend == "UCX" else {}
+            try:
+                self._agent.create_backend(backend, dict(params))
+            except Exception as e:
+                raise TransferError(f"cannot create NIXL backend {backend!r} with params {params} ({e}); check "
+                                    f"kv_connector_extra_config.backends / backend_params and UCX_TLS") from e
+
+    def metadata(self) -> bytes:
+        return self._agent.get_agent_metadata()
+
+    def register(self, regions: list[tuple[int, int]], mem_type: str) -> None:
+        """Register ``(address, length)`` regions once; READs may then touch any byte inside them."""
+        descs = self._agent.get_reg_descs([(addr, length, 0, "") for addr, length in regions], mem_type)
+        self._registered.append(self._agent.register_memory(descs))
+
+    def add_remote(self, metadata: bytes) -> str:
+        name = self._agent.add_remote_agent(metadata)
+        name = name.decode() if isinstance(name, bytes) else name
+        self._remotes.add(name)
+        return name
+
+    def read(self, remote: str, local: np.ndarray, remote_descs: np.ndarray, mem_type: str) -> Read:
+        """Post a READ of ``remote_descs`` (Nx2 address, length) into ``local`` (same lengths)."""
+        local_x = self._agent.get_xfer_descs(_with_device(local), mem_type)
+        remote_x = self._agent.get_xfer_descs(_with_device(remote_descs), mem_type)
+        try:
+            handle = self._agent.initialize_xfer("READ", local_x, remote_x, remote)
+            state = self._agent.transfer(handle)
+        except Exception as e:
+            raise TransferError(f"NIXL READ from {remote} could not be posted: {e}") from e
+        if state == "ERR":
+            self._agent.release_xfer_handle(handle)
+            raise TransferError(f"NIXL READ from {remote} failed at post")
+        return Read(handle=handle, num_bytes=int(local[:, 1].sum()), state=state)
+
+    def poll(self, read: Read) -> str:
+        """"PROC", "DONE" or "ERR"; releases the handle once the transfer is over."""
+        if read.state == "PROC":
+            read.state = self._agent.check_xfer_state(read.handle)
+            if read.state != "PROC":
+                self._agent.release_xfer_handle(read.handle)
+        return read.state
+
+    def close(self) -> None:
+        for name in self._remotes:
+            try:
+                self._agent.remove_remote_agent(name)
+            except Exception:  # best effort at shutdown
+                logger.debug("remove_remote_agent(%s) failed", name)
+        for reg in self._registered:
+            try:
+                self._agent.deregister_memory(reg)
+            except Exception:
+                logger.debug("deregister_memory failed")
+        self._registered.clear()
+
+
+def _with_device(descs: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(descs), 3), dtype=np.uint64)
+    out[:, :2] = descs
+    return out
