@@ -30,6 +30,7 @@ def test_fit_recovers_the_parameters_that_generated_the_samples(mem_eff):
     assert fitted.step_overhead_s == pytest.approx(0.006, rel=0.1)
     assert report.prefill_rms_rel_error < 1e-6 and report.decode_rms_rel_error < 0.02
     assert "calibrated" in fitted.sources["memory_efficiency"]
+    assert msgspec.yaml.decode(msgspec.yaml.encode(fitted), type=type(fitted)) == fitted  # writable catalog entry
 
 
 def test_fit_refuses_too_few_samples():

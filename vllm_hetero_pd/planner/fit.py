@@ -83,6 +83,7 @@ def fit_device(base: Device, model: ModelSpec, tp: int, prefill: list[PrefillSam
     compute = np.array([perf.prefill_flops(model, s.num_tokens) / peak for s in prefill])
     measured_p = np.array([s.seconds for s in prefill])
     overhead_p, k = _nonnegative_lstsq(np.column_stack([np.ones_like(compute), compute]), measured_p)
+    overhead_p, k = float(overhead_p), float(k)
     flops_scale = 1 / k if k > 0 else 1.0
     tflops, eff = (base.bf16_tflops * flops_scale, 1.0) if flops_scale > 1 else (base.bf16_tflops, flops_scale)
     fp8_tflops = base.fp8_tflops * flops_scale if flops_scale > 1 else base.fp8_tflops
