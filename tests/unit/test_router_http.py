@@ -8,7 +8,6 @@ import asyncio
 import functools
 
 import msgspec
-import pytest
 
 from vllm_hetero_pd.router.config import Policy
 from vllm_hetero_pd.router.fake_backend import FakeCluster, output_tokens

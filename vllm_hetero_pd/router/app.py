@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _DONE_EVENT = b"data: [DONE]\n\n"
+_API_KEY_HINT = "missing or wrong API key: send Authorization: Bearer <key>"
 _PEEK_LIMIT_BYTES = 1 << 16  # stop looking for the end of the first SSE event after this much
 
 
@@ -131,7 +132,7 @@ class Router:
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         try:
             if not _bearer_matches(request, self.config.api_key):
-                raise RouteError(401, ErrorCause.UNAUTHORIZED, "missing or wrong API key: send Authorization: Bearer <key>")
+                raise RouteError(401, ErrorCause.UNAUTHORIZED, _API_KEY_HINT)
             try:
                 raw = await request.read()
             except web.HTTPRequestEntityTooLarge:
@@ -160,7 +161,7 @@ class Router:
 
     async def models(self, request: web.Request) -> web.Response:
         if not _bearer_matches(request, self.config.api_key):
-            return error_response(401, "missing or wrong API key: send Authorization: Bearer <key>", None)
+            return error_response(401, _API_KEY_HINT, None)
         failures = []
         for instance in [i for i in self.decode.instances if i.available]:
             try:
@@ -258,7 +259,8 @@ class Router:
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamFailure(f"prefill {instance.url} unreachable: {exc.os_error!r}", delivered=False) from None
         except asyncio.TimeoutError:
-            raise UpstreamFailure(f"prefill {instance.url} timed out after {self.config.timeouts.prefill_s} s") from None
+            raise UpstreamFailure(
+                f"prefill {instance.url} timed out after {self.config.timeouts.prefill_s} s") from None
         except aiohttp.ClientError as exc:
             raise UpstreamFailure(f"prefill {instance.url} failed: {exc!r}") from None
         _check_status(response, raw, f"prefill {instance.url}")

@@ -185,8 +185,8 @@ class FakeVllm:
         await response.prepare(request)
         events = list(_stream_events(body, chat, self.model, request.headers.get(REQUEST_ID_HEADER)))
         if self.faults.error_event_first:
-            events = [{"error": {"message": f"injected in-stream error on {self.engine_id}", "type": "InternalServerError",
-                                 "code": 500}}]
+            message = f"injected in-stream error on {self.engine_id}"
+            events = [{"error": {"message": message, "type": "InternalServerError", "code": 500}}]
         try:
             for i, event in enumerate(events):
                 if self.faults.break_after_events is not None and i >= self.faults.break_after_events:
@@ -275,9 +275,11 @@ def _completion(body: dict[str, Any], chat: bool, model: str, request_id: str | 
     )
     num_prompt = _num_prompt_tokens(body)
     return {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", "object": "chat.completion" if chat else "text_completion",
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
+        "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()), "model": model, "choices": [choice],
-        "usage": {"prompt_tokens": num_prompt, "completion_tokens": len(tokens), "total_tokens": num_prompt + len(tokens)},
+        "usage": {"prompt_tokens": num_prompt, "completion_tokens": len(tokens),
+                  "total_tokens": num_prompt + len(tokens)},
     }
 
 
