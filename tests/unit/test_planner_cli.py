@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import msgspec
 import pytest
@@ -120,3 +121,11 @@ def test_explain_and_plot(capsys, tmp_path):
     assert code == 0
     assert "single-type alternatives" in out and "B200:H100" in out and "colocated H100" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_planner_imports_neither_torch_nor_vllm():
+    code = ("import sys, vllm_hetero_pd.cli, vllm_hetero_pd.planner.cli, vllm_hetero_pd.planner.calibrate, "
+            "vllm_hetero_pd.planner.bench; "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm')); "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
