@@ -103,7 +103,14 @@ def test_emit_launch_writes_runnable_scripts(capsys, tmp_path):
         subprocess.run(["bash", "-n", str(script)], check=True)
     prefill = (tmp_path / "prefill_0.sh").read_text()
     config = json.loads(prefill.split("--kv-transfer-config '")[1].split("'")[0])
-    assert config == {"kv_connector": "HeteroNixlConnector", "kv_role": "kv_producer", "kv_connector_extra_config": {}}
+    assert config["kv_connector"] == "HeteroNixlConnector" and config["kv_role"] == "kv_producer"
+    from vllm_hetero_pd.config import parse_config
+
+    ports = set()
+    for script in tmp_path.glob("prefill_*.sh"):
+        extra = json.loads(script.read_text().split("--kv-transfer-config '")[1].split("'")[0])["kv_connector_extra_config"]
+        ports.add(parse_config(extra).side_channel_port)  # the connector accepts what we emit
+    assert len(ports) == num_prefill  # prefills sharing a host must not share a side channel
     assert '"kv_role":"kv_consumer"' in (tmp_path / "decode_0.sh").read_text()
     router = (tmp_path / "router.sh").read_text()
     assert "vllm-hetero-pd proxy" in router

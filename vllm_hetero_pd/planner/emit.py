@@ -18,6 +18,7 @@ from vllm_hetero_pd.planner.search import Entry, Plan
 
 CONNECTOR = "HeteroNixlConnector"
 FIRST_PORT = 8100
+FIRST_SIDE_CHANNEL_PORT = 5600  # ConnectorConfig.side_channel_port; one per prefill so a host can hold several
 ROUTER_PORT = 8000
 
 
@@ -30,13 +31,15 @@ class Instance(msgspec.Struct, frozen=True, kw_only=True):
     tp: int
     port: int
     weight: float
+    side_channel_port: int = 0  # prefill only: where decodes fetch KV metadata
 
 
-def kv_transfer_config(role: str) -> dict:
+def kv_transfer_config(inst: Instance) -> dict:
     """The ``--kv-transfer-config`` naming our connector; prefill produces KV, decode consumes it."""
+    extra = {"side_channel_port": inst.side_channel_port} if inst.role == "prefill" else {}
     return {"kv_connector": CONNECTOR,
-            "kv_role": "kv_producer" if role == "prefill" else "kv_consumer",
-            "kv_connector_extra_config": {}}
+            "kv_role": "kv_producer" if inst.role == "prefill" else "kv_consumer",
+            "kv_connector_extra_config": extra}
 
 
 def instances(plan: Plan) -> list[Instance]:
@@ -50,7 +53,8 @@ def instances(plan: Plan) -> list[Instance]:
         for e in entries:
             for _ in range(e.count):
                 out.append(Instance(name=f"{role}_{index}", role=role, device=e.device, tp=e.tp,
-                                    port=FIRST_PORT + len(out), weight=round(e.capacity_per_instance, 4)))
+                                    port=FIRST_PORT + len(out), weight=round(e.capacity_per_instance, 4),
+                                    side_channel_port=FIRST_SIDE_CHANNEL_PORT + index if role == "prefill" else 0))
                 index += 1
     return out
 
@@ -63,7 +67,7 @@ def serve_args(model: ModelSpec, model_name: str, inst: Instance) -> list[str]:
     if model.kv_bytes_per_element == 1:
         args += ["--kv-cache-dtype", "fp8"]
     if inst.role != "monolithic":
-        args += ["--kv-transfer-config", json.dumps(kv_transfer_config(inst.role), separators=(",", ":"))]
+        args += ["--kv-transfer-config", json.dumps(kv_transfer_config(inst), separators=(",", ":"))]
     return args
 
 
@@ -78,7 +82,8 @@ def write_launch(plan: Plan, model: ModelSpec, model_name: str, out_dir: Path) -
     insts = instances(plan)
     for inst in insts:
         var = inst.name.upper()
-        command = (f'exec {shlex.join(serve_args(model, model_name, inst))} \\\n'
+        command = (f'export VLLM_NIXL_SIDE_CHANNEL_HOST="${{{var}_ADDRESS:-127.0.0.1}}"  # reachable by decodes\n'
+                   f'exec {shlex.join(serve_args(model, model_name, inst))} \\\n'
                    f'    --host "${{{var}_HOST:-0.0.0.0}}" --port "${{{var}_PORT:-{inst.port}}}"')
         path = out_dir / f"{inst.name}.sh"
         path.write_text(_script(f"{inst.role} instance on {inst.device} TP{inst.tp} "
@@ -95,7 +100,7 @@ def write_launch(plan: Plan, model: ModelSpec, model_name: str, out_dir: Path) -
     for path in written:
         path.chmod(0o755)
     specs = [{"role": i.role, "model": model_name, "http_port": i.port, "tensor_parallel_size": i.tp,
-              **({"kv_transfer_config": kv_transfer_config(i.role)} if i.role != "monolithic" else {})}
+              **({"kv_transfer_config": kv_transfer_config(i)} if i.role != "monolithic" else {})}
              for i in insts]
     spec_path = out_dir / "instances.json"
     spec_path.write_text(json.dumps(specs, indent=2) + "\n")
