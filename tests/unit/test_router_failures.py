@@ -212,3 +212,37 @@ async def test_no_decode_instance_left_is_a_503_and_health_says_so():
         assert statuses == [502, 502, 503]
         async with cluster.session.get(cluster.url + "/health") as response:
             assert response.status == 503 and (await response.json())["decode_available"] == 0
+
+
+@run_async
+async def test_a_stream_idle_longer_than_decode_idle_s_ends_with_an_sse_error_event():
+    async with rr_cluster(token_interval_s=1.0) as cluster:  # decode_idle_s is 0.5
+        start = time.perf_counter()
+        status, _, raw = await post(cluster, "/v1/completions", STREAM)
+        events = sse_events(raw)
+        assert status == 200 and time.perf_counter() - start < 1.5
+        assert events[0]["choices"][0]["text"] == output_tokens(STREAM)[0]
+        assert "[DONE]" not in events and "stream broke" in events[-1]["error"]["message"]
+
+
+@run_async
+async def test_a_client_leaving_mid_stream_is_counted_and_the_upstream_stream_is_closed():
+    async with rr_cluster(token_interval_s=0.05) as cluster:
+        body = {**STREAM, "max_tokens": 40}
+        async with cluster.session.post(cluster.url + "/v1/completions", json=body) as response:
+            assert response.status == 200
+            await response.content.readany()
+            response.close()  # drop the connection after the first bytes
+        text = ""
+        for _ in range(40):  # the router notices on its next write, within one token interval
+            await asyncio.sleep(0.05)
+            text = await metrics_text(cluster)
+            if metric(text, "hetero_pd_router_errors_total", cause="client_disconnected"):
+                break
+        assert metric(text, "hetero_pd_router_errors_total", cause="client_disconnected") == 1
+        assert metric(text, "hetero_pd_router_in_flight") == 0
+        for _ in range(40):  # the decode instance sees the cut on its next write
+            if cluster.decode[0].num_requests_in_progress == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert cluster.decode[0].num_requests_in_progress == 0

@@ -138,7 +138,7 @@ def _secret(env_var: str | None) -> str | None:
 
 
 def _use_uvloop() -> None:
-    """uvloop (installed with vLLM) cuts the router's per-request CPU; asyncio works without it."""
+    """Run on uvloop (installed with vLLM) when present, as vLLM's own API server does; asyncio otherwise."""
     try:
         import uvloop
     except ImportError:

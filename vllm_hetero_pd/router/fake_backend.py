@@ -95,6 +95,10 @@ class FakeVllm:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def num_requests_in_progress(self) -> int:
+        return len(self._open_transports)
+
     async def start(self, port: int = 0) -> FakeVllm:
         app = web.Application()
         app.router.add_post("/v1/completions", self._generate)
@@ -124,11 +128,12 @@ class FakeVllm:
                                                               "owned_by": "vllm", "root": self.model}]})
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
-        self._open_transports.add(request.transport)
+        transport = request.transport  # request.transport is None once the connection is lost
+        self._open_transports.add(transport)
         try:
             return await self._answer(request)
         finally:
-            self._open_transports.discard(request.transport)
+            self._open_transports.discard(transport)
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         self.num_requests += 1
