@@ -40,7 +40,7 @@ class Instance:
 
     __slots__ = ("role", "url", "weight", "num_active_requests", "num_pending_tokens", "consecutive_failures",
                  "ejected", "num_ejections_in_row", "num_good_probes", "draining", "rr_pass",
-                 "_in_flight_gauge", "latency_histogram", "first_byte_histogram")
+                 "in_flight_gauge", "latency_histogram", "first_byte_histogram")
 
     def __init__(self, role: Role, config: InstanceConfig, rr_pass: float, metrics: RouterMetrics) -> None:
         self.role = role
@@ -55,7 +55,7 @@ class Instance:
         self.draining = False
         self.rr_pass = rr_pass
         # metric children resolved once: labels() takes a lock and a dict lookup on every call
-        self._in_flight_gauge = metrics.in_flight.labels(role.value, self.url)
+        self.in_flight_gauge = metrics.in_flight.labels(role.value, self.url)
         histogram = metrics.prefill_latency if role is Role.PREFILL else metrics.decode_latency
         self.latency_histogram = histogram.labels(self.url)
         self.first_byte_histogram = metrics.decode_first_byte.labels(self.url) if role is Role.DECODE else None
@@ -73,6 +73,8 @@ class Instance:
 
 
 class Pool:
+    """The instances of one role and the policy that picks among them."""
+
     def __init__(self, role: Role, policy: Policy, configs: tuple[InstanceConfig, ...], max_failures: int,
                  metrics: RouterMetrics) -> None:
         self.role = role
@@ -102,13 +104,13 @@ class Pool:
         """Count a request as in flight on ``instance`` for the duration of the block."""
         instance.num_active_requests += 1
         instance.num_pending_tokens += num_prompt_tokens
-        instance._in_flight_gauge.inc()
+        instance.in_flight_gauge.inc()
         try:
             yield
         finally:
             instance.num_active_requests -= 1
             instance.num_pending_tokens -= num_prompt_tokens
-            instance._in_flight_gauge.dec()
+            instance.in_flight_gauge.dec()
 
     def record_success(self, instance: Instance) -> None:
         instance.consecutive_failures = 0
