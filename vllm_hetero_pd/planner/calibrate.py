@@ -1,8 +1,8 @@
 """``vllm-hetero-pd calibrate``: measure a running OpenAI-compatible vLLM instance and fit its device.
 
-Prefill latency vs prompt length comes from ``max_tokens=1`` completions sent one at a time;
-decode step latency vs batch from ``B`` concurrent streamed completions (median gap between
-streamed tokens, first and last few gaps dropped). Prompts are random token ids, fresh for every
+Prefill latency vs prompt length comes from ``max_tokens=1`` completions sent one at a time
+(median per length); decode step latency vs batch from ``B`` concurrent streamed completions
+(median per-request TPOT). Prompts are random token ids, fresh for every
 request, so prefix caching cannot shorten a prefill. The fit (``fit.py``) is written as a catalog
 file for ``plan --catalog``.
 """
@@ -37,9 +37,6 @@ class Completion(msgspec.Struct, frozen=True):
     def ttft_s(self) -> float:
         return self.chunk_times[0] - self.start
 
-    def gaps(self) -> list[float]:
-        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:])]
-
 
 def random_prompt(rng: random.Random, num_tokens: int, vocab_size: int) -> list[int]:
     """Token ids away from the special ids at the start of small vocabularies."""
@@ -72,20 +69,27 @@ async def complete(session: aiohttp.ClientSession, url: str, model: str, prompt:
 
 async def measure_prefill(url: str, lengths: list[int], repeats: int, vocab_size: int,
                           seed: int = 0) -> list[PrefillSample]:
+    """Median TTFT of ``repeats`` single-token completions per prompt length (medians resist the
+    stalls a shared host adds to single requests)."""
     rng = random.Random(seed)
     samples = []
     async with aiohttp.ClientSession(timeout=_TIMEOUT) as session:
         model = await served_model(session, url)
         await complete(session, url, model, random_prompt(rng, 8, vocab_size), 1)  # warm-up
         for length in lengths:
-            for _ in range(repeats):
-                done = await complete(session, url, model, random_prompt(rng, length, vocab_size), 1)
-                samples.append(PrefillSample(length, done.ttft_s))
+            ttfts = [(await complete(session, url, model, random_prompt(rng, length, vocab_size), 1)).ttft_s
+                     for _ in range(repeats)]
+            samples.append(PrefillSample(length, statistics.median(ttfts)))
     return samples
 
 
 async def measure_decode(url: str, batches: list[int], contexts: list[int], steps: int, vocab_size: int,
                          seed: int = 1) -> list[DecodeSample]:
+    """Step time at batch B: ``B`` concurrent completions of ``steps`` tokens each (EOS ignored).
+
+    Per request, (last token - first token) / (steps - 1) is its TPOT whatever the server's
+    chunking of the stream; the median over the batch is the step time at that batch.
+    """
     rng = random.Random(seed)
     samples = []
     async with aiohttp.ClientSession(timeout=_TIMEOUT) as session:
@@ -94,13 +98,8 @@ async def measure_decode(url: str, batches: list[int], contexts: list[int], step
             for batch in batches:
                 runs = await asyncio.gather(*(complete(session, url, model, random_prompt(rng, context, vocab_size),
                                                        steps) for _ in range(batch)))
-                # keep the steady part: every request admitted, none finished yet
-                steady_from = max(r.chunk_times[0] for r in runs)
-                steady_to = min(r.chunk_times[-1] for r in runs)
-                gaps = [b - a for r in runs for a, b in zip(r.chunk_times, r.chunk_times[1:])
-                        if a >= steady_from and b <= steady_to]
-                if len(gaps) >= 3:
-                    samples.append(DecodeSample(batch, context + steps / 2, statistics.median(gaps)))
+                tpots = [(r.chunk_times[-1] - r.chunk_times[0]) / (steps - 1) for r in runs]
+                samples.append(DecodeSample(batch, context + steps / 2, statistics.median(tpots)))
     return samples
 
 
@@ -117,10 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the server")
     parser.add_argument("--catalog", action="append", default=[], type=Path, metavar="FILE")
     parser.add_argument("--lengths", default="32,128,256,512,1024", help="prompt lengths for prefill")
-    parser.add_argument("--repeats", type=int, default=3, help="prefills per length")
+    parser.add_argument("--repeats", type=int, default=5, help="prefills per length (median kept)")
     parser.add_argument("--batches", default="1,2,4,8,16", help="decode batch sizes")
     parser.add_argument("--contexts", default="64,512", help="prompt lengths for decode runs")
-    parser.add_argument("--steps", type=int, default=32, help="tokens generated per decode request")
+    parser.add_argument("--steps", type=int, default=64, help="tokens generated per decode request")
     parser.add_argument("--out", type=Path, required=True, help="catalog YAML to write")
 
 

@@ -76,7 +76,7 @@ def validate(url: str, model_path: str, points: list[tuple[int, int, float]], nu
              out_dir: Path) -> list[Point]:
     model = load_model(model_path, weight_dtype="bf16")
     device, report, prefill, decode = calibrate(url, model, "CPU", "CPU-calibrated", 1, [],
-                                                [32, 128, 256, 512, 1024], 3, [1, 2, 4, 8, 16], [64, 512], 32)
+                                                [32, 128, 256, 512, 1024], 5, [1, 2, 4, 8, 16], [64, 512], 64)
     (out_dir / "cpu-calibrated.yaml").write_bytes(msgspec.yaml.encode(CatalogFile(devices=[device])))
     (out_dir / "calibration-samples.json").write_bytes(msgspec.json.encode({"prefill": prefill, "decode": decode,
                                                                             "fit": report}))
