@@ -136,3 +136,10 @@ def test_planner_imports_neither_torch_nor_vllm():
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm')); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_calibrate_without_a_server_exits_2(capsys, tmp_path):
+    code = main(["calibrate", "--url", "http://127.0.0.1:9", "--model", "llama-3.1-8b", "--out",
+                 str(tmp_path / "fit.yaml")])
+    assert code == 2 and "is a vLLM server running there?" in capsys.readouterr().err
+    assert not (tmp_path / "fit.yaml").exists()

@@ -7,6 +7,7 @@ infeasible and by how much).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -190,9 +191,7 @@ def run(args: argparse.Namespace) -> int:
         written = emit.write_launch(best, model, serve_name(args.model), args.emit_launch)
         print(f"wrote {len(written)} files to {args.emit_launch}", file=sys.stderr)
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("matplotlib") is None:
             print("error: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
             return 2
         series = _pareto_series(model, catalog, workload, slo, space, alts)
