@@ -158,6 +158,10 @@ def _pareto_series(model, catalog, workload, slo, space, alts) -> dict[str, list
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print("error: --plot needs matplotlib: pip install matplotlib (or the package's test extra)",
+              file=sys.stderr)
+        return 2
     try:
         catalog = _catalog(args)
         model = load_model(args.model, weight_dtype=args.dtype, kv_dtype=args.kv_dtype)
@@ -191,9 +195,6 @@ def run(args: argparse.Namespace) -> int:
         written = emit.write_launch(best, model, serve_name(args.model), args.emit_launch)
         print(f"wrote {len(written)} files to {args.emit_launch}", file=sys.stderr)
     if args.plot:
-        if importlib.util.find_spec("matplotlib") is None:
-            print("error: --plot needs matplotlib: pip install matplotlib", file=sys.stderr)
-            return 2
         series = _pareto_series(model, catalog, workload, slo, space, alts)
         report.plot_pareto(args.plot, series, f"{args.model} ISL {workload.isl} OSL {workload.osl}")
         print(f"wrote {args.plot}", file=sys.stderr)
