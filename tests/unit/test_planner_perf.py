@@ -43,7 +43,8 @@ def test_decode_weight_read_floor_matches_anchor_table(device, floor_ms):
 def test_prefill_4096_matches_anchor_table(device, prefill_ms):
     dev = CATALOG.device(device)
     t = perf.prefill_s(LLAMA_70B_FP8, dev, 1, 4096) - dev.prefill_overhead_s
-    assert t * 1e3 == pytest.approx(prefill_ms, rel=0.03)
+    # the anchor runs all FLOPs at the FP8 rate; we run attention at BF16, a few % slower
+    assert t * 1e3 == pytest.approx(prefill_ms, rel=0.05)
 
 
 def test_tensor_parallel_speeds_prefill_up_sublinearly():

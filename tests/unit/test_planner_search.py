@@ -21,7 +21,8 @@ from vllm_hetero_pd.planner.workload import Slo, Workload
 
 SOURCES = {f: "test fixture" for f in (
     "bf16_tflops", "fp8_tflops", "hbm_gb", "hbm_tb_s", "scale_up_gb_s", "scale_out_gb_s", "tdp_w",
-    "price_per_hour", "bf16_efficiency", "fp8_efficiency", "memory_efficiency", "prefill_overhead_s",
+    "price_per_hour", "bf16_efficiency", "fp8_efficiency", "attention_efficiency", "memory_efficiency",
+    "prefill_overhead_s",
     "step_overhead_s", "per_sequence_overhead_s", "max_tp")}
 VENDORS = [("nv", "fmt-a"), ("amd", "fmt-b"), ("intel", "fmt-c")]
 TPS = (1, 2)
@@ -36,7 +37,8 @@ def random_catalog(rng: random.Random) -> Catalog:
             name=f"dev{i}", vendor=vendor, kv_format=fmt, bf16_tflops=rng.uniform(100, 2000), fp8_tflops=0,
             hbm_gb=rng.choice([24, 48, 80, 141]), hbm_tb_s=rng.uniform(0.8, 8), scale_up_gb_s=rng.uniform(30, 900),
             scale_out_gb_s=rng.uniform(5, 50), tdp_w=500, price_per_hour=round(rng.uniform(0.5, 6), 2),
-            bf16_efficiency=rng.uniform(0.4, 0.95), fp8_efficiency=0.5, memory_efficiency=rng.uniform(0.5, 0.9),
+            bf16_efficiency=rng.uniform(0.4, 0.95), fp8_efficiency=0.5, attention_efficiency=rng.uniform(0.3, 0.9),
+            memory_efficiency=rng.uniform(0.5, 0.9),
             prefill_overhead_s=rng.uniform(0, 0.01), step_overhead_s=rng.uniform(0, 0.004),
             per_sequence_overhead_s=rng.uniform(0, 1e-4), max_tp=2, sources=SOURCES)
     links = [Link(prefill_vendor="*", decode_vendor="*", gb_s=rng.uniform(1, 10), latency_s=rng.uniform(0, 0.05),

@@ -84,11 +84,11 @@ async def measure_prefill(url: str, lengths: list[int], repeats: int, vocab_size
 
 
 async def measure_decode(url: str, batches: list[int], contexts: list[int], steps: int, vocab_size: int,
-                         seed: int = 1) -> list[DecodeSample]:
+                         repeats: int = 1, seed: int = 1) -> list[DecodeSample]:
     """Step time at batch B: ``B`` concurrent completions of ``steps`` tokens each (EOS ignored).
 
     Per request, (last token - first token) / (steps - 1) is its TPOT whatever the server's
-    chunking of the stream; the median over the batch is the step time at that batch.
+    chunking of the stream; the median over the batch and ``repeats`` runs is the step time.
     """
     rng = random.Random(seed)
     samples = []
@@ -96,9 +96,12 @@ async def measure_decode(url: str, batches: list[int], contexts: list[int], step
         model = await served_model(session, url)
         for context in contexts:
             for batch in batches:
-                runs = await asyncio.gather(*(complete(session, url, model, random_prompt(rng, context, vocab_size),
-                                                       steps) for _ in range(batch)))
-                tpots = [(r.chunk_times[-1] - r.chunk_times[0]) / (steps - 1) for r in runs]
+                tpots = []
+                for _ in range(repeats):
+                    runs = await asyncio.gather(*(complete(session, url, model,
+                                                           random_prompt(rng, context, vocab_size), steps)
+                                                  for _ in range(batch)))
+                    tpots += [(r.chunk_times[-1] - r.chunk_times[0]) / (steps - 1) for r in runs]
                 samples.append(DecodeSample(batch, context + steps / 2, statistics.median(tpots)))
     return samples
 
@@ -125,10 +128,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def calibrate(url: str, model: ModelSpec, base_device: str, name: str, tp: int, catalog_paths: list[Path],
               lengths: list[int], repeats: int, batches: list[int], contexts: list[int], steps: int):
-    """Measure, then fit; returns (device, report, samples)."""
+    """Measure, then fit; returns (device, report, prefill samples, decode samples)."""
     base = load_catalog(catalog_paths).device(base_device)
     prefill = asyncio.run(measure_prefill(url, lengths, repeats, model.vocab_size))
-    decode = asyncio.run(measure_decode(url, batches, contexts, steps, model.vocab_size))
+    decode = asyncio.run(measure_decode(url, batches, contexts, steps, model.vocab_size, max(1, repeats // 2)))
     device, report = fit_device(base, model, tp, prefill, decode, name, url)
     return device, report, prefill, decode
 

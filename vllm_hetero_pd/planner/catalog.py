@@ -17,7 +17,7 @@ SHIPPED_CATALOG = Path(__file__).with_name("hardware.yaml")
 # Numeric Device fields that must each name a source in ``Device.sources``.
 _SOURCED_FIELDS = (
     "bf16_tflops", "fp8_tflops", "hbm_gb", "hbm_tb_s", "scale_up_gb_s", "scale_out_gb_s",
-    "tdp_w", "price_per_hour", "bf16_efficiency", "fp8_efficiency", "memory_efficiency",
+    "tdp_w", "price_per_hour", "bf16_efficiency", "fp8_efficiency", "attention_efficiency", "memory_efficiency",
     "prefill_overhead_s", "step_overhead_s", "per_sequence_overhead_s", "max_tp",
 )
 
@@ -48,6 +48,7 @@ class Device(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     price_per_hour: float
     bf16_efficiency: float
     fp8_efficiency: float
+    attention_efficiency: float
     memory_efficiency: float
     prefill_overhead_s: float
     step_overhead_s: float
@@ -63,7 +64,7 @@ class Device(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         for f in ("bf16_tflops", "hbm_gb", "hbm_tb_s", "scale_out_gb_s", "price_per_hour"):
             if getattr(self, f) <= 0:
                 raise CatalogError(f"device {self.name}: {f} must be > 0, got {getattr(self, f)}")
-        for f in ("bf16_efficiency", "fp8_efficiency", "memory_efficiency"):
+        for f in ("bf16_efficiency", "fp8_efficiency", "attention_efficiency", "memory_efficiency"):
             if not 0 < getattr(self, f) <= 1:
                 raise CatalogError(f"device {self.name}: {f} must be in (0, 1], got {getattr(self, f)}")
         for f in ("prefill_overhead_s", "step_overhead_s", "per_sequence_overhead_s", "fp8_tflops"):
@@ -77,6 +78,11 @@ class Device(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         if fp8 and self.fp8_tflops > 0:
             return self.fp8_tflops * 1e12 * self.fp8_efficiency
         return self.bf16_tflops * 1e12 * self.bf16_efficiency
+
+    @property
+    def attention_flops(self) -> float:
+        """Achievable FLOP/s of attention (QK^T, AV), which runs on BF16 activations."""
+        return self.bf16_tflops * 1e12 * self.attention_efficiency
 
     @property
     def memory_bytes_s(self) -> float:

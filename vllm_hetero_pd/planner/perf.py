@@ -2,9 +2,9 @@
 
 Roofline with efficiency factors (planner-anchors sec. 8):
 
-* prefill time = max(FLOPs / achievable FLOP/s, weight bytes / achievable bandwidth)
-  + 2 all-reduces per layer + a fixed per-forward overhead; FLOPs include the causal attention
-  term ``2 n_l L^2 d``;
+* prefill time = max(matmul FLOPs / achievable matmul FLOP/s + attention FLOPs (``2 n_l L^2 d``)
+  / achievable attention FLOP/s, weight bytes / achievable bandwidth) + 2 all-reduces per layer
+  + a fixed per-forward overhead;
 * decode step time = max(weight + KV bytes over bandwidth, matmul + attention FLOPs over compute)
   + all-reduces + fixed step overhead + a per-sequence overhead;
 * a prefill instance is an M/D/1 queue; its capacity is the largest arrival rate whose TTFT
@@ -84,15 +84,20 @@ def fit_problem(model: ModelSpec, device: Device, tp: int, min_tokens: int) -> s
     return ""
 
 
-def prefill_flops(model: ModelSpec, num_tokens: int) -> float:
-    """Matmul FLOPs of one prefill, including the causal attention term ``2 n_l L^2 d``."""
-    attention_width = model.num_heads * model.head_dim
-    return 2 * model.num_active_params * num_tokens + 2 * model.num_layers * num_tokens ** 2 * attention_width
+def prefill_matmul_flops(model: ModelSpec, num_tokens: int) -> float:
+    """FLOPs of one prefill's weight matmuls: 2 x active params per token."""
+    return 2 * model.num_active_params * num_tokens
+
+
+def prefill_attention_flops(model: ModelSpec, num_tokens: int) -> float:
+    """FLOPs of one prefill's causal attention, ``2 n_l L^2 d`` (QK^T and AV, halved by the mask)."""
+    return 2 * model.num_layers * num_tokens ** 2 * model.num_heads * model.head_dim
 
 
 def prefill_s(model: ModelSpec, device: Device, tp: int, num_tokens: int) -> float:
     """Execution time of one prefill of ``num_tokens`` tokens."""
-    compute = prefill_flops(model, num_tokens) / (tp * device.peak_flops(model.fp8_weights))
+    compute = (prefill_matmul_flops(model, num_tokens) / device.peak_flops(model.fp8_weights)
+               + prefill_attention_flops(model, num_tokens) / device.attention_flops) / tp
     memory = model.weight_bytes / tp / device.memory_bytes_s
     comm = 2 * model.num_layers * allreduce_s(device, tp, num_tokens * model.hidden_size * ACTIVATION_BYTES)
     return max(compute, memory) + comm + device.prefill_overhead_s
@@ -108,8 +113,8 @@ def step_lines(model: ModelSpec, device: Device, tp: int, context: float) -> tup
     bandwidth = device.memory_bytes_s
     memory_a = model.weight_bytes / tp / bandwidth
     memory_b = context * model.kv_bytes_per_token(tp) / tp / bandwidth
-    compute_b = (2 * model.num_active_params + 4 * model.num_layers * context * attention_width) / (
-        tp * device.peak_flops(model.fp8_weights))
+    compute_b = (2 * model.num_active_params / device.peak_flops(model.fp8_weights)
+                 + 4 * model.num_layers * context * attention_width / device.attention_flops) / tp
     comm_per_seq = 2 * model.num_layers * 2 * (tp - 1) / tp * model.hidden_size * ACTIVATION_BYTES / (
         device.scale_up_gb_s * 1e9)
     fixed_a = device.step_overhead_s + (2 * model.num_layers * ALLREDUCE_LATENCY_S if tp > 1 else 0.0)
