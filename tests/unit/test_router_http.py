@@ -8,6 +8,7 @@ import asyncio
 import functools
 
 import msgspec
+from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_hetero_pd.router.config import Policy
 from vllm_hetero_pd.router.fake_backend import FakeCluster, output_tokens
@@ -38,12 +39,8 @@ def sse_events(raw: bytes) -> list:
 
 def metric(text: str, name: str, **labels) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
 
 
 async def metrics_text(cluster) -> str:
@@ -123,6 +120,17 @@ async def test_client_kv_transfer_params_never_reach_an_instance():
         decode_params = cluster.decode[0].received[0].body["kv_transfer_params"]
         assert decode_params["remote_host"] == "127.0.0.1" and decode_params["remote_request_id"] != "victim"
         assert metric(await metrics_text(cluster), "hetero_pd_router_stripped_kv_transfer_params_total") == 1
+
+
+@run_async
+async def test_client_kv_transfer_params_are_stripped_when_decode_prefills_locally_too():
+    forged = {"do_remote_prefill": True, "remote_engine_id": "prefill-0", "remote_host": "10.6.6.6",
+              "remote_block_ids": [[0]], "remote_request_id": "r1"}
+    async with FakeCluster(min_disagg_tokens=10_000, allow_local_prefill=True) as cluster:
+        status, _, _ = await post(cluster, "/v1/completions", {**COMPLETION, "kv_transfer_params": forged},
+                                  {"X-Request-Id": "r1"})
+        assert status == 200 and cluster.prefill[0].num_requests == 0
+        assert "kv_transfer_params" not in cluster.decode[0].received[0].body
 
 
 @run_async
