@@ -95,6 +95,31 @@ def gaudi(fmt: KVFormat, k, v, block_ids) -> list[tuple[torch.Tensor, torch.Tens
     return layers
 
 
+def cpu_amx(fmt: KVFormat, k, v, block_ids) -> torch.Tensor:
+    """csrc/cpu/cpu_attn_amx.hpp::reshape_and_cache (bf16), index arithmetic as written there.
+
+    Cache [NB, H, 2*BS, D] chunked into K and V pages of BS*D elements each. K: token t,
+    4-byte quadword j (dims 2j, 2j+1) goes to int32 slot (t // 16) * 16 * (D/2) + j * 16 + t % 16.
+    V: element d of token t goes to (d // 16) * BS * 16 + (t // 2) * 2 * 16 + (d % 16) * 2 + t % 2.
+    """
+    L, T, H, D = k.shape
+    bs = fmt.block_size
+    cache = torch.zeros(L, fmt.num_blocks, H, 2, bs * D, dtype=k.dtype)
+    blk, tok = _slots(fmt, block_ids, T)
+    t = tok.view(T, 1)
+    j = torch.arange(D // 2).view(1, D // 2)
+    k_slot = (t // 16) * 16 * (D // 2) + j * 16 + t % 16  # [T, D/2] int32 slots
+    k_pairs = k.contiguous().view(torch.int32)  # [L, T, H, D/2]
+    key_pages = cache[:, :, :, 0].view(torch.int32)  # [L, NB, H, BS*D/2]
+    d = torch.arange(D).view(1, D)
+    v_slot = (d // 16) * bs * 16 + (t // 2) * 32 + (d % 16) * 2 + t % 2  # [T, D]
+    for h in range(H):
+        for i in range(T):
+            key_pages[:, blk[i], h, k_slot[i]] = k_pairs[:, i, h]
+            cache[:, blk[i], h, 1, v_slot[i]] = v[:, i, h]
+    return cache.view(-1)
+
+
 def build(fmt: KVFormat, k, v, block_ids):
     """Dispatch on the preset name; returns buffers in the form ``translate`` accepts."""
     family, _, rest = fmt.name.partition("/")
@@ -103,6 +128,8 @@ def build(fmt: KVFormat, k, v, block_ids):
         return era_c_mla(fmt, parts[-1], k, block_ids)
     if family == "hpu":
         return gaudi(fmt, k, v, block_ids)
+    if fmt.name == "cpu/cpu_attn/amx":
+        return cpu_amx(fmt, k, v, block_ids)
     if parts[-1] == "rocm_attn":
         return rocm_attn(fmt, k, v, block_ids)
     era, order = parts[-2], parts[-1]

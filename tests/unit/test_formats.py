@@ -115,14 +115,17 @@ def test_descriptor_matches_backend_source(name):
     Sources: vLLM 0.32.0 ``vllm/v1/kv_cache_layout.py`` + ``create_kv_cache_views`` (era C,
     MLA), 0.26-0.28 / 0.24-0.25 / <=0.22 backend ``get_kv_cache_shape`` + stride order (eras
     B, A2, A1), ``vllm/v1/attention/ops/paged_attn.py::split_kv_cache`` (ROCM_ATTN), and
-    vllm-gaudi 091bbad ``hpu_paged_attn.py`` / ``hpu_model_runner.py`` (Gaudi).
+    vllm-gaudi 091bbad ``hpu_paged_attn.py`` / ``hpu_model_runner.py`` (Gaudi), and
+    ``csrc/cpu/cpu_attn_amx.hpp`` (CPU_ATTN amx, bf16 with block size % 32 == 0).
     """
-    fmt = _fmt(name, block_size=16, dtype="float16")
+    amx = name == "cpu/cpu_attn/amx"
+    fmt = _fmt(name, block_size=32 if amx else 16, dtype="bfloat16" if amx else "float16")
     torch.manual_seed(0)
-    tokens = 2 * 16 + 3  # two full blocks and a partial one
+    tokens = 2 * fmt.block_size + 3  # two full blocks and a partial one
     block_ids = [4, 0, 2]
-    k = torch.randn(fmt.num_layers, tokens, fmt.num_heads, fmt.head_size, dtype=torch.float16)
-    v = torch.randn(fmt.num_layers, tokens, fmt.num_heads, fmt.head_size_v, dtype=torch.float16)
+    dtype = torch.bfloat16 if amx else torch.float16
+    k = torch.randn(fmt.num_layers, tokens, fmt.num_heads, fmt.head_size).to(dtype)
+    v = torch.randn(fmt.num_layers, tokens, fmt.num_heads, fmt.head_size_v).to(dtype)
     reference = kv_reference.build(fmt, k, v, block_ids)
     if fmt.storage == "split":
         ours = [(torch.zeros_like(a), torch.zeros_like(b)) for a, b in reference]

@@ -132,11 +132,14 @@ def test_aligned_consecutive_blocks_need_one_copy_per_side():
     assert [c.sizes[:3] for c in copies] == [(8, 8, 16)] * 2
 
 
-@pytest.mark.parametrize("a, b, small, big", [(0, 300, 16, 128), (5, 140, 16, 128), (7, 9, 32, 32), (33, 64, 32, 64)])
-def test_pieces_tile_the_range_exactly(a, b, small, big):
+@pytest.mark.parametrize("a, b, cuts", [(0, 300, (1, 16, 128)), (5, 140, (1, 16, 128)), (7, 9, (1, 32)),
+                                        (33, 64, (1, 32, 64)), (3, 301, (1, 2, 16, 32, 128))])
+def test_pieces_tile_the_range_exactly(a, b, cuts):
     covered = []
-    for p, (n1, n2, n3) in _pieces(a, b, small, big):
-        covered += [p + i * big + j * small + t for i in range(n1) for j in range(n2) for t in range(n3)]
+    for p, level, count in _pieces(a, b, cuts):
+        chunk = list(range(cuts[level]))
+        assert p % cuts[level] == 0 or level == 0
+        covered += [p + i * cuts[level] + t for i in range(count) for t in chunk]
     assert covered == list(range(a, b))
 
 

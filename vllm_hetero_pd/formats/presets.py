@@ -185,7 +185,8 @@ def _all_presets() -> dict[str, Preset]:
     )
     # CPU_ATTN "vec" / "vec16" ISA (AVX2, AVX-512 without AMX, and head sizes % 32 != 0):
     # each (block, head) page holds K transposed [D][N], then V [N][D]. Derived from
-    # torch.ops._C.cpu_attn_reshape_and_cache on this machine (shim/cpu_attn.py).
+    # torch.ops._C.cpu_attn_reshape_and_cache on this AVX2 machine (shim/cpu_attn.py); the
+    # vec kernel's reshape_and_cache is plain scalar code, so AVX-512 hosts pack the same way.
     presets.append(
         Preset(
             name="cpu/cpu_attn/vec",
@@ -196,6 +197,23 @@ def _all_presets() -> dict[str, Preset]:
             outer="LBH",
             k_inner="DN",
             v_inner="ND",
+            block_size=128,
+        )
+    )
+    # CPU_ATTN "amx" ISA (bf16 on AMX hosts): AMX B-tiles. K packs pairs of dims (4-byte
+    # quadwords) for groups of 16 tokens: [N/16][D/2][16][2]; V packs pairs of tokens for groups
+    # of 16 dims: [D/16][N/2][16][2]. Read from csrc/cpu/cpu_attn_amx.hpp::reshape_and_cache;
+    # this host has no AMX, so the kernel cannot be run here.
+    presets.append(
+        Preset(
+            name="cpu/cpu_attn/amx",
+            source="csrc/cpu/cpu_attn_amx.hpp::AttentionImpl<ISA::AMX>::reshape_and_cache + vllm/v1/attention/backends/cpu_attn.py",
+            versions="vllm 0.29.0-0.32.0 (LBHNC only; bf16, block_size % 32 == 0)",
+            verified="source",
+            storage="joint",
+            outer="LBH",
+            k_inner="NDN16D2",
+            v_inner="DND16N2",
             block_size=128,
         )
     )

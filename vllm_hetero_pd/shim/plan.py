@@ -24,14 +24,24 @@ Conversion = Literal["copy", "fn_to_fnuz", "fnuz_to_fn", "convert"]
 
 @dataclass(frozen=True, slots=True)
 class AxisMap:
-    """Where one K or V element lives: ``offset + block*block + token*token + head*head + dim``."""
+    """Where one K or V element lives: ``offset + block*block + f(token) + head*head + dim``.
+
+    ``token`` and ``dim`` are mixed-radix factors; ``f`` applies the token factors.
+    """
 
     offset: int
     layer: int
     block: int
-    token: int
+    token: Factors
     head: int
     dim: Factors  # refined to the factors shared with the other side
+
+    def token_offset(self, t: int) -> int:
+        offset = 0
+        for size, stride in reversed(self.token):
+            offset += (t % size) * stride
+            t //= size
+        return offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,15 +97,15 @@ class TranslationPlan:
         dst_bs = self.dst.block_size
         _check_ids("src", src_block_ids, src_bs, start, stop, self.src_formats[0])
         _check_ids("dst", dst_block_ids, dst_bs, start, stop, self.dst)
-        small, big = min(src_bs, dst_bs), max(src_bs, dst_bs)
         out: list[Copy] = []
         for a, b in _runs(start, stop, src_block_ids, src_bs, dst_block_ids, dst_bs):
-            for p, grid in _pieces(a, b, small, big):
+            for p, level, count in _pieces(a, b, self.token_cuts):
+                grid = (count, *(hi // lo for lo, hi in reversed(list(zip(self.token_cuts, self.token_cuts[1:level + 1])))))
                 for run in self.heads:
                     for side in self.sides:
                         sm, dm = self.src_maps[run.src, side], self.dst_maps[run.src, side]
-                        s_off, s_str = _place(sm, p, grid, src_block_ids, src_bs, small, big)
-                        d_off, d_str = _place(dm, p, grid, dst_block_ids, dst_bs, small, big)
+                        s_off, s_str = _place(sm, p, level, self.token_cuts, src_block_ids, src_bs)
+                        d_off, d_str = _place(dm, p, level, self.token_cuts, dst_block_ids, dst_bs)
                         out.append(
                             Copy(
                                 src=run.src,
@@ -108,6 +118,22 @@ class TranslationPlan:
                             )
                         )
         return out
+
+    @property
+    def token_cuts(self) -> tuple[int, ...]:
+        """Token counts at which some side changes stride (1, token tiles, block sizes), ascending.
+
+        Every copy is a grid over these levels, so each of its dims has one stride on both sides.
+        """
+        formats = (*self.src_formats, self.dst)
+        cuts = {1, *(f.block_size for f in formats)}
+        for fmt in formats:
+            for side in self.sides:
+                cuts |= _breaks(fmt.factors(side)["N"])
+        ordered = sorted(cuts)
+        if any(hi % lo for lo, hi in zip(ordered, ordered[1:])):
+            raise LayoutError(f"block sizes and token tiles {ordered} do not nest; no common grid")
+        return tuple(ordered)
 
 
 def plan(src_formats: Sequence[KVFormat], dst: KVFormat) -> TranslationPlan:
@@ -157,7 +183,7 @@ def _head_runs(src_formats: tuple[KVFormat, ...], dst: KVFormat) -> tuple[HeadRu
 
 def _single(fmt: KVFormat, side: Side, factors: dict[str, Factors], axis: str) -> int:
     if len(factors[axis]) != 1:
-        raise LayoutError(f"{fmt.name or 'format'}: axis {axis} of {side.upper()} is split; only D may be split")
+        raise LayoutError(f"{fmt.name or 'format'}: axis {axis} of {side.upper()} is split; only N and D may be split")
     return factors[axis][0][1]
 
 
@@ -166,7 +192,7 @@ def _axis_map(fmt: KVFormat, side: Side, factors: dict[str, Factors], dims: tupl
         offset=fmt.v_offset() if side == "v" else 0,
         layer=_single(fmt, side, factors, "L"),
         block=_single(fmt, side, factors, "B"),
-        token=_single(fmt, side, factors, "N"),
+        token=factors["N"],
         head=_single(fmt, side, factors, "H"),
         dim=_refine(factors["D"], dims),
     )
@@ -241,26 +267,30 @@ def _runs(start: int, stop: int, src_ids: Sequence[int], src_bs: int, dst_ids: S
     return [(a, b) for a, b in zip(edges, edges[1:]) if a < b]
 
 
-def _pieces(a: int, b: int, small: int, big: int):
-    """Cut one run into rectangles ``(first position, (n_big, n_small, n_tokens))``."""
-    k = big // small
+def _pieces(a: int, b: int, cuts: tuple[int, ...]):
+    """Cut ``[a, b)`` into aligned chunks ``(first position, level, count)``.
+
+    A piece holds ``count`` consecutive chunks of ``cuts[level]`` tokens, all inside one chunk of
+    the next level (or anywhere for the top level): first climbing from ``a`` to the alignment of
+    each coarser level, then descending to ``b``.
+    """
     p = a
-    while p < b:
-        if p % small or b - p < small:  # part of one small block
-            end = min(b, (p // small + 1) * small)
-            yield p, (1, 1, end - p)
-        elif p % big or b - p < big:  # whole small blocks inside one big block
-            end = min(b // small * small, (p // big + 1) * big)
-            yield p, (1, (end - p) // small, small)
-        else:  # whole big blocks
-            end = b // big * big
-            yield p, ((end - p) // big, k, small)
-        p = end
+    for level in range(len(cuts) - 1):  # climb: finish the partial chunk of each coarser level
+        end = min(b // cuts[level] * cuts[level], -(-p // cuts[level + 1]) * cuts[level + 1])
+        if end > p:
+            yield p, level, (end - p) // cuts[level]
+            p = end
+    for level in reversed(range(len(cuts))):  # descend: whole chunks, coarse to fine
+        end = b // cuts[level] * cuts[level]
+        if end > p:
+            yield p, level, (end - p) // cuts[level]
+            p = end
 
 
-def _place(m: AxisMap, p: int, grid: tuple[int, int, int], ids: Sequence[int], bs: int, small: int, big: int):
-    """Offset of position ``p`` and the strides of the three grid dims on one side."""
-    offset = m.offset + ids[p // bs] * m.block + (p % bs) * m.token
-    step_small = m.block if bs == small else small * m.token
-    step_big = m.block if bs == big else (big // small) * m.block
-    return offset, (step_big, step_small, m.token)
+def _place(m: AxisMap, p: int, level: int, cuts: tuple[int, ...], ids: Sequence[int], bs: int):
+    """Offset of position ``p`` and the stride of each grid dim (levels ``level`` down to 0)."""
+    offset = m.offset + ids[p // bs] * m.block + m.token_offset(p % bs)
+    strides = tuple(
+        (cuts[l] // bs) * m.block if cuts[l] >= bs else m.token_offset(cuts[l]) for l in range(level, -1, -1)
+    )
+    return offset, strides
