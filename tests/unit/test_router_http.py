@@ -6,12 +6,15 @@ issue for the same ``X-Request-Id``, so each successful answer here proves the P
 
 import asyncio
 import functools
+import signal
+import sys
 
+import aiohttp
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_hetero_pd.router.config import Policy
-from vllm_hetero_pd.router.fake_backend import FakeCluster, output_tokens
+from vllm_hetero_pd.router.fake_backend import FakeCluster, FakeVllm, output_tokens
 
 
 def run_async(test):
@@ -297,3 +300,30 @@ async def test_health_and_metrics_endpoints():
         assert metric(text, "hetero_pd_router_prefill_seconds_count") == 2
         assert metric(text, "hetero_pd_router_decode_seconds_count") == 2
         assert metric(text, "hetero_pd_router_in_flight") == 0
+
+
+@run_async
+async def test_the_proxy_subcommand_serves_on_a_free_port_and_stops_on_sigterm():
+    prefill = await FakeVllm("prefill", "prefill-0").start()
+    decode = await FakeVllm("decode", "decode-0", prefill_engine_ids=frozenset({"prefill-0"}),
+                            allow_local_prefill=False).start()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vllm_hetero_pd.cli", "proxy", "--port", "0", "--prefill", prefill.url,
+        "--decode", f"{decode.url},weight=2", "--log-level", "WARNING", stdout=asyncio.subprocess.PIPE)
+    try:
+        line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+        assert line.startswith("router listening on http://127.0.0.1:"), line
+        url = line.split()[-1]
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/v1/completions", json=COMPLETION) as response:
+                assert response.status == 200
+                assert (await response.json())["choices"][0]["text"] == "".join(output_tokens(COMPLETION))
+        assert decode.received[0].body["kv_transfer_params"]["remote_engine_id"] == "prefill-0"
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await prefill.stop()
+        await decode.stop()
