@@ -1,8 +1,10 @@
-"""``vllm-hetero-pd demo``: the main job. A local prefill/decode pair against a monolithic engine.
+"""``vllm-hetero-pd demo``: the main job. A heterogeneous prefill/decode pair against a monolithic engine.
 
 It builds the tiny model, records a monolithic engine's greedy output, then serves the same
-prompts disaggregated (prefill on one engine, KV over NIXL, decode on another) and prints, per
-prompt, whether the output matches and how long the request took.
+prompts disaggregated: the prefill (block size 32) exposes its KV in CUDA FLASH_ATTN's byte
+layout (vLLM 0.29+ LBNHC, block size 16), the decode (block size 128, CPU_ATTN's packed layout)
+READs it over NIXL and translates it. Per prompt it prints whether the output matches, the
+request latency, and the transfer and translation time the decode engine measured.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from vllm_hetero_pd.launch.cluster import LocalCluster
 from vllm_hetero_pd.launch.request import disaggregated_request
 from vllm_hetero_pd.testing.compare import (TOLERANCE, compare, greedy_body, max_logprob_delta, parse_completion,
                                             reference_completions)
-from vllm_hetero_pd.testing.metrics import prompt_tokens_by_source
+from vllm_hetero_pd.testing.metrics import metric_sum, prompt_tokens_by_source, scrape
 from vllm_hetero_pd.testing.prompts import DEFAULT_LENGTHS, make_prompts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_launch_arguments(parser)
-    parser.set_defaults(dtype="float32", log_dir=Path("logs/demo"))
+    parser.set_defaults(dtype="float32", log_dir=Path("logs/demo"), connector="HeteroNixlConnector",
+                        prefill_block_size=32, decode_block_size=128,
+                        kv_extra_config={"export_format": "cuda/flash_attn/C/LBNHC", "export_block_size": 16})
     parser.add_argument("--max-tokens", type=int, default=32)
 
 
@@ -35,20 +39,31 @@ def run(args: argparse.Namespace) -> int:
     print(f"prefill/decode with {args.connector} ...", flush=True)
     with LocalCluster(pd_specs(args, model), args.log_dir / "pd", args.startup_timeout) as cluster:
         prefill, decode = cluster.by_role("prefill")[0], cluster.by_role("decode")[0]
-        got, millis = [], []
+        got, rows = [], []
         for prompt in prompts:
-            start = time.perf_counter()
+            before, start = connector_seconds(decode.url), time.perf_counter()
             got.append(parse_completion(disaggregated_request(prefill.url, decode.url,
                                                               greedy_body(prompt, args.max_tokens))))
-            millis.append(1000 * (time.perf_counter() - start))
+            latency = time.perf_counter() - start
+            after = connector_seconds(decode.url)
+            rows.append([1000 * latency] + [1000 * (a - b) for a, b in zip(after, before)])
         by_source = prompt_tokens_by_source(decode.url)
     tolerance = TOLERANCE[args.dtype]
-    print(f"\n{'#':>2} {'prompt':>6} {'output':>6} {'ids match':>9} {'max |dlogprob|':>14} {'latency ms':>10}")
-    for i, (prompt, ref, out, ms) in enumerate(zip(prompts, reference, got, millis)):
+    print(f"\n{'#':>2} {'prompt':>6} {'output':>6} {'ids match':>9} {'max |dlogprob|':>14} {'latency ms':>10} "
+          f"{'transfer ms':>11} {'translate ms':>12}")
+    for i, (prompt, ref, out, (ms, xfer, shim)) in enumerate(zip(prompts, reference, got, rows)):
         print(f"{i:>2} {len(prompt):>6} {len(out.token_ids):>6} {str(ref.token_ids == out.token_ids):>9} "
-              f"{max_logprob_delta(ref, out):>14.2e} {ms:>10.0f}")
+              f"{max_logprob_delta(ref, out):>14.2e} {ms:>10.0f} {xfer:>11.2f} {shim:>12.2f}")
     print(f"\ndecode prompt tokens by source: {by_source}")
     mismatches = compare(reference, got, tolerance)
     print("RESULT:", "all outputs equal the monolithic engine" if not mismatches else mismatches,
           f"(logprob tolerance {tolerance:g})")
     return 1 if mismatches else 0
+
+
+def connector_seconds(url: str) -> tuple[float, float]:
+    """Cumulative (transfer, translate) seconds the decode's HeteroNixlConnector has reported (0 for
+    other connectors)."""
+    samples = scrape(url)
+    return (metric_sum(samples, "vllm:hetero_pd_transfer_seconds_sum"),
+            metric_sum(samples, "vllm:hetero_pd_translate_seconds_sum"))

@@ -77,11 +77,19 @@ def encode(message: msgspec.Struct) -> bytes:
 
 
 def decode_request(frame: bytes) -> Request:
-    return _request_decoder.decode(frame)
+    return _decode(_request_decoder, frame)
 
 
 def decode_reply(frame: bytes) -> Reply:
-    return _reply_decoder.decode(frame)
+    return _decode(_reply_decoder, frame)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, frame: bytes):
+    """msgspec raises ``UnicodeDecodeError`` for a bad string inside a frame; report it like any bad frame."""
+    try:
+        return decoder.decode(frame)
+    except UnicodeDecodeError as e:
+        raise msgspec.DecodeError(f"invalid UTF-8 in frame: {e}") from None
 
 
 def decode_rank_info(frame: bytes) -> RankInfo:

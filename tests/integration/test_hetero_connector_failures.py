@@ -1,0 +1,123 @@
+"""Bad input against real engines: every failure is fast, named, leaks no blocks, and the servers stay up.
+
+One prefill (short lease) and two decodes: one on the same model, and one on a model with a
+different head size (an incompatible peer). Each bad request must fail on its own while the
+next good request still matches the monolithic output.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from vllm_hetero_pd.launch.cluster import LocalCluster
+from vllm_hetero_pd.launch.instance import InstanceSpec
+from vllm_hetero_pd.launch.request import RequestFailed, post_json, prefill_body
+from vllm_hetero_pd.testing.compare import TOLERANCE, compare, greedy_body, run_disaggregated
+from vllm_hetero_pd.testing.metrics import metric_sum, scrape
+from vllm_hetero_pd.testing.tiny_model import build_tiny_model
+
+LEASE_S = 4.0
+
+
+def hetero(role: str, extra: dict | None = None) -> dict:
+    return {"kv_connector": "HeteroNixlConnector", "kv_role": role, "kv_connector_extra_config": extra or {}}
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, tmp_path_factory):
+    other = str(build_tiny_model("llama-gqa-d64", "float32"))
+    specs = [InstanceSpec(role="prefill", model=tiny_model,
+                          kv_transfer_config=hetero("kv_producer", {"lease_s": LEASE_S, "heartbeat_s": 1.0})),
+             InstanceSpec(role="decode", model=tiny_model, kv_transfer_config=hetero("kv_consumer")),
+             InstanceSpec(role="decode", model=other, kv_transfer_config=hetero("kv_consumer"))]
+    with LocalCluster(specs, tmp_path_factory.mktemp("logs")) as running:
+        yield running
+
+
+def kv_usage(url: str) -> float:
+    return metric_sum(scrape(url), "vllm:kv_cache_usage_perc")
+
+
+def prefilled(prefill_url: str, prompt: list[int], request_id: str) -> dict:
+    answer = post_json(prefill_url + "/v1/completions", prefill_body(greedy_body(prompt)), request_id, 120)
+    return answer["kv_transfer_params"]
+
+
+def decode_fails(decode_url: str, prompt: list[int], params: dict) -> str:
+    """Send a decode request that must fail; return what the client was told."""
+    with pytest.raises(RequestFailed) as err:
+        post_json(decode_url + "/v1/completions", {**greedy_body(prompt), "kv_transfer_params": params}, "bad", 60)
+    return err.value.body
+
+
+def wait_until(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return predicate()
+
+
+def log_of(cluster, index: int) -> str:
+    return cluster.instances[index].log_path.read_text(errors="replace")
+
+
+BAD_PARAMS = {
+    "wrong types": lambda p: {**p, "remote_block_ids": "all of them", "remote_port": "x"},
+    "missing fields": lambda p: {"do_remote_prefill": True},
+    "unknown engine id": lambda p: {**p, "remote_engine_id": "no-such-engine"},
+    "foreign block ids": lambda p: {**p, "remote_block_ids": [b + 1 for b in p["remote_block_ids"]]},
+    "out-of-range block ids": lambda p: {**p, "remote_block_ids": [10**7 + b for b in p["remote_block_ids"]]},
+    "unreachable side channel": lambda p: {**p, "remote_port": 1},
+}
+EXPECTED_LOG = {
+    "wrong types": "malformed kv_transfer_params",
+    "missing fields": "malformed kv_transfer_params",
+    "unknown engine id": "belongs to engine",
+    "foreign block ids": "are not leased to request",
+    "out-of-range block ids": "outside the prefill's",
+    "unreachable side channel": "unreachable or timed out",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PARAMS))
+def test_bad_transfer_params_fail_cleanly(case, cluster, prompts):
+    prefill, decode, _ = cluster.instances
+    params = prefilled(prefill.url, prompts[0], f"bad-{case}")
+    start = time.monotonic()
+    decode_fails(decode.url, prompts[0], BAD_PARAMS[case](params))
+    assert time.monotonic() - start < 30, "a bad request must fail fast"
+    assert EXPECTED_LOG[case] in log_of(cluster, 1)
+    assert decode.is_healthy()
+    # nothing leaks: the decode's blocks are free again; the prefill's after release or lease expiry
+    assert wait_until(lambda: kv_usage(decode.url) == 0.0, 10), kv_usage(decode.url)
+    assert wait_until(lambda: kv_usage(prefill.url) == 0.0, LEASE_S + 10), kv_usage(prefill.url)
+
+
+def test_expired_lease_is_refused_and_blocks_are_freed(cluster, prompts):
+    """A decode that comes too late (or died) must not read reused blocks; the prefill frees them."""
+    prefill, decode, _ = cluster.instances
+    params = prefilled(prefill.url, prompts[1], "late")
+    assert kv_usage(prefill.url) > 0
+    assert wait_until(lambda: kv_usage(prefill.url) == 0.0, LEASE_S + 10), "prefill kept blocks past the lease"
+    decode_fails(decode.url, prompts[1], params)
+    assert "lease expired" in log_of(cluster, 1)
+    assert wait_until(lambda: kv_usage(decode.url) == 0.0, 10)
+
+
+def test_incompatible_peer_names_the_field(cluster, prompts):
+    prefill, _, other = cluster.instances
+    params = prefilled(prefill.url, prompts[0], "incompatible")
+    decode_fails(other.url, prompts[0], params)
+    assert "head_size differs: source 32 vs destination 64" in log_of(cluster, 2)
+    assert other.is_healthy()
+    assert wait_until(lambda: kv_usage(prefill.url) == 0.0, LEASE_S + 10)
+
+
+def test_servers_still_serve_correctly_afterwards(cluster, prompts, reference):
+    prefill, decode, _ = cluster.instances
+    got = run_disaggregated(prefill.url, decode.url, prompts[:2])
+    assert compare(reference[:2], got, TOLERANCE["float32"]) == []
