@@ -1,0 +1,32 @@
+"""``vllm-hetero-pd bench <name>``: every benchmark behind one subcommand.
+
+Each benchmark lives next to the code it measures and reports ratios against a baseline it
+measures in the same run (memcpy, a direct backend call, raw NIXL, upstream NixlConnector).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "shim": ("vllm_hetero_pd.shim.bench", "format translation GB/s per format pair vs torch copy"),
+    "router": ("vllm_hetero_pd.router.bench", "router overhead vs calling the backends directly"),
+    "planner": ("vllm_hetero_pd.planner.bench", "planner search time on a large catalog"),
+    "e2e": ("vllm_hetero_pd.launch.bench_e2e", "TTFT/TPOT: monolithic vs upstream NixlConnector vs ours"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    argv = sys.argv[1:]
+    chosen = argv[argv.index("bench") + 1] if "bench" in argv[:-1] else None
+    for name, (module, help_text) in BENCHMARKS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(sp)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(BENCHMARKS[args.benchmark][0]).run(args) or 0)
