@@ -12,7 +12,8 @@ Roofline with efficiency factors (planner-anchors sec. 8):
 * a decode instance's batch follows Little's law, ``batch = rate x OSL x TPOT(batch)``, with Poisson
   fluctuations (``queueing``); its capacity is the largest rate whose batch quantile keeps TPOT within
   the SLO and the KV within memory;
-* a colocated instance runs both, prefill first: decode progresses only in the time prefill leaves.
+* a colocated instance runs both, prefill first: decode progresses only in the time prefill
+  compute leaves (prefill shares each forward's fixed overhead with the decodes).
 
 All functions are pure: data in, numbers out.
 """
@@ -241,14 +242,15 @@ def colocated_latency(model: ModelSpec, device: Device, tp: int, workload: Workl
     """(TTFT, TPOT) quantiles of an instance that runs both phases at ``rate``.
 
     Prefill goes first (vLLM schedules waiting prefills into every step's token budget), so it
-    sees an M/D/1 queue of its own; decode progresses in the remaining ``1 - rho`` of the time,
-    which stretches every step by ``1 / (1 - rho)``.
+    sees an M/D/1 queue of its own. Decode progresses in the time prefill compute leaves: the
+    prefill tokens ride in the same forward passes as the decodes, so only their marginal time
+    (prefill minus its fixed per-forward overhead) stretches every step by ``1 / (1 - rho)``.
     """
     service = prefill_s(model, device, tp, workload.isl)
-    rho = rate * service
-    if rho >= 1:
+    if rate * service >= 1:
         return math.inf, math.inf
     ttft = md1_wait_quantile(rate, service, q) + service
+    rho = rate * (service - device.prefill_overhead_s)
     return ttft, decode_tpot_s(model, device, tp, workload, rate, q, slowdown=1 / (1 - rho))
 
 
@@ -269,7 +271,8 @@ def colocated_capacity(model: ModelSpec, device: Device, tp: int, workload: Work
 
     def meets(rate: float) -> bool:
         ttft, tpot = colocated_latency(model, device, tp, workload, rate, slo.quantile)
-        batch = decode_batch(model, device, tp, workload, rate, 1 / (1 - rate * service))
+        slowdown = 1 / (1 - rate * (service - device.prefill_overhead_s))
+        batch = decode_batch(model, device, tp, workload, rate, slowdown)
         return ttft <= slo.ttft_s and tpot <= slo.tpot_s and poisson_quantile(batch, slo.quantile) <= by_memory
 
     service = prefill_s(model, device, tp, workload.isl)

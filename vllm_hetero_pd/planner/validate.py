@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import statistics
@@ -32,22 +33,26 @@ DEFAULT_POINTS = "128:32:1,512:32:1,256:64:2,1024:16:0.5"
 
 
 class Point(msgspec.Struct, frozen=True, kw_only=True):
+    """One (ISL, OSL, rate) point: per round, the measured medians and those predicted by that
+    round's own calibration."""
+
     isl: int
     osl: int
     rate: float
     num_requests: int
-    measured_ttft_p50_s: float
-    measured_tpot_p50_s: float
-    predicted_ttft_p50_s: float
-    predicted_tpot_p50_s: float
+    measured_ttft_p50_s: list[float]
+    measured_tpot_p50_s: list[float]
+    predicted_ttft_p50_s: list[float]
+    predicted_tpot_p50_s: list[float]
 
-    @property
-    def ttft_error(self) -> float:
-        return self.predicted_ttft_p50_s / self.measured_ttft_p50_s - 1
+    def errors(self) -> list[float]:
+        """Relative prediction errors, TTFT and TPOT, every round."""
+        return [p / m - 1 for p, m in zip(self.predicted_ttft_p50_s + self.predicted_tpot_p50_s,
+                                          self.measured_ttft_p50_s + self.measured_tpot_p50_s)]
 
-    @property
-    def tpot_error(self) -> float:
-        return self.predicted_tpot_p50_s / self.measured_tpot_p50_s - 1
+    def noise(self) -> list[float]:
+        """How far the same measurement moved between rounds (max/min - 1), TTFT and TPOT."""
+        return [max(xs) / min(xs) - 1 for xs in (self.measured_ttft_p50_s, self.measured_tpot_p50_s)]
 
 
 async def measure_point(url: str, isl: int, osl: int, rate: float, num_requests: int, vocab_size: int,
@@ -73,31 +78,54 @@ async def measure_point(url: str, isl: int, osl: int, rate: float, num_requests:
 
 
 def validate(url: str, model_path: str, points: list[tuple[int, int, float]], num_requests: int,
-             out_dir: Path) -> list[Point]:
+             num_rounds: int, out_dir: Path) -> list[Point]:
+    """``num_rounds`` x (calibrate, then measure every point); predictions use the same round's fit.
+
+    Repeating the whole procedure shows how much the host itself moves the numbers: on a shared
+    machine that noise floor can exceed the model's error, and the table should say so.
+    """
     model = load_model(model_path, weight_dtype="bf16")
-    device, report, prefill, decode = calibrate(url, model, "CPU", "CPU-calibrated", 1, [],
-                                                [32, 128, 256, 512, 1024], 5, [1, 2, 4, 8, 16], [64, 512], 64)
-    (out_dir / "cpu-calibrated.yaml").write_bytes(msgspec.yaml.encode(CatalogFile(devices=[device])))
-    (out_dir / "calibration-samples.json").write_bytes(msgspec.json.encode({"prefill": prefill, "decode": decode,
-                                                                            "fit": report}))
-    print(f"fit RMS error: prefill {report.prefill_rms_rel_error:.1%}, decode {report.decode_rms_rel_error:.1%}",
-          flush=True)
-    results = []
-    for i, (isl, osl, rate) in enumerate(points):
-        ttft, tpot = asyncio.run(measure_point(url, isl, osl, rate, num_requests, model.vocab_size, seed=100 + i))
-        workload = Workload(isl=isl, osl=osl, rate=rate)
-        pred_ttft, pred_tpot = perf.colocated_latency(model, device, 1, workload, rate, 0.5)
-        results.append(Point(isl=isl, osl=osl, rate=rate, num_requests=num_requests, measured_ttft_p50_s=ttft,
-                             measured_tpot_p50_s=tpot, predicted_ttft_p50_s=pred_ttft,
-                             predicted_tpot_p50_s=pred_tpot))
-        print(_row(results[-1]), flush=True)
-    return results
+    rows: dict[tuple[int, int, float], dict[str, list[float]]] = {p: {} for p in points}
+    for r in range(num_rounds):
+        device, report, prefill, decode = calibrate(url, model, "CPU", "CPU-calibrated", 1, [],
+                                                    [32, 128, 256, 512, 1024], 5, [1, 2, 4, 8, 16], [64, 512], 64)
+        (out_dir / f"cpu-calibrated-{r}.yaml").write_bytes(msgspec.yaml.encode(CatalogFile(devices=[device])))
+        (out_dir / f"calibration-samples-{r}.json").write_bytes(msgspec.json.encode(
+            {"prefill": prefill, "decode": decode, "fit": report}))
+        print(f"round {r}: fit RMS error prefill {report.prefill_rms_rel_error:.1%}, "
+              f"decode {report.decode_rms_rel_error:.1%}", flush=True)
+        for i, (isl, osl, rate) in enumerate(points):
+            ttft, tpot = asyncio.run(measure_point(url, isl, osl, rate, num_requests, model.vocab_size,
+                                                   seed=100 + i + 1000 * r))
+            pred_ttft, pred_tpot = perf.colocated_latency(model, device, 1, Workload(isl=isl, osl=osl, rate=rate),
+                                                          rate, 0.5)
+            row = rows[(isl, osl, rate)]
+            for key, value in (("mt", ttft), ("mp", tpot), ("pt", pred_ttft), ("pp", pred_tpot)):
+                row.setdefault(key, []).append(value)
+            print(f"  ISL {isl} OSL {osl} rate {rate:g}: TTFT {ttft * 1e3:.1f} ms (predicted {pred_ttft * 1e3:.1f}), "
+                  f"TPOT {tpot * 1e3:.2f} ms (predicted {pred_tpot * 1e3:.2f})", flush=True)
+    return [Point(isl=isl, osl=osl, rate=rate, num_requests=num_requests, measured_ttft_p50_s=row["mt"],
+                  measured_tpot_p50_s=row["mp"], predicted_ttft_p50_s=row["pt"], predicted_tpot_p50_s=row["pp"])
+            for (isl, osl, rate), row in rows.items()]
 
 
-def _row(p: Point) -> str:
-    return (f"ISL {p.isl:5d} OSL {p.osl:4d} rate {p.rate:4.1f}/s | TTFT p50 measured {p.measured_ttft_p50_s * 1e3:7.1f} ms "
-            f"predicted {p.predicted_ttft_p50_s * 1e3:7.1f} ms ({p.ttft_error:+.0%}) | TPOT p50 measured "
-            f"{p.measured_tpot_p50_s * 1e3:6.1f} ms predicted {p.predicted_tpot_p50_s * 1e3:6.1f} ms ({p.tpot_error:+.0%})")
+def table(points: list[Point]) -> str:
+    """Markdown error table: per point, measured and predicted medians per round, error, noise."""
+    def ms(xs: list[float]) -> str:
+        return " / ".join("inf" if math.isinf(x) else f"{x * 1e3:.1f}" for x in xs)
+
+    def pct(xs: list[float]) -> str:
+        return " / ".join("inf" if math.isinf(x) else f"{x:+.0%}" for x in xs)
+
+    lines = ["| ISL | OSL | rate | TTFT p50 measured (ms) | predicted | error | TPOT p50 measured (ms) | predicted | "
+             "error | round-to-round spread TTFT, TPOT |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        n = len(p.measured_ttft_p50_s)
+        errs = p.errors()
+        lines.append(f"| {p.isl} | {p.osl} | {p.rate:g} | {ms(p.measured_ttft_p50_s)} | {ms(p.predicted_ttft_p50_s)} | "
+                     f"{pct(errs[:n])} | {ms(p.measured_tpot_p50_s)} | {ms(p.predicted_tpot_p50_s)} | "
+                     f"{pct(errs[n:])} | {pct(p.noise())} |")
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model dir served at --url (default: the tiny model)")
     parser.add_argument("--points", default=DEFAULT_POINTS, help="ISL:OSL:RATE list")
     parser.add_argument("--requests", type=int, default=30, help="requests per point")
+    parser.add_argument("--rounds", type=int, default=2, help="calibrate+measure repetitions (shows host noise)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the fitted catalog and results")
 
 
@@ -113,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="planner-validate-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.url:
-        results = validate(args.url, args.model, points, args.requests, out_dir)
+        results = validate(args.url, args.model, points, args.requests, args.rounds, out_dir)
     else:
         from vllm_hetero_pd.launch.cluster import LocalCluster
         from vllm_hetero_pd.launch.instance import InstanceSpec
@@ -126,10 +155,14 @@ def run(args: argparse.Namespace) -> int:
             client_cores = set(os.sched_getaffinity(0)) - engine_cores
             if client_cores:  # keep the load generator off the engine's core
                 os.sched_setaffinity(0, client_cores)
-            results = validate(cluster.instances[0].url, str(model_dir), points, args.requests, out_dir)
+            results = validate(cluster.instances[0].url, str(model_dir), points, args.requests, args.rounds,
+                                   out_dir)
     (out_dir / "validation.json").write_bytes(msgspec.json.encode(results))
-    errors = [abs(e) for p in results for e in (p.ttft_error, p.tpot_error)]
-    print(f"mean |error| {statistics.mean(errors):.1%}, max {max(errors):.1%}; results in {out_dir}")
+    print(table(results))
+    finite = [abs(e) for p in results for e in p.errors() if not math.isinf(e)]
+    noise = [e for p in results for e in p.noise()]
+    print(f"median |error| {statistics.median(finite):.0%} over {len(finite)} finite predictions; "
+          f"median round-to-round spread {statistics.median(noise):.0%}; results in {out_dir}")
     return 0
 
 
