@@ -9,6 +9,8 @@ the prefill's export area, in the exact byte layout of that backend (see formats
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 
 from vllm_hetero_pd.launch.cluster import LocalCluster
@@ -16,13 +18,24 @@ from vllm_hetero_pd.launch.instance import InstanceSpec
 from vllm_hetero_pd.testing.compare import TOLERANCE, compare, run_disaggregated
 from vllm_hetero_pd.testing.metrics import metric_sum, prompt_tokens_by_source, scrape
 
+class Config(NamedTuple):
+    prefill_bs: int = 128
+    prefill_extra: dict = {}
+    decode_bs: int = 128
+    prefill_tp: int = 1
+    decode_tp: int = 1
+
+
 CONFIGS = {
-    # name: (prefill block size, prefill extra config, decode block size)
-    "same-format-bs128": (128, {}, 128),
-    "bs32-to-bs128": (32, {}, 128),
-    "bs128-to-bs32": (128, {}, 32),
-    "cuda-flash-attn-LBNHC-bs16-to-cpu": (128, {"export_format": "cuda/flash_attn/C/LBNHC", "export_block_size": 16}, 128),
-    "gaudi-hpu-bs128-to-cpu": (128, {"export_format": "hpu/gaudi", "export_block_size": 128}, 128),
+    "same-format-bs128": Config(),
+    "bs32-to-bs128": Config(prefill_bs=32),
+    "bs128-to-bs32": Config(decode_bs=32),
+    "cuda-flash-attn-LBNHC-bs16-to-cpu": Config(prefill_extra={"export_format": "cuda/flash_attn/C/LBNHC",
+                                                               "export_block_size": 16}),
+    "gaudi-hpu-bs128-to-cpu": Config(prefill_extra={"export_format": "hpu/gaudi", "export_block_size": 128}),
+    # real TP on both sides (two TP ranks share this machine's two cores)
+    "tp1-to-tp2": Config(decode_tp=2),
+    "tp2-to-tp1-bs32-to-bs128": Config(prefill_bs=32, prefill_tp=2),
 }
 
 
@@ -30,17 +43,17 @@ def hetero(role: str, extra: dict) -> dict:
     return {"kv_connector": "HeteroNixlConnector", "kv_role": role, "kv_connector_extra_config": extra}
 
 
-def pd_specs(model: str, prefill_bs: int, prefill_extra: dict, decode_bs: int, decode_extra: dict | None = None):
-    return [InstanceSpec(role="prefill", model=model, block_size=prefill_bs,
-                         kv_transfer_config=hetero("kv_producer", prefill_extra)),
-            InstanceSpec(role="decode", model=model, block_size=decode_bs,
+def pd_specs(model: str, config: Config, decode_extra: dict | None = None) -> list[InstanceSpec]:
+    return [InstanceSpec(role="prefill", model=model, block_size=config.prefill_bs,
+                         tensor_parallel_size=config.prefill_tp,
+                         kv_transfer_config=hetero("kv_producer", config.prefill_extra)),
+            InstanceSpec(role="decode", model=model, block_size=config.decode_bs, tensor_parallel_size=config.decode_tp,
                          kv_transfer_config=hetero("kv_consumer", decode_extra or {}))]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_disaggregated_output_equals_monolithic(name, tiny_model, prompts, reference, log_dir):
-    prefill_bs, prefill_extra, decode_bs = CONFIGS[name]
-    with LocalCluster(pd_specs(tiny_model, prefill_bs, prefill_extra, decode_bs), log_dir) as cluster:
+    with LocalCluster(pd_specs(tiny_model, CONFIGS[name]), log_dir) as cluster:
         prefill, decode = cluster.instances
         got = run_disaggregated(prefill.url, decode.url, prompts)
         on_decode = prompt_tokens_by_source(decode.url)
@@ -49,7 +62,8 @@ def test_disaggregated_output_equals_monolithic(name, tiny_model, prompts, refer
     total = sum(len(p) for p in prompts)
     assert on_decode["local_compute"] <= len(prompts), on_decode
     assert on_decode["external_kv_transfer"] >= total - len(prompts), on_decode
-    assert metric_sum(samples, "vllm:hetero_pd_transfer_seconds_count") == len(prompts)
+    # one load per request per decode TP rank
+    assert metric_sum(samples, "vllm:hetero_pd_transfer_seconds_count") == len(prompts) * CONFIGS[name].decode_tp
     assert metric_sum(samples, "vllm:hetero_pd_failed_loads_total") == 0
     translated = metric_sum(samples, "vllm:hetero_pd_translate_seconds_sum") > 0
     assert translated == (name != "same-format-bs128"), "the fast path must skip the shim, and only it"
@@ -57,7 +71,7 @@ def test_disaggregated_output_equals_monolithic(name, tiny_model, prompts, refer
 
 def test_corrupted_transfer_is_caught(tiny_model, prompts, reference, log_dir):
     """Negative control: the same comparison fails when one transferred block is scrambled."""
-    specs = pd_specs(tiny_model, 128, {}, 128, {"debug_corrupt_transfers": True})
+    specs = pd_specs(tiny_model, Config(), {"debug_corrupt_transfers": True})
     with LocalCluster(specs, log_dir) as cluster:
         prefill, decode = cluster.instances
         got = run_disaggregated(prefill.url, decode.url, prompts[:3])

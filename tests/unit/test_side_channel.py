@@ -33,11 +33,15 @@ def test_lease_pin_extends_and_expiry_frees():
         table.pin("r1", [1])
 
 
-def test_release_frees_once():
+def test_release_frees_once_after_every_reader():
     table = LeaseTable(lease_s=10)
     table.add("r", [0])
-    table.release("r")
-    table.release("r")
+    table.release("r", "decode-tp0", 2)
+    table.release("r", "decode-tp0", 2)  # a repeated release from the same rank does not count twice
+    assert table.take_freed() == []
+    assert table.pin("r", [0]) > 0  # the other rank may still read
+    table.release("r", "decode-tp1", 2)
+    table.release("r", "decode-tp1", 2)
     assert table.take_freed() == ["r"] and table.take_freed() == []
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ class LeaseError(LookupError):
 class Lease:
     block_ids: frozenset[int]
     deadline: float
+    readers_done: set[str] = field(default_factory=set)
 
 
 class LeaseTable:
@@ -52,9 +53,16 @@ class LeaseTable:
             lease.deadline = max(lease.deadline, now + self.lease_s)
             return lease.deadline - now
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: str, reader: str, num_readers: int) -> None:
+        """``reader`` is done. Blocks are freed once all ``num_readers`` decode ranks are done: with
+        TP on the decode side several ranks read the same prefill blocks."""
         with self._lock:
-            if self._leases.pop(request_id, None) is not None:
+            lease = self._leases.get(request_id)
+            if lease is None:
+                return
+            lease.readers_done.add(reader)
+            if len(lease.readers_done) >= num_readers:
+                del self._leases[request_id]
                 self._freed.append(request_id)
 
     def take_freed(self) -> list[str]:

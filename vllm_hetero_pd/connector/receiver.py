@@ -98,8 +98,9 @@ class Transfer:
 
 
 class Receiver:
-    def __init__(self, agent: NixlAgent, config: ConnectorConfig, local: LocalCache):
+    def __init__(self, agent: NixlAgent, config: ConnectorConfig, local: LocalCache, num_ranks: int):
         self.agent, self.config, self.local = agent, config, local
+        self.num_ranks = num_ranks  # every decode rank reads and releases each request
         self.remotes: dict[str, RemoteEngine] = {}
         self.active: dict[str, Transfer] = {}
         self.done: set[str] = set()
@@ -299,7 +300,8 @@ class Receiver:
     def _release(self, params: wire.TransferParams) -> None:
         try:
             side_channel.call(params.remote_host, params.remote_port,
-                              wire.ReleaseRequest(request_id=params.remote_request_id),
+                              wire.ReleaseRequest(request_id=params.remote_request_id, reader=self.agent.name,
+                                                  num_readers=self.num_ranks),
                               self.config.handshake_timeout_s)
         except side_channel.SideChannelError as e:
             logger.warning("could not release request %s on its prefill (its lease will expire): %s",

@@ -65,7 +65,7 @@ class ConnectorScheduler:
         try:
             if isinstance(request, wire.PinRequest):
                 return wire.PinReply(remaining_s=self.leases.pin(request.request_id, request.block_ids))
-            self.leases.release(request.request_id)
+            self.leases.release(request.request_id, request.reader, request.num_readers)
             return wire.Ack()
         except LeaseError as e:
             return wire.Error(message=str(e))

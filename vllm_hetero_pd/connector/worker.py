@@ -64,7 +64,8 @@ class ConnectorWorker:
             exposed, exposed_addrs = self.export.format, self.export.layer_addrs
             block_layout(exposed)  # refuse at start-up a format that NIXL cannot read per block
         if self.is_consumer:
-            self.receiver = Receiver(self.agent, self.config, self.local)
+            self.receiver = Receiver(self.agent, self.config, self.local,
+                                     self.vllm_config.parallel_config.tensor_parallel_size)
         self.rank_info = wire.RankInfo(tp_rank=self.tp_rank, agent_name=self.agent.name,
                                        agent_metadata=self.agent.metadata(), format=exposed,
                                        layer_addrs=exposed_addrs, mem_type=mem_type)

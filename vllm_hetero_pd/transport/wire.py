@@ -51,9 +51,11 @@ class PinReply(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class ReleaseRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """The reader is done (or gave up): the prefill may free the request's blocks now."""
+    """One reader is done (or gave up); the prefill frees the blocks when all readers are."""
 
     request_id: str
+    reader: str = ""  # the decode rank's NIXL agent name
+    num_readers: int = 1  # decode ranks that read this request (the decode's TP size)
 
 
 class Ack(msgspec.Struct, frozen=True, kw_only=True, tag=True):
