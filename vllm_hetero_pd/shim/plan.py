@@ -78,6 +78,7 @@ class TranslationPlan:
     src_maps: dict[tuple[int, Side], AxisMap]
     dst_maps: dict[tuple[int, Side], AxisMap]  # keyed by source index too: dim refinement is per pair
     conversion: dict[Side, Conversion]
+    token_cuts: tuple[int, ...]  # token counts where some side changes stride; see _token_cuts
 
     @property
     def is_identity(self) -> bool:
@@ -97,15 +98,16 @@ class TranslationPlan:
         dst_bs = self.dst.block_size
         _check_ids("src", src_block_ids, src_bs, start, stop, self.src_formats[0])
         _check_ids("dst", dst_block_ids, dst_bs, start, stop, self.dst)
+        cuts = self.token_cuts
         out: list[Copy] = []
         for a, b in _runs(start, stop, src_block_ids, src_bs, dst_block_ids, dst_bs):
-            for p, level, count in _pieces(a, b, self.token_cuts):
-                grid = (count, *(hi // lo for lo, hi in reversed(list(zip(self.token_cuts, self.token_cuts[1:level + 1])))))
+            for p, level, count in _pieces(a, b, cuts):
+                grid = (count, *(hi // lo for lo, hi in reversed(list(zip(cuts, cuts[1 : level + 1])))))
                 for run in self.heads:
                     for side in self.sides:
                         sm, dm = self.src_maps[run.src, side], self.dst_maps[run.src, side]
-                        s_off, s_str = _place(sm, p, level, self.token_cuts, src_block_ids, src_bs)
-                        d_off, d_str = _place(dm, p, level, self.token_cuts, dst_block_ids, dst_bs)
+                        s_off, s_str = _place(sm, p, level, cuts, src_block_ids, src_bs)
+                        d_off, d_str = _place(dm, p, level, cuts, dst_block_ids, dst_bs)
                         out.append(
                             Copy(
                                 src=run.src,
@@ -118,23 +120,6 @@ class TranslationPlan:
                             )
                         )
         return out
-
-    @property
-    def token_cuts(self) -> tuple[int, ...]:
-        """Token counts at which some side changes stride (1, token tiles, block sizes), ascending.
-
-        Every copy is a grid over these levels, so each of its dims has one stride on both sides.
-        """
-        formats = (*self.src_formats, self.dst)
-        cuts = {1, *(f.block_size for f in formats)}
-        for fmt in formats:
-            for side in self.sides:
-                cuts |= _breaks(fmt.factors(side)["N"])
-        ordered = sorted(cuts)
-        if any(hi % lo for lo, hi in zip(ordered, ordered[1:])):
-            raise LayoutError(f"block sizes and token tiles {ordered} do not nest; no common grid")
-        return tuple(ordered)
-
 
 def plan(src_formats: Sequence[KVFormat], dst: KVFormat) -> TranslationPlan:
     """Compile a translation from the listed source ranks into one destination rank.
@@ -161,7 +146,8 @@ def plan(src_formats: Sequence[KVFormat], dst: KVFormat) -> TranslationPlan:
             src_maps[i, side] = _axis_map(src, side, sf, dims)
             dst_maps[i, side] = _axis_map(dst, side, df, dims)
     conversion = {side: _conversion(src_formats, dst, side) for side in sides}
-    return TranslationPlan(src_formats, dst, heads, sides, src_maps, dst_maps, conversion)
+    cuts = _token_cuts((*src_formats, dst), sides)
+    return TranslationPlan(src_formats, dst, heads, sides, src_maps, dst_maps, conversion, cuts)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -179,6 +165,21 @@ def _head_runs(src_formats: tuple[KVFormat, ...], dst: KVFormat) -> tuple[HeadRu
         else:
             runs.append(HeadRun(owner, src_local, dst_local, 1))
     return tuple(runs)
+
+
+def _token_cuts(formats: tuple[KVFormat, ...], sides: tuple[Side, ...]) -> tuple[int, ...]:
+    """Token counts at which some side changes stride (1, token tiles, block sizes), ascending.
+
+    Every copy is a grid over these levels, so each of its dims has one stride on both sides.
+    """
+    cuts = {1, *(f.block_size for f in formats)}
+    for fmt in formats:
+        for side in sides:
+            cuts |= _breaks(fmt.factors(side)["N"])
+    ordered = sorted(cuts)
+    if any(hi % lo for lo, hi in zip(ordered, ordered[1:])):
+        raise LayoutError(f"block sizes and token tiles {ordered} do not nest; no common grid")
+    return tuple(ordered)
 
 
 def _single(fmt: KVFormat, side: Side, factors: dict[str, Factors], axis: str) -> int:

@@ -30,19 +30,21 @@ KVBuffers = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Sequence | Mappin
 
 @dataclass(frozen=True, slots=True)
 class Layers:
-    """Where each layer of one K or V part starts: a flat storage view and element offsets."""
+    """Where each layer of one K or V part starts: a flat storage view and element offsets.
+
+    ``uniform_stride`` is the layer stride when every layer lives in one storage at evenly
+    spaced offsets (then one copy moves all layers), else ``None``.
+    """
 
     flats: tuple[torch.Tensor, ...]  # one per layer (the same object when layers share storage)
     offsets: tuple[int, ...]
+    uniform_stride: int | None
 
-    @property
-    def uniform_stride(self) -> int | None:
-        """Layer stride when every layer lives in one storage at evenly spaced offsets."""
-        if len(self.offsets) == 1:
-            return 0
-        same = all(f is self.flats[0] for f in self.flats)
-        steps = {b - a for a, b in zip(self.offsets, self.offsets[1:])}
-        return steps.pop() if same and len(steps) == 1 else None
+
+def _layers(flats: list[torch.Tensor], offsets: list[int]) -> Layers:
+    steps = {b - a for a, b in zip(offsets, offsets[1:])} or {0}
+    same = all(f is flats[0] for f in flats)
+    return Layers(tuple(flats), tuple(offsets), steps.pop() if same and len(steps) == 1 else None)
 
 
 def translate(
@@ -97,7 +99,7 @@ def layers(buffers: KVBuffers, fmt: KVFormat, side: Side) -> Layers:
         whole = buffers if isinstance(buffers, torch.Tensor) else buffers[part]
         flat, base = _flat(whole, dtype, _span(fmt, side, whole_cache=True), fmt)
         stride = fmt.factors(side)["L"][0][1]
-        return Layers((flat,) * fmt.num_layers, tuple(base + l * stride for l in range(fmt.num_layers)))
+        return _layers([flat] * fmt.num_layers, [base + l * stride for l in range(fmt.num_layers)])
     if len(buffers) != fmt.num_layers:
         raise LayoutError(f"{fmt.name or 'format'}: got {len(buffers)} layer buffers for {fmt.num_layers} layers")
     flats, offsets, storages = [], [], {}
@@ -111,7 +113,7 @@ def layers(buffers: KVBuffers, fmt: KVFormat, side: Side) -> Layers:
         storages[key] = flat
         flats.append(flat)
         offsets.append(offset)
-    return Layers(tuple(flats), tuple(offsets))
+    return _layers(flats, offsets)
 
 
 def _span(fmt: KVFormat, side: Side, whole_cache: bool) -> int:
