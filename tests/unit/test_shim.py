@@ -87,7 +87,7 @@ def _run(case: dict, dtype: str = "bfloat16", k=None, v=None):
     return k, v, out
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(translation_cases())
 def test_any_layout_pair_translates_bit_exactly(case):
     k, v, out = _run(case)

@@ -74,6 +74,32 @@ def _ids(count: int, consecutive: bool, rng: random.Random) -> list[int]:
     return ids
 
 
+def _measure(args: argparse.Namespace, device: torch.device, rng: random.Random, pair: tuple) -> tuple[int, float, float]:
+    """Bytes moved, shim seconds and plain-copy seconds for one pair (buffers freed on return)."""
+    src_name, src_bs, dst_name, dst_bs, dtypes = pair
+    src_dtype, dst_dtype = DTYPES[dtypes]
+    geometry = dict(num_layers=args.layers, num_kv_heads=args.kv_heads, head_size=args.head_size)
+    src_blocks, dst_blocks = -(-args.tokens // src_bs), -(-args.tokens // dst_bs)
+    scales = (2.0,) * args.layers if dtypes == "fp8 fn->fnuz" else ()  # exact byte-remap case
+    src = preset(src_name).build(num_blocks=src_blocks, block_size=src_bs, dtype=src_dtype, **geometry)
+    dst = preset(dst_name).build(num_blocks=dst_blocks, block_size=dst_bs, dtype=dst_dtype, k_scales=scales,
+                                 v_scales=scales, **geometry)
+    src_buf, dst_buf = allocate(src, device), allocate(dst, device)
+    for t in src_buf if isinstance(src_buf, tuple) else (src_buf,):
+        t.view(torch.uint8).random_(0, 120)  # finite in every dtype
+    compiled = plan([src], dst)
+    src_ids, dst_ids = _ids(src_blocks, args.consecutive, rng), _ids(dst_blocks, args.consecutive, rng)
+    moved = args.tokens * args.layers * args.kv_heads * 2 * args.head_size * dst.element_bytes
+    a = torch.empty(moved, dtype=torch.uint8, device=device).random_()
+    b = torch.empty_like(a)
+
+    def shim() -> None:
+        translate(compiled, [src_buf], dst_buf, src_block_ids=src_ids, dst_block_ids=dst_ids, stop=args.tokens)
+
+    shim_s, copy_s = _median_pair_s(shim, lambda: b.copy_(a), device, args.repeat)
+    return moved, shim_s, copy_s
+
+
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if args.threads:
@@ -86,27 +112,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'#':>2}  {'source -> destination':<62} {'dtype':<13} {'MiB':>6} {'GB/s':>7} {'copy GB/s':>9} {'ratio':>6}")
     for row in rows:
         src_name, src_bs, dst_name, dst_bs, dtypes = PAIRS[row - 1]
-        src_dtype, dst_dtype = DTYPES[dtypes]
-        geometry = dict(num_layers=args.layers, num_kv_heads=args.kv_heads, head_size=args.head_size)
-        src_blocks, dst_blocks = -(-args.tokens // src_bs), -(-args.tokens // dst_bs)
-        src = preset(src_name).build(num_blocks=src_blocks, block_size=src_bs, dtype=src_dtype, **geometry)
-        dst = preset(dst_name).build(num_blocks=dst_blocks, block_size=dst_bs, dtype=dst_dtype, **geometry,
-                                     k_scales=(2.0,) * args.layers if dtypes == "fp8 fn->fnuz" else (),
-                                     v_scales=(2.0,) * args.layers if dtypes == "fp8 fn->fnuz" else ())
-        src_buf, dst_buf = allocate(src, device), allocate(dst, device)
-        for t in src_buf if isinstance(src_buf, tuple) else (src_buf,):
-            t.view(torch.uint8).random_(0, 120)  # finite in every dtype
-        compiled = plan([src], dst)
-        src_ids, dst_ids = _ids(src_blocks, args.consecutive, rng), _ids(dst_blocks, args.consecutive, rng)
-
-        def shim() -> None:
-            translate(compiled, [src_buf], dst_buf, src_block_ids=src_ids, dst_block_ids=dst_ids, stop=args.tokens)
-
-        moved = args.tokens * args.layers * args.kv_heads * 2 * args.head_size * dst.element_bytes
-        a = torch.empty(moved, dtype=torch.uint8, device=device).random_()
-        b = torch.empty_like(a)
-        shim_s, copy_s = _median_pair_s(shim, lambda: b.copy_(a), device, args.repeat)
-        del a, b, src_buf, dst_buf
+        moved, shim_s, copy_s = _measure(args, device, rng, PAIRS[row - 1])
         gbs, copy_gbs = moved / shim_s / 1e9, moved / copy_s / 1e9
         label = f"{src_name} bs{src_bs} -> {dst_name} bs{dst_bs}"
         print(f"{row:>2}  {label:<62} {dtypes:<13} {moved / 2**20:>6.0f} {gbs:>7.2f} {copy_gbs:>9.2f} {gbs / copy_gbs:>6.2f}")

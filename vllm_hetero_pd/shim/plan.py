@@ -121,6 +121,7 @@ class TranslationPlan:
                         )
         return out
 
+
 def plan(src_formats: Sequence[KVFormat], dst: KVFormat) -> TranslationPlan:
     """Compile a translation from the listed source ranks into one destination rank.
 
