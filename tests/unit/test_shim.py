@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from vllm_hetero_pd.formats import PRESETS, LayoutError, preset
 from vllm_hetero_pd.shim import allocate, decode, encode, plan, translate
+from vllm_hetero_pd.shim.fp8 import TORCH_DTYPES
 from vllm_hetero_pd.shim.plan import _pieces
 
 LAYOUT_PRESETS = sorted(n for n, p in PRESETS.items() if not p.mla)
@@ -187,3 +188,44 @@ def test_bad_input_is_named():
         plan([a.shard(0, 2)], b)
     with pytest.raises(LayoutError, match="head_size differs: source 32 vs destination 64"):
         plan([a], msgspec.structs.replace(b, head_size=64, head_size_v=64))
+
+
+FP8_PRESETS = ["cuda/flash_attn/C/LBNHC", "rocm-gfx942/triton_attn/C/LBHNC", "rocm-gfx950/aiter_fa/C/LHBNC",
+               "hpu/gaudi", "cpu/cpu_attn/vec", "rocm-gfx942/rocm_attn"]
+SCALES = [0.25, 0.5, 1.0, 2.0, 0.37]
+
+
+@settings(max_examples=60, deadline=None)
+@given(src=st.sampled_from(FP8_PRESETS), dst=st.sampled_from(FP8_PRESETS), src_fp8=st.booleans(),
+       dst_fp8=st.booleans(), src_scale=st.sampled_from(SCALES), dst_scale=st.sampled_from(SCALES),
+       tokens=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_fp8_pairs_stay_within_the_quantisation_bound(src, dst, src_fp8, dst_fp8, src_scale, dst_scale, tokens, seed):
+    """Real values survive any fp8/bf16 pair: bit-exact where the plan says "copy" or a lossless
+    remap applies, else within half an fp8 step (2^-4 relative, 2^-10 x scale absolute near
+    zero) when the destination is fp8, or bf16 rounding (2^-8 relative) when it is bf16. Values
+    stay below 200 x scale, so no saturation (and no fnuz +-240 code) is involved."""
+    torch.manual_seed(seed)
+    geometry = dict(num_layers=2, num_kv_heads=2, head_size=64, block_size=16)
+    a = preset(src).build(num_blocks=8, dtype="fp8" if src_fp8 else "bfloat16", k_scales=(src_scale,) * 2,
+                          v_scales=(src_scale,) * 2, **geometry)
+    b = preset(dst).build(num_blocks=8, dtype="fp8" if dst_fp8 else "bfloat16", k_scales=(dst_scale,) * 2,
+                          v_scales=(dst_scale,) * 2, **geometry)
+    limit = 200 * min(src_scale, dst_scale)  # inside every fp8 range at both scales: no saturation
+    real = (torch.rand(2, tokens, 2, 64) * 2 - 1) * limit
+    stored = (real / src_scale).to(TORCH_DTYPES[a.dtype]) if a.is_fp8 else real.to(torch.bfloat16)
+    src_real = stored.float() * (src_scale if a.is_fp8 else 1.0)
+    ids = [5, 2, 7, 0, 1][: -(-tokens // 16)]
+    buf, out = allocate(a), allocate(b)
+    encode(a, buf, ids, stored, stored)
+    p = plan([a], b)
+    translate(p, [buf], out, src_block_ids=ids, dst_block_ids=ids[::-1], stop=tokens)
+    k_out, v_out = decode(b, out, ids[::-1], tokens)
+    for got in (k_out, v_out):
+        got_real = got.float() * (dst_scale if b.is_fp8 else 1.0)
+        err = (got_real - src_real).abs()
+        if p.conversion["k"] in ("copy", "fn_to_fnuz", "fnuz_to_fn"):
+            assert torch.equal(got_real, src_real)
+        elif b.is_fp8:
+            assert (err <= src_real.abs() * 2.0**-4 + 2.0**-10 * dst_scale).all()
+        else:
+            assert (err <= src_real.abs() * 2.0**-8).all()
