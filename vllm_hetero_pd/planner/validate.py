@@ -25,7 +25,8 @@ import msgspec
 
 from vllm_hetero_pd.planner import perf
 from vllm_hetero_pd.planner.calibrate import _TIMEOUT, calibrate, complete, random_prompt, served_model
-from vllm_hetero_pd.planner.catalog import CatalogFile
+from vllm_hetero_pd.planner.catalog import CatalogFile, load_catalog
+from vllm_hetero_pd.planner.fit import fit_device
 from vllm_hetero_pd.planner.model import load_model
 from vllm_hetero_pd.planner.workload import Workload
 
@@ -34,7 +35,8 @@ DEFAULT_POINTS = "128:32:1,512:32:1,256:64:2,1024:16:0.5"
 
 class Point(msgspec.Struct, frozen=True, kw_only=True):
     """One (ISL, OSL, rate) point: per round, the measured medians and those predicted by that
-    round's own calibration."""
+    round's own calibration; ``pooled_*`` compare the median over rounds with a fit to all rounds'
+    calibration samples, so slow and quiet periods of a shared host weigh on both sides alike."""
 
     isl: int
     osl: int
@@ -44,6 +46,13 @@ class Point(msgspec.Struct, frozen=True, kw_only=True):
     measured_tpot_p50_s: list[float]
     predicted_ttft_p50_s: list[float]
     predicted_tpot_p50_s: list[float]
+    pooled_predicted_ttft_p50_s: float
+    pooled_predicted_tpot_p50_s: float
+
+    def pooled_errors(self) -> tuple[float, float]:
+        """(TTFT, TPOT) error of the pooled prediction against the median over rounds."""
+        return (self.pooled_predicted_ttft_p50_s / statistics.median(self.measured_ttft_p50_s) - 1,
+                self.pooled_predicted_tpot_p50_s / statistics.median(self.measured_tpot_p50_s) - 1)
 
     def errors(self) -> list[float]:
         """Relative prediction errors, TTFT and TPOT, every round."""
@@ -86,9 +95,12 @@ def validate(url: str, model_path: str, points: list[tuple[int, int, float]], nu
     """
     model = load_model(model_path, weight_dtype="bf16")
     rows: dict[tuple[int, int, float], dict[str, list[float]]] = {p: {} for p in points}
+    all_prefill, all_decode = [], []
     for r in range(num_rounds):
         device, report, prefill, decode = calibrate(url, model, "CPU", "CPU-calibrated", 1, [],
                                                     [32, 128, 256, 512, 1024], 5, [1, 2, 4, 8, 16], [64, 512], 64)
+        all_prefill += prefill
+        all_decode += decode
         (out_dir / f"cpu-calibrated-{r}.yaml").write_bytes(msgspec.yaml.encode(CatalogFile(devices=[device])))
         (out_dir / f"calibration-samples-{r}.json").write_bytes(msgspec.json.encode(
             {"prefill": prefill, "decode": decode, "fit": report}))
@@ -104,9 +116,17 @@ def validate(url: str, model_path: str, points: list[tuple[int, int, float]], nu
                 row.setdefault(key, []).append(value)
             print(f"  ISL {isl} OSL {osl} rate {rate:g}: TTFT {ttft * 1e3:.1f} ms (predicted {pred_ttft * 1e3:.1f}), "
                   f"TPOT {tpot * 1e3:.2f} ms (predicted {pred_tpot * 1e3:.2f})", flush=True)
-    return [Point(isl=isl, osl=osl, rate=rate, num_requests=num_requests, measured_ttft_p50_s=row["mt"],
-                  measured_tpot_p50_s=row["mp"], predicted_ttft_p50_s=row["pt"], predicted_tpot_p50_s=row["pp"])
-            for (isl, osl, rate), row in rows.items()]
+    pooled, report = fit_device(load_catalog().device("CPU"), model, 1, all_prefill, all_decode, "CPU-calibrated",
+                                f"{url} ({num_rounds} rounds pooled)")
+    (out_dir / "cpu-calibrated.yaml").write_bytes(msgspec.yaml.encode(CatalogFile(devices=[pooled])))
+    print(f"pooled fit RMS error prefill {report.prefill_rms_rel_error:.1%}, decode {report.decode_rms_rel_error:.1%}")
+    out = []
+    for (isl, osl, rate), row in rows.items():
+        ttft, tpot = perf.colocated_latency(model, pooled, 1, Workload(isl=isl, osl=osl, rate=rate), rate, 0.5)
+        out.append(Point(isl=isl, osl=osl, rate=rate, num_requests=num_requests, measured_ttft_p50_s=row["mt"],
+                         measured_tpot_p50_s=row["mp"], predicted_ttft_p50_s=row["pt"], predicted_tpot_p50_s=row["pp"],
+                         pooled_predicted_ttft_p50_s=ttft, pooled_predicted_tpot_p50_s=tpot))
+    return out
 
 
 def table(points: list[Point]) -> str:
@@ -118,13 +138,14 @@ def table(points: list[Point]) -> str:
         return " / ".join("inf" if math.isinf(x) else f"{x:+.0%}" for x in xs)
 
     lines = ["| ISL | OSL | rate | TTFT p50 measured (ms) | predicted | error | TPOT p50 measured (ms) | predicted | "
-             "error | round-to-round spread TTFT, TPOT |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "error | round-to-round spread TTFT, TPOT | pooled error TTFT, TPOT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         n = len(p.measured_ttft_p50_s)
         errs = p.errors()
         lines.append(f"| {p.isl} | {p.osl} | {p.rate:g} | {ms(p.measured_ttft_p50_s)} | {ms(p.predicted_ttft_p50_s)} | "
                      f"{pct(errs[:n])} | {ms(p.measured_tpot_p50_s)} | {ms(p.predicted_tpot_p50_s)} | "
-                     f"{pct(errs[n:])} | {pct(p.noise())} |")
+                     f"{pct(errs[n:])} | {pct(p.noise())} | {pct(list(p.pooled_errors()))} |")
     return "\n".join(lines)
 
 
@@ -133,7 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model dir served at --url (default: the tiny model)")
     parser.add_argument("--points", default=DEFAULT_POINTS, help="ISL:OSL:RATE list")
     parser.add_argument("--requests", type=int, default=30, help="requests per point")
-    parser.add_argument("--rounds", type=int, default=2, help="calibrate+measure repetitions (shows host noise)")
+    parser.add_argument("--rounds", type=int, default=3, help="calibrate+measure repetitions (shows host noise)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the fitted catalog and results")
 
 
@@ -160,9 +181,11 @@ def run(args: argparse.Namespace) -> int:
     (out_dir / "validation.json").write_bytes(msgspec.json.encode(results))
     print(table(results))
     finite = [abs(e) for p in results for e in p.errors() if not math.isinf(e)]
+    pooled = [abs(e) for p in results for e in p.pooled_errors() if not math.isinf(e)]
     noise = [e for p in results for e in p.noise()]
-    print(f"median |error| {statistics.median(finite):.0%} over {len(finite)} finite predictions; "
-          f"median round-to-round spread {statistics.median(noise):.0%}; results in {out_dir}")
+    print(f"median |error| per round {statistics.median(finite):.0%} ({len(finite)} finite predictions), pooled "
+          f"{statistics.median(pooled):.0%}; median round-to-round spread {statistics.median(noise):.0%}; "
+          f"results in {out_dir}")
     return 0
 
 
