@@ -1,8 +1,8 @@
 """Bad input against real engines: every failure is fast, named, leaks no blocks, and the servers stay up.
 
-One prefill (short lease) and two decodes: one on the same model, and one on a model with a
-different head size (an incompatible peer). Each bad request must fail on its own while the
-next good request still matches the monolithic output.
+Uses the session's ``hetero_cluster``: one prefill (short lease) and two decodes, one on the same
+model and one on a model with a different head size (an incompatible peer). Each bad request must
+fail on its own while the next good request still matches the monolithic output.
 """
 
 from __future__ import annotations
@@ -11,29 +11,18 @@ import time
 
 import pytest
 
-from vllm_hetero_pd.launch.cluster import LocalCluster
-from vllm_hetero_pd.launch.instance import InstanceSpec
 from vllm_hetero_pd.launch.request import RequestFailed, post_json, prefill_body
 from vllm_hetero_pd.testing.compare import TOLERANCE, compare, greedy_body, run_disaggregated
 from vllm_hetero_pd.testing.metrics import metric_sum, scrape
-from vllm_hetero_pd.testing.tiny_model import build_tiny_model
 
-LEASE_S = 4.0
-
-
-def hetero(role: str, extra: dict | None = None) -> dict:
-    return {"kv_connector": "HeteroNixlConnector", "kv_role": role, "kv_connector_extra_config": extra or {}}
+@pytest.fixture
+def cluster(hetero_cluster):
+    return hetero_cluster
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model, tmp_path_factory):
-    other = str(build_tiny_model("llama-gqa-d64", "float32"))
-    specs = [InstanceSpec(role="prefill", model=tiny_model,
-                          kv_transfer_config=hetero("kv_producer", {"lease_s": LEASE_S, "heartbeat_s": 1.0})),
-             InstanceSpec(role="decode", model=tiny_model, kv_transfer_config=hetero("kv_consumer")),
-             InstanceSpec(role="decode", model=other, kv_transfer_config=hetero("kv_consumer"))]
-    with LocalCluster(specs, tmp_path_factory.mktemp("logs")) as running:
-        yield running
+@pytest.fixture
+def lease_s(hetero_cluster) -> float:
+    return hetero_cluster.instances[0].spec.kv_transfer_config["kv_connector_extra_config"]["lease_s"]
 
 
 def kv_usage(url: str) -> float:
@@ -84,7 +73,7 @@ EXPECTED_LOG = {
 
 
 @pytest.mark.parametrize("case", list(BAD_PARAMS))
-def test_bad_transfer_params_fail_cleanly(case, cluster, prompts):
+def test_bad_transfer_params_fail_cleanly(case, cluster, prompts, lease_s):
     prefill, decode, _ = cluster.instances
     params = prefilled(prefill.url, prompts[0], f"bad-{case}")
     start = time.monotonic()
@@ -94,27 +83,27 @@ def test_bad_transfer_params_fail_cleanly(case, cluster, prompts):
     assert decode.is_healthy()
     # nothing leaks: the decode's blocks are free again; the prefill's after release or lease expiry
     assert wait_until(lambda: kv_usage(decode.url) == 0.0, 10), kv_usage(decode.url)
-    assert wait_until(lambda: kv_usage(prefill.url) == 0.0, LEASE_S + 10), kv_usage(prefill.url)
+    assert wait_until(lambda: kv_usage(prefill.url) == 0.0, lease_s + 10), kv_usage(prefill.url)
 
 
-def test_expired_lease_is_refused_and_blocks_are_freed(cluster, prompts):
+def test_expired_lease_is_refused_and_blocks_are_freed(cluster, prompts, lease_s):
     """A decode that comes too late (or died) must not read reused blocks; the prefill frees them."""
     prefill, decode, _ = cluster.instances
     params = prefilled(prefill.url, prompts[1], "late")
     assert kv_usage(prefill.url) > 0
-    assert wait_until(lambda: kv_usage(prefill.url) == 0.0, LEASE_S + 10), "prefill kept blocks past the lease"
+    assert wait_until(lambda: kv_usage(prefill.url) == 0.0, lease_s + 10), "prefill kept blocks past the lease"
     decode_fails(decode.url, prompts[1], params)
     assert "lease expired" in log_of(cluster, 1)
     assert wait_until(lambda: kv_usage(decode.url) == 0.0, 10)
 
 
-def test_incompatible_peer_names_the_field(cluster, prompts):
+def test_incompatible_peer_names_the_field(cluster, prompts, lease_s):
     prefill, _, other = cluster.instances
     params = prefilled(prefill.url, prompts[0], "incompatible")
     decode_fails(other.url, prompts[0], params)
     assert "head_size differs: source 32 vs destination 64" in log_of(cluster, 2)
     assert other.is_healthy()
-    assert wait_until(lambda: kv_usage(prefill.url) == 0.0, LEASE_S + 10)
+    assert wait_until(lambda: kv_usage(prefill.url) == 0.0, lease_s + 10)
 
 
 def test_servers_still_serve_correctly_afterwards(cluster, prompts, reference):

@@ -15,6 +15,7 @@ import pytest
 
 from vllm_hetero_pd.launch.cluster import LocalCluster
 from vllm_hetero_pd.launch.instance import InstanceSpec
+from vllm_hetero_pd.launch.instance import hetero_kv_config as hetero
 from vllm_hetero_pd.testing.compare import TOLERANCE, compare, run_disaggregated
 from vllm_hetero_pd.testing.metrics import metric_sum, prompt_tokens_by_source, scrape
 
@@ -37,10 +38,6 @@ CONFIGS = {
     "tp1-to-tp2": Config(decode_tp=2),
     "tp2-to-tp1-bs32-to-bs128": Config(prefill_bs=32, prefill_tp=2),
 }
-
-
-def hetero(role: str, extra: dict) -> dict:
-    return {"kv_connector": "HeteroNixlConnector", "kv_role": role, "kv_connector_extra_config": extra}
 
 
 def pd_specs(model: str, config: Config, decode_extra: dict | None = None) -> list[InstanceSpec]:

@@ -34,6 +34,11 @@ class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ValueError(f"block_size must be positive, got {self.block_size}")
 
 
+def hetero_kv_config(role: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``--kv-transfer-config`` for HeteroNixlConnector in ``role`` (kv_producer / kv_consumer)."""
+    return {"kv_connector": "HeteroNixlConnector", "kv_role": role, "kv_connector_extra_config": extra or {}}
+
+
 def serve_command(spec: InstanceSpec, http_port: int) -> list[str]:
     """The exact ``vllm serve`` command line for ``spec`` (through our version-fixing wrapper)."""
     cmd = [sys.executable, "-m", "vllm_hetero_pd.launch.vllm_cli", "serve", spec.model,
