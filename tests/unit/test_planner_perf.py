@@ -199,3 +199,10 @@ def test_moe_config_counts_all_experts_in_memory_but_active_ones_in_flops(tmp_pa
     m = load_model(str(tmp_path))
     expert = 3 * 64 * 32
     assert m.num_params - m.num_active_params == 2 * 6 * expert + 100 * 64  # 6 idle experts per layer + lookup
+
+
+def test_a_lone_request_decodes_at_the_batch_one_step_time():
+    """At vanishing load the tagged request is alone in the batch: TPOT = step(batch=1), not step(0)."""
+    dev, wl = CATALOG.device("H100"), Workload(isl=512, osl=64, rate=1)
+    tpot = perf.decode_tpot_s(LLAMA_70B_FP8, dev, 2, wl, 1e-9, 0.5)
+    assert tpot == pytest.approx(perf.decode_step_s(LLAMA_70B_FP8, dev, 2, 1, wl.mean_context))

@@ -201,11 +201,13 @@ def decode_batch(model: ModelSpec, device: Device, tp: int, workload: Workload, 
 
 def decode_tpot_s(model: ModelSpec, device: Device, tp: int, workload: Workload, rate: float,
                   q: float, slowdown: float = 1.0) -> float:
-    """TPOT quantile at ``rate``: step time at the q-quantile of the Poisson batch."""
+    """TPOT quantile at ``rate``: step time of a batch holding the request itself plus the
+    q-quantile of the others, who are Poisson with the mean batch (M/G/infinity seen by a tagged
+    request)."""
     batch = decode_batch(model, device, tp, workload, rate, slowdown)
     if math.isinf(batch):
         return math.inf
-    return decode_step_s(model, device, tp, poisson_quantile(batch, q), workload.mean_context) * slowdown
+    return decode_step_s(model, device, tp, 1 + poisson_quantile(batch, q), workload.mean_context) * slowdown
 
 
 def max_batch_within(model: ModelSpec, device: Device, tp: int, context: float, tpot_s: float) -> int:
@@ -230,7 +232,7 @@ def decode_capacity(model: ModelSpec, device: Device, tp: int, workload: Workloa
                                f"{slo.tpot_s * 1e3:.1f} ms")
     by_memory = int(kv_capacity_tokens(model, device, tp) // context)
     max_batch = min(by_tpot, by_memory)
-    mean_batch = largest_poisson_mean(max_batch, slo.quantile)
+    mean_batch = largest_poisson_mean(max_batch - 1, slo.quantile)  # the request itself + the others
     step = decode_step_s(model, device, tp, mean_batch, context)
     rate = mean_batch / (workload.osl * step)  # Little's law at the largest admissible mean batch
     return Capacity(device=device.name, tp=tp, rate=rate,

@@ -94,6 +94,7 @@ def validate(url: str, model_path: str, points: list[tuple[int, int, float]], nu
     machine that noise floor can exceed the model's error, and the table should say so.
     """
     model = load_model(model_path, weight_dtype="bf16")
+    (out_dir / "model.json").write_bytes(msgspec.json.encode(model_path))
     rows: dict[tuple[int, int, float], dict[str, list[float]]] = {p: {} for p in points}
     all_prefill, all_decode = [], []
     for r in range(num_rounds):
@@ -149,6 +150,25 @@ def table(points: list[Point]) -> str:
     return "\n".join(lines)
 
 
+def repredict(out_dir: Path) -> list[Point]:
+    """Predictions for a finished run's measurements and fitted catalogs with the current model,
+    so a model change can be checked against the same data without re-measuring."""
+    points = msgspec.json.decode((out_dir / "validation.json").read_bytes(), type=list[Point])
+    model = load_model(msgspec.json.decode((out_dir / "model.json").read_bytes()), weight_dtype="bf16")
+    rounds = [load_catalog([out_dir / f"cpu-calibrated-{r}.yaml"]).device("CPU-calibrated")
+              for r in range(len(points[0].measured_ttft_p50_s))]
+    pooled = load_catalog([out_dir / "cpu-calibrated.yaml"]).device("CPU-calibrated")
+    out = []
+    for p in points:
+        workload = Workload(isl=p.isl, osl=p.osl, rate=p.rate)
+        per_round = [perf.colocated_latency(model, d, 1, workload, p.rate, 0.5) for d in rounds]
+        ttft, tpot = perf.colocated_latency(model, pooled, 1, workload, p.rate, 0.5)
+        out.append(msgspec.structs.replace(p, predicted_ttft_p50_s=[x for x, _ in per_round],
+                                           predicted_tpot_p50_s=[y for _, y in per_round],
+                                           pooled_predicted_ttft_p50_s=ttft, pooled_predicted_tpot_p50_s=tpot))
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="use this running server instead of starting one")
     parser.add_argument("--model", help="model dir served at --url (default: the tiny model)")
@@ -156,13 +176,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=30, help="requests per point")
     parser.add_argument("--rounds", type=int, default=3, help="calibrate+measure repetitions (shows host noise)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the fitted catalog and results")
+    parser.add_argument("--repredict", type=Path, metavar="DIR",
+                        help="no measuring: re-run the current model on a finished run's data in DIR")
 
 
 def run(args: argparse.Namespace) -> int:
     points = [(int(a), int(b), float(c)) for a, b, c in (p.split(":") for p in args.points.split(","))]
-    out_dir = args.out or Path(tempfile.mkdtemp(prefix="planner-validate-"))
+    out_dir = args.repredict or args.out or Path(tempfile.mkdtemp(prefix="planner-validate-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.url:
+    if args.repredict:
+        results = repredict(out_dir)
+    elif args.url:
         results = validate(args.url, args.model, points, args.requests, args.rounds, out_dir)
     else:
         from vllm_hetero_pd.launch.cluster import LocalCluster
@@ -178,7 +202,8 @@ def run(args: argparse.Namespace) -> int:
                 os.sched_setaffinity(0, client_cores)
             results = validate(cluster.instances[0].url, str(model_dir), points, args.requests, args.rounds,
                                    out_dir)
-    (out_dir / "validation.json").write_bytes(msgspec.json.encode(results))
+    if not args.repredict:
+        (out_dir / "validation.json").write_bytes(msgspec.json.encode(results))
     print(table(results))
     finite = [abs(e) for p in results for e in p.errors() if not math.isinf(e)]
     pooled = [abs(e) for p in results for e in p.pooled_errors() if not math.isinf(e)]
