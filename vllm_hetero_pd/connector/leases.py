@@ -8,12 +8,13 @@ decode can neither read blocks of another request nor read blocks after their le
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
-logger = logging.getLogger(__name__)
+from vllm_hetero_pd.log import get_logger
+
+logger = get_logger(__name__)
 
 
 class LeaseError(LookupError):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import msgspec
 import numpy as np
 import torch
-from vllm.logger import init_logger
+from vllm_hetero_pd.log import get_logger
 
 from vllm_hetero_pd.config import ConnectorConfig
 from vllm_hetero_pd.connector.metadata import RecvJob
@@ -31,7 +31,7 @@ from vllm_hetero_pd.transport import side_channel, wire
 from vllm_hetero_pd.transport.block_layout import BlockLayout, block_descs, block_layout, whole_cache_layer_addrs
 from vllm_hetero_pd.transport.nixl_agent import NixlAgent, Read, TransferError
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 
 class RecvError(RuntimeError):

@@ -15,7 +15,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
-from vllm.logger import init_logger
+from vllm_hetero_pd.log import get_logger
 from vllm.v1.request import RequestStatus
 
 from vllm_hetero_pd.config import ConnectorConfig
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 
 class ConnectorScheduler:

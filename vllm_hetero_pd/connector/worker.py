@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
-from vllm.logger import init_logger
+from vllm_hetero_pd.log import get_logger
 
 from vllm_hetero_pd.config import ConnectorConfig
 from vllm_hetero_pd.connector.metadata import HeteroConnectorMetadata, RankHandshake
@@ -28,7 +28,7 @@ from vllm_hetero_pd.transport.nixl_agent import NixlAgent
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 
 class ConnectorWorker:

@@ -11,11 +11,12 @@ Our own connector drives progress itself and does not depend on this.
 
 from __future__ import annotations
 
-import logging
 import os
 
+from vllm_hetero_pd.log import get_logger
+
 ENV_VAR = "VLLM_HETERO_PD_NIXL_PROGRESS_DELAY_US"
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def apply_progress_delay_from_env() -> None:

@@ -8,14 +8,14 @@ sets it to zero and the thread busy-spins a whole core per agent.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from vllm_hetero_pd.launch.nixl_progress import set_progress_delay
+from vllm_hetero_pd.log import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class TransferError(RuntimeError):

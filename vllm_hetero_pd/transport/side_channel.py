@@ -8,7 +8,6 @@ read, so a stray client cannot make the server allocate unbounded memory.
 
 from __future__ import annotations
 
-import logging
 import socket
 import socketserver
 import struct
@@ -18,9 +17,10 @@ from collections.abc import Callable
 import msgspec
 
 from vllm_hetero_pd.transport import wire
+from vllm_hetero_pd.log import get_logger
 
 MAX_FRAME_BYTES = 16 * 1024 * 1024
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class SideChannelError(RuntimeError):
