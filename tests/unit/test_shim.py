@@ -162,6 +162,9 @@ def test_translate_into_vllm_per_layer_views_of_one_allocation():
     assert torch.equal(k_back, k) and torch.equal(v_back, v)
     # and through the views themselves: block 3, layer 1, head 0, token 5 holds K then V
     assert torch.equal(views["l1"][3, 0, 5], torch.cat([k[1, 5, 0], v[1, 5, 0]]))
+    with pytest.raises(LayoutError, match=r"lacks layers \['l2'\]"):
+        translate(plan([src], dst), [buf], {"l0": views["l0"], "l1": views["l1"]}, src_block_ids=[1, 2, 3],
+                  dst_block_ids=[3, 0, 2], stop=40)
 
 
 def test_per_layer_split_tensors_are_accepted():

@@ -91,6 +91,8 @@ def layers(buffers: KVBuffers, fmt: KVFormat, side: Side) -> Layers:
     """Resolve one rank's buffers into per-layer (storage, offset) pairs for K or V."""
     dtype = STORAGE_DTYPES[fmt.dtype]
     if isinstance(buffers, Mapping):
+        if missing := [n for n in fmt.layer_names if n not in buffers]:
+            raise LayoutError(f"{fmt.name or 'format'}: kv_caches lacks layers {missing[:3]} named in the format")
         buffers = [buffers[n] for n in fmt.layer_names] if fmt.layer_names else list(buffers.values())
     part = 0 if side == "k" or fmt.storage == "joint" else 1
     if isinstance(buffers, torch.Tensor) or (
@@ -103,13 +105,14 @@ def layers(buffers: KVBuffers, fmt: KVFormat, side: Side) -> Layers:
     if len(buffers) != fmt.num_layers:
         raise LayoutError(f"{fmt.name or 'format'}: got {len(buffers)} layer buffers for {fmt.num_layers} layers")
     flats, offsets, storages = [], [], {}
+    span = _span(fmt, side, whole_cache=False)
     for entry in buffers:
         tensor = entry[part] if fmt.storage == "split" else entry
         if not isinstance(tensor, torch.Tensor):
             raise LayoutError(f"{fmt.name or 'format'}: {fmt.storage} storage wants per-layer "
                               f"{'(K, V) pairs' if fmt.storage == 'split' else 'tensors'}, got {type(entry).__name__}")
         key = (tensor.untyped_storage().data_ptr(), tensor.device)
-        flat, offset = _flat(tensor, dtype, _span(fmt, side, whole_cache=False), fmt, storages.get(key))
+        flat, offset = _flat(tensor, dtype, span, fmt, storages.get(key))
         storages[key] = flat
         flats.append(flat)
         offsets.append(offset)
