@@ -88,7 +88,7 @@ def _run(case: dict, dtype: str = "bfloat16", k=None, v=None):
     return k, v, out
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(translation_cases())
 def test_any_layout_pair_translates_bit_exactly(case):
     k, v, out = _run(case)
@@ -99,7 +99,7 @@ def test_any_layout_pair_translates_bit_exactly(case):
         assert not k_out[:, :start].any(), "positions before start must stay untouched"
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(translation_cases(names=MLA_PRESETS))
 def test_mla_latents_translate_bit_exactly(case):
     k, v, out = _run(case)
@@ -198,7 +198,7 @@ FP8_PRESETS = ["cuda/flash_attn/C/LBNHC", "rocm-gfx942/triton_attn/C/LBHNC", "ro
 SCALES = [0.25, 0.5, 1.0, 2.0, 0.37]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(src=st.sampled_from(FP8_PRESETS), dst=st.sampled_from(FP8_PRESETS), src_fp8=st.booleans(),
        dst_fp8=st.booleans(), src_scale=st.sampled_from(SCALES), dst_scale=st.sampled_from(SCALES),
        tokens=st.integers(1, 70), seed=st.integers(0, 2**16))
