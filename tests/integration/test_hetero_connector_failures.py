@@ -102,6 +102,7 @@ def test_incompatible_peer_names_the_field(cluster, prompts, lease_s):
     params = prefilled(prefill.url, prompts[0], "incompatible")
     decode_fails(other.url, prompts[0], params)
     assert "head_size differs: source 32 vs destination 64" in log_of(cluster, 2)
+    assert metric_sum(scrape(other.url), "vllm:hetero_pd_handshake_failures_total") >= 1
     assert other.is_healthy()
     assert wait_until(lambda: kv_usage(prefill.url) == 0.0, lease_s + 10)
 

@@ -107,6 +107,7 @@ class Receiver:
         self.failed: dict[str, str] = {}
         self.bad_blocks: set[int] = set()
         self.finished_stats: list[TransferStats] = []
+        self.handshake_failures = 0
 
     # ------------------------------------------------------------------ admission
     def add(self, job: RecvJob) -> None:
@@ -146,12 +147,16 @@ class Receiver:
         if known is not None:
             return known
         start = time.perf_counter()
-        reply = side_channel.call(params.remote_host, params.remote_port, wire.HandshakeRequest(),
-                                  self.config.handshake_timeout_s)
-        if reply.engine_id != params.remote_engine_id:
-            raise RecvError(f"the side channel at {params.remote_host}:{params.remote_port} belongs to engine "
-                            f"{reply.engine_id!r}, not {params.remote_engine_id!r} named in kv_transfer_params")
-        remote = self._connect(params, reply.ranks)
+        try:
+            reply = side_channel.call(params.remote_host, params.remote_port, wire.HandshakeRequest(),
+                                      self.config.handshake_timeout_s)
+            if reply.engine_id != params.remote_engine_id:
+                raise RecvError(f"the side channel at {params.remote_host}:{params.remote_port} belongs to engine "
+                                f"{reply.engine_id!r}, not {params.remote_engine_id!r} named in kv_transfer_params")
+            remote = self._connect(params, reply.ranks)
+        except (RecvError, side_channel.SideChannelError, TransferError, LayoutError):
+            self.handshake_failures += 1
+            raise
         self.remotes[params.remote_engine_id] = remote
         logger.info("handshake with prefill %s (%s:%d) in %.1f ms: %d source rank(s), format %s -> %s, %s",
                     reply.engine_id, params.remote_host, params.remote_port, 1000 * (time.perf_counter() - start),
@@ -306,6 +311,11 @@ class Receiver:
         except side_channel.SideChannelError as e:
             logger.warning("could not release request %s on its prefill (its lease will expire): %s",
                            params.remote_request_id, e)
+
+    def staging_occupancy(self) -> float:
+        pools = [r.staging for r in self.remotes.values() if r.staging is not None]
+        total = sum(p.formats[0].num_blocks for p in pools)
+        return 1 - sum(len(p.free) for p in pools) / total if total else 0.0
 
     def take_bad_blocks(self) -> set[int]:
         out, self.bad_blocks = self.bad_blocks, set()

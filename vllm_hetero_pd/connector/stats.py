@@ -5,6 +5,8 @@ Metric names (all per engine):
 - ``vllm:hetero_pd_translate_seconds``  histogram, shim time per request (0 on the direct path)
 - ``vllm:hetero_pd_bytes_transferred``  histogram, bytes READ per request
 - ``vllm:hetero_pd_failed_loads_total`` counter, requests whose KV could not be loaded
+- ``vllm:hetero_pd_handshake_failures_total`` counter, handshakes with a prefill that failed
+- ``vllm:hetero_pd_staging_occupancy`` gauge, fraction of staging slots in use (max over ranks)
 """
 
 from __future__ import annotations
@@ -29,23 +31,34 @@ class TransferStats:
     total_s: float = 0.0
 
 
+COUNTERS = ("failed", "handshake_failures")
+
+
+def _empty() -> dict[str, Any]:
+    return {**{k: [] for k in KEYS}, **{k: 0 for k in COUNTERS}, "staging_occupancy": 0.0}
+
+
 @dataclass
 class HeteroConnectorStats(KVConnectorStats):
-    data: dict[str, Any] = field(default_factory=lambda: {**{k: [] for k in KEYS}, "failed": 0})
+    data: dict[str, Any] = field(default_factory=_empty)
 
     @classmethod
-    def of(cls, finished: list[TransferStats], num_failed: int) -> HeteroConnectorStats:
+    def of(cls, finished: list[TransferStats], failed: int, handshake_failures: int,
+           staging_occupancy: float) -> HeteroConnectorStats:
         return cls(data={"transfer_s": [s.transfer_s for s in finished],
                          "translate_s": [s.translate_s for s in finished],
-                         "bytes": [s.bytes for s in finished], "failed": num_failed})
+                         "bytes": [s.bytes for s in finished], "failed": failed,
+                         "handshake_failures": handshake_failures, "staging_occupancy": staging_occupancy})
 
     def reset(self) -> None:
-        self.data = {**{k: [] for k in KEYS}, "failed": 0}
+        self.data = _empty()
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for k in KEYS:
             self.data[k] = self.data[k] + list(other.data.get(k, []))
-        self.data["failed"] += other.data.get("failed", 0)
+        for k in COUNTERS:
+            self.data[k] += other.data.get(k, 0)
+        self.data["staging_occupancy"] = max(self.data["staging_occupancy"], other.data.get("staging_occupancy", 0.0))
         return self
 
     def reduce(self) -> dict[str, int | float]:
@@ -58,7 +71,7 @@ class HeteroConnectorStats(KVConnectorStats):
                 "avg_MB": sum(self.data["bytes"]) / n / 1e6}
 
     def is_empty(self) -> bool:
-        return not self.data["bytes"] and not self.data["failed"]
+        return not self.data["bytes"] and not any(self.data[k] for k in COUNTERS)
 
 
 class HeteroPromMetrics(KVConnectorPromMetrics):
@@ -79,6 +92,10 @@ class HeteroPromMetrics(KVConnectorPromMetrics):
                                 "Bytes READ per request.", buckets=[2 ** (10 + 2 * i) for i in range(12)])
         self.failed = per_engine(self._counter_cls, "vllm:hetero_pd_failed_loads",
                                  "Requests whose KV could not be loaded from their prefill.")
+        self.handshake_failures = per_engine(self._counter_cls, "vllm:hetero_pd_handshake_failures",
+                                             "Handshakes with a prefill engine that failed.")
+        self.staging = per_engine(self._gauge_cls, "vllm:hetero_pd_staging_occupancy",
+                                  "Fraction of the decode's staging slots in use.", multiprocess_mode="max")
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for value in transfer_stats_data.get("transfer_s", []):
@@ -89,3 +106,6 @@ class HeteroPromMetrics(KVConnectorPromMetrics):
             self.bytes[engine_idx].observe(value)
         if transfer_stats_data.get("failed"):
             self.failed[engine_idx].inc(transfer_stats_data["failed"])
+        if transfer_stats_data.get("handshake_failures"):
+            self.handshake_failures[engine_idx].inc(transfer_stats_data["handshake_failures"])
+        self.staging[engine_idx].set(transfer_stats_data.get("staging_occupancy", 0.0))

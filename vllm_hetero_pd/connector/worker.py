@@ -98,10 +98,12 @@ class ConnectorWorker:
         return self.receiver.take_bad_blocks() if self.receiver is not None else set()
 
     def get_stats(self) -> HeteroConnectorStats | None:
-        if self.receiver is None or not (self.receiver.finished_stats or self._num_failed):
+        r = self.receiver
+        if r is None or not (r.finished_stats or self._num_failed or r.handshake_failures or r.active):
             return None
-        stats = HeteroConnectorStats.of(self.receiver.finished_stats, self._num_failed)
-        self.receiver.finished_stats, self._num_failed = [], 0
+        stats = HeteroConnectorStats.of(r.finished_stats, self._num_failed, r.handshake_failures,
+                                        r.staging_occupancy())
+        r.finished_stats, self._num_failed, r.handshake_failures = [], 0, 0
         return stats
 
     def shutdown(self) -> None:
