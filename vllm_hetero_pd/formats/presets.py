@@ -152,71 +152,31 @@ def _all_presets() -> dict[str, Preset]:
             )
         )
     presets += [_era_c("xpu/flash_attn", layout, _CUDA_SRC.format("flash_attn"), block_size=64) for layout in ERA_C_LAYOUTS]
-    presets.append(
-        Preset(
-            name="hpu/gaudi",
-            source="vllm-gaudi 091bbad: attention/ops/hpu_paged_attn.py::get_kv_cache_shape, "
-            "v1/worker/hpu_model_runner.py::initialize_kv_cache/get_kv_caches_4D",
-            versions="vllm-gaudi 091bbad (upstream vLLM 0.26.0 pin)",
-            verified="source",
-            storage="split",
-            outer="L",
-            k_inner="BNHD",
-            v_inner="BNHD",
-            block_size=128,
-            num_pad_blocks=1,  # (NB + 1) * BS slots: one dummy block after the last real one
-            fp8="float8_e4m3fn",  # fp8_inc
-        )
-    )
-    presets.append(
-        Preset(
-            name="hpu/gaudi-mla",
-            source="vllm-gaudi 091bbad: v1/attention/backends/hpu_attn.py::get_kv_cache_shape (MLA)",
-            versions="vllm-gaudi 091bbad",
-            verified="source",
-            storage="split",
-            outer="L",
-            k_inner="BND",
-            v_inner="",
-            block_size=128,
-            num_pad_blocks=1,
-            mla=True,
-        )
-    )
-    # CPU_ATTN "vec" / "vec16" ISA (AVX2, AVX-512 without AMX, and head sizes % 32 != 0):
-    # each (block, head) page holds K transposed [D][N], then V [N][D]. Derived from
-    # torch.ops._C.cpu_attn_reshape_and_cache on this AVX2 machine (shim/cpu_attn.py); the
-    # vec kernel's reshape_and_cache is plain scalar code, so AVX-512 hosts pack the same way.
-    presets.append(
-        Preset(
-            name="cpu/cpu_attn/vec",
-            source="vllm/v1/attention/backends/cpu_attn.py + torch.ops._C.cpu_attn_reshape_and_cache (isa vec/vec16)",
-            versions="vllm 0.29.0-0.32.0 (LBHNC only)",
-            verified="real-op",
-            storage="joint",
-            outer="LBH",
-            k_inner="DN",
-            v_inner="ND",
-            block_size=128,
-        )
-    )
-    # CPU_ATTN "amx" ISA (bf16 on AMX hosts): AMX B-tiles. K packs pairs of dims (4-byte
-    # quadwords) for groups of 16 tokens: [N/16][D/2][16][2]; V packs pairs of tokens for groups
-    # of 16 dims: [D/16][N/2][16][2]. Read from csrc/cpu/cpu_attn_amx.hpp::reshape_and_cache;
-    # this host has no AMX, so the kernel cannot be run here.
-    presets.append(
-        Preset(
-            name="cpu/cpu_attn/amx",
-            source="csrc/cpu/cpu_attn_amx.hpp::AttentionImpl<ISA::AMX>::reshape_and_cache + vllm/v1/attention/backends/cpu_attn.py",
-            versions="vllm 0.29.0-0.32.0 (LBHNC only; bf16, block_size % 32 == 0)",
-            verified="source",
-            storage="joint",
-            outer="LBH",
-            k_inner="NDN16D2",
-            v_inner="DND16N2",
-            block_size=128,
-        )
-    )
+    # vllm-gaudi: per layer separate key and value caches of (NB + 1) * BS slots, NHD, the
+    # last block a dummy; fp8 is fp8_inc (e4m3fn storage).
+    gaudi_src = "vllm-gaudi 091bbad: attention/ops/hpu_paged_attn.py + attention/backends/hpu_attn.py::get_kv_cache_shape, " \
+                "v1/worker/hpu_model_runner.py::initialize_kv_cache/get_kv_caches_4D"
+    for name, inner, mla in (("hpu/gaudi", "BNHD", False), ("hpu/gaudi-mla", "BND", True)):
+        presets.append(Preset(name=name, source=gaudi_src, versions="vllm-gaudi 091bbad (upstream vLLM 0.26.0 pin)",
+                              verified="source", storage="split", outer="L", k_inner=inner,
+                              v_inner="" if mla else inner, block_size=128, num_pad_blocks=1, mla=mla))
+    # CPU_ATTN: each (block, head) page [N, 2D] is re-viewed as a K page then a V page of N*D
+    # elements, written by cpu_attn_reshape_and_cache in an ISA-specific order.
+    # * vec / vec16 (AVX2, AVX-512 without AMX, head sizes % 32 != 0): K transposed [D][N], V
+    #   [N][D]. Derived from the kernel on this AVX2 machine (shim/cpu_attn.py); the vec kernel's
+    #   reshape_and_cache is plain scalar code, so AVX-512 hosts pack the same way.
+    # * amx (bf16 on AMX hosts): AMX B-tiles. K packs pairs of dims (4-byte quadwords) for groups
+    #   of 16 tokens, [N/16][D/2][16][2]; V packs pairs of tokens for groups of 16 dims,
+    #   [D/16][N/2][16][2]. Read from csrc/cpu/cpu_attn_amx.hpp::reshape_and_cache; this host has
+    #   no AMX, so the kernel cannot be run here.
+    cpu_src = "vllm/v1/attention/backends/cpu_attn.py + "
+    for isa, k_inner, v_inner, verified, source, note in (
+        ("vec", "DN", "ND", "real-op", "torch.ops._C.cpu_attn_reshape_and_cache (isa vec/vec16)", ""),
+        ("amx", "NDN16D2", "DND16N2", "source", "csrc/cpu/cpu_attn_amx.hpp::reshape_and_cache", "; bf16, block_size % 32 == 0"),
+    ):
+        presets.append(Preset(name=f"cpu/cpu_attn/{isa}", source=cpu_src + source, verified=verified,
+                              versions=f"vllm 0.29.0-0.32.0 (LBHNC only{note})", storage="joint", outer="LBH",
+                              k_inner=k_inner, v_inner=v_inner, block_size=128))
     for layout in ERA_C_LAYOUTS:
         mla = _joint(f"mla/C/{layout}", _ERA_C, "vllm/v1/kv_cache_interface.py::MLAAttentionSpec" + _VIEWS_SRC,
                      ERA_C_LAYOUTS[layout].replace("H", ""), mla=True)
