@@ -252,18 +252,8 @@ class Router:
     async def _call_prefill(self, instance: Instance, endpoint: Endpoint, body: bytes,
                             request_id: str) -> dict[str, Any]:
         start = time.perf_counter()
-        try:
-            async with self.session.post(instance.url + endpoint.value, data=body, headers=self._headers(request_id),
-                                         timeout=self._prefill_timeout) as response:
-                raw = await response.read()
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamFailure(f"prefill {instance.url} unreachable: {exc.os_error!r}", delivered=False) from None
-        except asyncio.TimeoutError:
-            raise UpstreamFailure(
-                f"prefill {instance.url} timed out after {self.config.timeouts.prefill_s} s") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamFailure(f"prefill {instance.url} failed: {exc!r}") from None
-        _check_status(response, raw, f"prefill {instance.url}")
+        response, raw = await self._post(f"prefill {instance.url}", instance.url + endpoint.value, body, request_id,
+                                         self._prefill_timeout, self.config.timeouts.prefill_s)
         try:
             params = read_kv_transfer_params(raw, instance.url)
         except PrefillError as exc:
@@ -271,6 +261,22 @@ class Router:
         self.prefill.record_success(instance)
         instance.latency_histogram.observe(time.perf_counter() - start)
         return params
+
+    async def _post(self, who: str, url: str, body: bytes, request_id: str, timeout: aiohttp.ClientTimeout,
+                    timeout_s: float) -> tuple[aiohttp.ClientResponse, bytes]:
+        """One non-streaming upstream call; transport failures become ``UpstreamFailure`` naming ``who``."""
+        try:
+            async with self.session.post(url, data=body, headers=self._headers(request_id),
+                                         timeout=timeout) as response:
+                raw = await response.read()
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamFailure(f"{who} unreachable: {exc.os_error!r}", delivered=False) from None
+        except asyncio.TimeoutError:
+            raise UpstreamFailure(f"{who} timed out after {timeout_s} s") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamFailure(f"{who} failed: {exc!r}") from None
+        _check_status(response, raw, who)
+        return response, raw
 
     # ------------------------------------------------------------------ decode
 
@@ -306,18 +312,9 @@ class Router:
     async def _call_decode(self, instance: Instance, parsed: ClientRequest, kv_params: dict[str, Any] | None,
                            request_id: str) -> web.Response:
         start = time.perf_counter()
-        try:
-            async with self.session.post(instance.url + parsed.endpoint.value, data=decode_body(parsed, kv_params),
-                                         headers=self._headers(request_id), timeout=self._decode_timeout) as response:
-                raw = await response.read()
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamFailure(f"decode {instance.url} unreachable: {exc.os_error!r}", delivered=False) from None
-        except asyncio.TimeoutError:
-            raise UpstreamFailure(
-                f"decode {instance.url} timed out after {self.config.timeouts.decode_total_s} s") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamFailure(f"decode {instance.url} failed: {exc!r}") from None
-        _check_status(response, raw, f"decode {instance.url}")
+        response, raw = await self._post(f"decode {instance.url}", instance.url + parsed.endpoint.value,
+                                         decode_body(parsed, kv_params), request_id, self._decode_timeout,
+                                         self.config.timeouts.decode_total_s)
         self.decode.record_success(instance)
         elapsed = time.perf_counter() - start
         instance.first_byte_histogram.observe(elapsed)
