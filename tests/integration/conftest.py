@@ -16,7 +16,7 @@ from vllm_hetero_pd.testing.compare import Completion, reference_completions
 from vllm_hetero_pd.testing.prompts import make_prompts
 from vllm_hetero_pd.testing.tiny_model import build_tiny_model
 
-MODEL, DTYPE = "llama-gqa-d32", "float32"
+MODEL, DTYPE = "llama-gqa-d32", "float32"  # on disk; vLLM's CPU backend runs it in bfloat16
 LEASE_S = 4.0  # short, so that lease expiry is observable in tests
 
 

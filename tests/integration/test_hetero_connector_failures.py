@@ -12,7 +12,7 @@ import time
 import pytest
 
 from vllm_hetero_pd.launch.request import RequestFailed, post_json, prefill_body
-from vllm_hetero_pd.testing.compare import TOLERANCE, compare, greedy_body, run_disaggregated
+from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare, greedy_body, run_disaggregated
 from vllm_hetero_pd.testing.metrics import metric_sum, scrape
 
 @pytest.fixture
@@ -110,4 +110,4 @@ def test_incompatible_peer_names_the_field(cluster, prompts, lease_s):
 def test_servers_still_serve_correctly_afterwards(cluster, prompts, reference):
     prefill, decode, _ = cluster.instances
     got = run_disaggregated(prefill.url, decode.url, prompts[:2])
-    assert compare(reference[:2], got, TOLERANCE["float32"]) == []
+    assert compare(reference[:2], got, LOGPROB_TOLERANCE) == []

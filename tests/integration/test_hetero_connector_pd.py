@@ -2,7 +2,7 @@
 
 Each configuration starts a prefill and a decode engine, serves the eight session prompts
 (50-900 tokens) disaggregated, and checks greedy ids and top-5 logprobs (float32 tolerance
-``TOLERANCE["float32"]`` = 1e-3) against the monolithic engine, plus the proof that the decode
+``LOGPROB_TOLERANCE`` = 1e-3) against the monolithic engine, plus the proof that the decode
 loaded the prompt KV instead of computing it. Formats of other vendors are produced on CPU by
 the prefill's export area, in the exact byte layout of that backend (see formats/presets.py).
 """
@@ -16,7 +16,7 @@ import pytest
 from vllm_hetero_pd.launch.cluster import LocalCluster
 from vllm_hetero_pd.launch.instance import InstanceSpec
 from vllm_hetero_pd.launch.instance import hetero_kv_config as hetero
-from vllm_hetero_pd.testing.compare import TOLERANCE, compare, run_disaggregated
+from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare, run_disaggregated
 from vllm_hetero_pd.testing.metrics import metric_sum, prompt_tokens_by_source, scrape
 
 class Config(NamedTuple):
@@ -55,7 +55,7 @@ def test_disaggregated_output_equals_monolithic(name, tiny_model, prompts, refer
         got = run_disaggregated(prefill.url, decode.url, prompts)
         on_decode = prompt_tokens_by_source(decode.url)
         samples = scrape(decode.url)
-    assert compare(reference, got, TOLERANCE["float32"]) == []
+    assert compare(reference, got, LOGPROB_TOLERANCE) == []
     total = sum(len(p) for p in prompts)
     assert on_decode["local_compute"] <= len(prompts), on_decode
     assert on_decode["external_kv_transfer"] >= total - len(prompts), on_decode
@@ -72,5 +72,5 @@ def test_corrupted_transfer_is_caught(tiny_model, prompts, reference, log_dir):
     with LocalCluster(specs, log_dir) as cluster:
         prefill, decode = cluster.instances
         got = run_disaggregated(prefill.url, decode.url, prompts[:3])
-    mismatches = compare(reference[:3], got, TOLERANCE["float32"])
+    mismatches = compare(reference[:3], got, LOGPROB_TOLERANCE)
     assert len(mismatches) == 3, mismatches

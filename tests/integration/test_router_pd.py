@@ -16,7 +16,7 @@ import pytest
 
 from vllm_hetero_pd.launch.cluster import free_port
 from vllm_hetero_pd.launch.request import post_json
-from vllm_hetero_pd.testing.compare import TOLERANCE, compare, greedy_body, parse_completion
+from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare, greedy_body, parse_completion
 from vllm_hetero_pd.testing.metrics import prompt_tokens_by_source
 
 
@@ -52,7 +52,7 @@ def test_router_output_equals_monolithic(router, hetero_cluster, prompts, refere
     before = prompt_tokens_by_source(decode.url)
     got = [parse_completion(post_json(router + "/v1/completions", greedy_body(p), f"router-{i}", 300))
            for i, p in enumerate(prompts[:4])]
-    assert compare(reference[:4], got, TOLERANCE["float32"]) == []
+    assert compare(reference[:4], got, LOGPROB_TOLERANCE) == []
     after = prompt_tokens_by_source(decode.url)
     assert after["external_kv_transfer"] - before["external_kv_transfer"] >= sum(len(p) - 1 for p in prompts[:4])
     assert after["local_compute"] - before["local_compute"] <= 4

@@ -1,7 +1,7 @@
 """Baseline: vLLM's own NixlConnector between two local CPU engines equals the monolithic engine.
 
 This pins the flow our own connector must match: same greedy ids, top-5 logprobs within the
-float32 tolerance, and the decode engine computing no prompt tokens itself (they all arrive as
+stated tolerance, and the decode engine computing no prompt tokens itself (they all arrive as
 ``external_kv_transfer``).
 """
 
@@ -9,7 +9,7 @@ import psutil
 
 from vllm_hetero_pd.launch.cluster import LocalCluster
 from vllm_hetero_pd.launch.instance import InstanceSpec
-from vllm_hetero_pd.testing.compare import TOLERANCE, compare, max_logprob_delta, run_disaggregated
+from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare, max_logprob_delta, run_disaggregated
 from vllm_hetero_pd.testing.metrics import prompt_tokens_by_source
 
 
@@ -35,7 +35,7 @@ def test_upstream_nixl_pd_matches_monolithic(tiny_model, prompts, reference, log
     alive = psutil.wait_procs(procs, timeout=10)[1]
     assert not alive, f"the launcher left processes behind: {[p.pid for p in alive]}"
 
-    assert compare(reference, got, TOLERANCE["float32"]) == []
+    assert compare(reference, got, LOGPROB_TOLERANCE) == []
     print("max logprob delta:", max(max_logprob_delta(r, g) for r, g in zip(reference, got)))
     total = sum(len(p) for p in prompts)
     assert on_prefill["local_compute"] == total

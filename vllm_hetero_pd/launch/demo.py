@@ -17,7 +17,7 @@ from vllm_hetero_pd.launch.cli import add_arguments as add_launch_arguments
 from vllm_hetero_pd.launch.cli import pd_specs, resolve_model
 from vllm_hetero_pd.launch.cluster import LocalCluster
 from vllm_hetero_pd.launch.request import disaggregated_request
-from vllm_hetero_pd.testing.compare import (TOLERANCE, compare, greedy_body, max_logprob_delta, parse_completion,
+from vllm_hetero_pd.testing.compare import (LOGPROB_TOLERANCE, compare, greedy_body, max_logprob_delta, parse_completion,
                                             reference_completions)
 from vllm_hetero_pd.testing.metrics import metric_sum, prompt_tokens_by_source, scrape
 from vllm_hetero_pd.testing.prompts import DEFAULT_LENGTHS, make_prompts
@@ -25,7 +25,7 @@ from vllm_hetero_pd.testing.prompts import DEFAULT_LENGTHS, make_prompts
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_launch_arguments(parser)
-    parser.set_defaults(dtype="float32", log_dir=Path("logs/demo"), connector="HeteroNixlConnector",
+    parser.set_defaults(dtype="bfloat16", log_dir=Path("logs/demo"), connector="HeteroNixlConnector",
                         prefill_block_size=32, decode_block_size=128,
                         kv_extra_config={"export_format": "cuda/flash_attn/C/LBNHC", "export_block_size": 16})
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             after = connector_seconds(decode.url)
             rows.append([1000 * latency] + [1000 * (a - b) for a, b in zip(after, before)])
         by_source = prompt_tokens_by_source(decode.url)
-    tolerance = TOLERANCE[args.dtype]
+    tolerance = LOGPROB_TOLERANCE
     print(f"\n{'#':>2} {'prompt':>6} {'output':>6} {'ids match':>9} {'max |dlogprob|':>14} {'latency ms':>10} "
           f"{'transfer ms':>11} {'translate ms':>12}")
     for i, (prompt, ref, out, (ms, xfer, shim)) in enumerate(zip(prompts, reference, got, rows)):

@@ -1,9 +1,7 @@
 """Compare greedy completions of two deployments: token ids exactly, top-k logprobs within a tolerance.
 
 A disaggregated run is correct when it produces what a monolithic engine on the same model
-produces. Token ids must match exactly. Logprobs may differ slightly because decode recomputes
-the last prompt token in a different batch: in float32 the difference is tiny (around 1e-5),
-in bfloat16 around 1e-2.
+produces. Token ids must match exactly, and top-k logprobs within ``LOGPROB_TOLERANCE``.
 """
 
 from __future__ import annotations
@@ -17,7 +15,13 @@ from vllm_hetero_pd.launch.cluster import LocalCluster
 from vllm_hetero_pd.launch.instance import InstanceSpec
 from vllm_hetero_pd.launch.request import disaggregated_request, post_json
 
-TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 2e-2}
+LOGPROB_TOLERANCE = 1e-3
+"""Largest |Δ logprob| accepted between a disaggregated and a monolithic run.
+
+vLLM's CPU backend runs these checkpoints in bfloat16 (it downcasts float32 ones). With the right
+KV bytes the decode engine repeats the monolithic engine's arithmetic, so outputs come out
+bit-identical (Δ = 0.0 measured with one OpenMP thread per engine); the margin only admits
+reduction-order noise. Wrong KV moves logprobs by 1e-1 or more and usually changes the ids."""
 
 
 class Completion(msgspec.Struct, frozen=True):
