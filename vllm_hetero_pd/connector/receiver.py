@@ -167,7 +167,7 @@ class Receiver:
     def _connect(self, params: wire.TransferParams, ranks: list[wire.RankInfo]) -> RemoteEngine:
         sources = choose_sources(ranks, self.local.format)
         try:
-            identical = plan([sources[0].format], self.local.format).is_identity and len(sources) == 1
+            identical = len(sources) == 1 and plan([sources[0].format], self.local.format).is_identity
             layouts = [block_layout(r.format) for r in sources]
         except LayoutError as e:
             raise RecvError(f"prefill engine {params.remote_engine_id!r} is incompatible with this decode: {e}") from None

@@ -61,7 +61,7 @@ def serve_env(spec: InstanceSpec, side_channel_port: int, cpu_cores: str) -> dic
         "VLLM_CPU_OMP_THREADS_BIND": cpu_cores,
         "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
         "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_channel_port),
-        "VLLM_HETERO_PD_NIXL_PROGRESS_DELAY_US": "100",
+        "HETERO_PD_NIXL_PROGRESS_DELAY_US": "100",
         "PYTHONUNBUFFERED": "1",
     }
     env.update(spec.env)

@@ -3,7 +3,7 @@
 NIXL 1.5.1's Python wrapper sets ``pthrDelay = 0``, so the progress thread polls without
 sleeping and burns about one core per agent. vLLM's upstream NixlConnector always enables that
 thread; on a 2-core host two idle engines then starve their own forward passes (first prefill
-74 s instead of 0.4 s). Setting ``VLLM_HETERO_PD_NIXL_PROGRESS_DELAY_US`` makes every NIXL agent
+74 s instead of 0.4 s). Setting ``HETERO_PD_NIXL_PROGRESS_DELAY_US`` makes every NIXL agent
 created in this process poll with that timeout instead. It is applied from our vLLM plugin
 entry point, which runs in every vLLM process, so upstream NixlConnector baselines get it too.
 Our own connector drives progress itself and does not depend on this.
@@ -15,7 +15,7 @@ import os
 
 from vllm_hetero_pd.log import get_logger
 
-ENV_VAR = "VLLM_HETERO_PD_NIXL_PROGRESS_DELAY_US"
+ENV_VAR = "HETERO_PD_NIXL_PROGRESS_DELAY_US"
 logger = get_logger(__name__)
 
 

@@ -54,7 +54,7 @@ DTYPES = ("bfloat16", "float32", "float16")
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("VLLM_HETERO_PD_CACHE") or os.path.join(Path.home(), ".cache", "vllm-hetero-pd")
+    root = os.environ.get("HETERO_PD_CACHE") or os.path.join(Path.home(), ".cache", "vllm-hetero-pd")
     return Path(root) / "models"
 
 
