@@ -72,3 +72,36 @@ wait_healthy() {  # wait_healthy URL TIMEOUT_S: poll URL/health until 200
 kv_config() {  # kv_config ROLE EXTRA_JSON: the --kv-transfer-config naming our connector
     printf '{"kv_connector":"HeteroNixlConnector","kv_role":"%s","kv_connector_extra_config":%s}' "$1" "$2"
 }
+
+check_role() {  # ROLE picks the one process this host runs; `all` only prints (hosts differ)
+    case "$ROLE" in
+        prefill | decode | router) ;;
+        all)
+            if [[ $DRY_RUN == 0 ]]; then
+                echo "$(basename "$0"): prefill and decode run on different machines; run ROLE=prefill on the" \
+                    "prefill host, ROLE=decode on the decode host and ROLE=router anywhere (or --dry-run to" \
+                    "print all three)" >&2
+                exit 2
+            fi
+            ;;
+        *)
+            echo "$(basename "$0"): ROLE='$ROLE' is not one of prefill, decode, router, all" >&2
+            exit 2
+            ;;
+    esac
+}
+
+run_role() {  # run_role NAME VAR=VALUE... -- CMD ARGS...: print it when ROLE selects it; unless --dry-run, exec it
+    local name=$1; shift
+    [[ $ROLE == all || $ROLE == "$name" ]] || return 0
+    echo "[$name] $(show "$@")"
+    [[ $DRY_RUN == 1 ]] && return 0
+    local vars=()
+    while [[ $1 != "--" ]]; do vars+=("$1"); shift; done
+    shift
+    exec env "${vars[@]}" "$@"
+}
+
+optional_env() {  # optional_env NAME VALUE: "NAME=VALUE" when VALUE is set, nothing otherwise
+    [[ -z $2 ]] || echo "$1=$2"
+}
