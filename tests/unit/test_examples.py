@@ -169,9 +169,9 @@ def test_gpu_script_refuses_to_start_all_roles_on_one_host(script):
 @pytest.mark.parametrize("gpu,encoding", [("mi300x", "float8_e4m3fnuz"), ("mi325x", "float8_e4m3fnuz"),
                                           ("mi355x", "float8_e4m3fn (gfx950)")])
 def test_cuda_to_rocm_fp8_decode_and_its_byte_encoding(gpu, encoding):
-    cmds, out = dry_run("cuda-to-rocm.sh", DECODE_GPU=gpu, DECODE_UCX_TLS="rc,rocm_copy")
+    cmds, out = dry_run("cuda-to-rocm.sh", DECODE_GPU=gpu, DECODE_UCX_TLS="rc,tcp")
     denv, decode = split_env(cmds["decode"])
-    assert flag(decode, "--kv-cache-dtype") == "fp8" and denv["UCX_TLS"] == "rc,rocm_copy"
+    assert flag(decode, "--kv-cache-dtype") == "fp8" and denv["UCX_TLS"] == "rc,tcp"
     assert f"decode KV bytes on {gpu}: {encoding}" in out
 
 
