@@ -226,3 +226,25 @@ def test_from_plan_role_must_name_an_emitted_instance(tmp_path):
     proc = subprocess.run([str(EXAMPLES / "from-plan.sh"), "--dry-run"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "HETERO_PD": HETERO_PD, "PLAN_DIR": str(tmp_path), "ROLE": "decode_9"})
     assert proc.returncode == 2 and "no instance 'decode_9'" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def vllm_serve_parser():
+    """vLLM's own `vllm serve` argument parser (vLLM 0.32, the version installed for the tests)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+@pytest.mark.parametrize("script,env", [("cpu-to-cpu.sh", {"MODEL": "/m"}), ("cuda-to-rocm.sh", {}),
+                                        ("cuda-to-gaudi.sh", {"KV_DTYPE": "fp8_inc"}), ("cuda-to-cpu.sh", {})])
+def test_every_serve_command_parses_with_vllms_own_parser(vllm_serve_parser, script, env):
+    """A flag vLLM does not know (or a value it rejects, such as a KV dtype) fails here."""
+    cmds, _ = dry_run(script, **env)
+    for role in ("prefill", "decode"):
+        _, argv = split_env(cmds[role])
+        serve_at = argv.index("serve")
+        args = vllm_serve_parser.parse_args(argv[serve_at + 1:])
+        assert args.model_tag == argv[serve_at + 1]
+        assert args.kv_transfer_config.kv_connector == "HeteroNixlConnector"
