@@ -53,8 +53,9 @@ MESSAGES = messages()
 
 
 def troubleshooting() -> str:
+    """The troubleshooting section, with table-escaped pipes (``\\|``) read back as ``|``."""
     text = DOC.read_text()
-    return text[text.index("## Troubleshooting"):]
+    return text[text.index("## Troubleshooting"):].replace("\\|", "|")
 
 
 def test_the_scan_finds_the_known_messages():
