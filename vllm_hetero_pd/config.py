@@ -41,6 +41,8 @@ class ConnectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     """Prefill only: expose KV in this preset's format (e.g. "cuda/flash_attn/C/LBNHC") instead of the native one."""
     export_block_size: int = 0
     """Block size of the export format; 0 = the preset's default. Must divide the native block size."""
+    export_tp_size: int = 1
+    """Prefill only, with export_format: expose each rank as this many TP ranks, each holding a slice of its heads."""
     progress_delay_us: int = 100
     """Poll timeout of NIXL's progress thread; 0 would busy-spin a core per agent."""
     debug_corrupt_transfers: bool = False
@@ -59,6 +61,10 @@ class ConnectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             raise ConfigError(f"kv_connector_extra_config.side_channel_port {self.side_channel_port} is not a TCP port")
         if not self.backends:
             raise ConfigError("kv_connector_extra_config.backends is empty; use e.g. [\"UCX\"]")
+        if self.export_tp_size < 1:
+            raise ConfigError(f"kv_connector_extra_config.export_tp_size must be >= 1, got {self.export_tp_size}")
+        if self.export_tp_size > 1 and not self.export_format:
+            raise ConfigError("kv_connector_extra_config.export_tp_size needs export_format (the shards are export areas)")
         if self.export_block_size < 0:
             raise ConfigError("kv_connector_extra_config.export_block_size must be >= 0")
 

@@ -47,4 +47,4 @@ class HeteroConnectorMetadata(KVConnectorMetadata):
 class RankHandshake(KVConnectorHandshakeMetadata):
     """A worker's contribution to the handshake, collected by the engine core for the scheduler."""
 
-    rank_info: bytes  # msgpack-encoded wire.RankInfo
+    rank_infos: list[bytes]  # msgpack-encoded wire.RankInfo: one, or one per export shard

@@ -171,7 +171,11 @@ class Receiver:
             layouts = [block_layout(r.format) for r in sources]
         except LayoutError as e:
             raise RecvError(f"prefill engine {params.remote_engine_id!r} is incompatible with this decode: {e}") from None
-        names = [self.agent.add_remote(r.agent_metadata) for r in sources]
+        added: dict[str, str] = {}  # export shards of one prefill rank share its NIXL agent
+        for r in sources:
+            if r.agent_name not in added:
+                added[r.agent_name] = self.agent.add_remote(r.agent_metadata)
+        names = [added[r.agent_name] for r in sources]
         if identical:
             return RemoteEngine(params.remote_engine_id, params.remote_host, params.remote_port, sources, names,
                                 layouts, None, None)

@@ -50,7 +50,7 @@ class ConnectorScheduler:
     # ------------------------------------------------------------------ handshake
     def set_xfer_handshake_metadata(self, metadata: dict[int, RankHandshake]) -> None:
         """Every worker's ``RankInfo`` arrives here once; a producer then opens its side channel."""
-        self.ranks = [wire.decode_rank_info(metadata[r].rank_info) for r in sorted(metadata)]
+        self.ranks = [wire.decode_rank_info(info) for r in sorted(metadata) for info in metadata[r].rank_infos]
         if self.is_producer and self.server is None:
             self.server = SideChannelServer(self.config.host, self.config.port(self.dp_rank), self._serve)
             logger.info("HeteroNixlConnector side channel on %s:%d serving %d rank(s) in format %s",

@@ -11,21 +11,46 @@ without asking the workers.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import msgspec
 import torch
 
 from vllm_hetero_pd.config import ConfigError
 from vllm_hetero_pd.connector.metadata import ExportJob
-from vllm_hetero_pd.formats.format import KVFormat, LayoutError
+from vllm_hetero_pd.formats.format import KVFormat, LayoutError, head_range
 from vllm_hetero_pd.formats.presets import preset
-from vllm_hetero_pd.shim.plan import plan
+from vllm_hetero_pd.shim.plan import TranslationPlan, plan
 from vllm_hetero_pd.shim.translate import allocate, translate
 from vllm_hetero_pd.transport.block_layout import whole_cache_layer_addrs
 
 
+@dataclass(frozen=True)
+class ExportShard:
+    """One exposed rank: the heads it holds, in the export format, in its own registered buffer."""
+
+    format: KVFormat
+    plan: TranslationPlan
+    buffers: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.buffers) if isinstance(self.buffers, tuple) else [self.buffers]
+
+    @property
+    def layer_addrs(self) -> list[list[int]]:
+        return whole_cache_layer_addrs(self.format, [t.data_ptr() for t in self.tensors])
+
+
 class ExportArea:
-    def __init__(self, native: KVFormat, preset_name: str, block_size: int, device: torch.device):
+    """The export area of one prefill rank, optionally split into ``num_shards`` head shards.
+
+    Shards make one rank look like ``num_shards`` TP ranks of another engine (each holding a
+    slice of the heads, GQA replication included), so a decode's TP resharding (gathering heads
+    from several source ranks) can be exercised, and served, from a prefill with fewer ranks.
+    """
+
+    def __init__(self, native: KVFormat, preset_name: str, block_size: int, num_shards: int, device: torch.device):
         try:
             rule = preset(preset_name)
         except LayoutError as e:
@@ -39,20 +64,18 @@ class ExportArea:
                            num_kv_heads=native.num_kv_heads, head_size=native.head_size,
                            head_size_v=native.head_size_v, dtype=native.dtype, block_size=export_bs,
                            k_scales=native.k_scales, v_scales=native.v_scales, layer_names=native.layer_names)
-        self.format = msgspec.structs.replace(built, head_start=native.head_start, num_heads=native.num_heads)
-        self.plan = plan([native], self.format)
-        self.buffers = allocate(self.format, device)
-
-    @property
-    def tensors(self) -> list[torch.Tensor]:
-        return list(self.buffers) if isinstance(self.buffers, tuple) else [self.buffers]
-
-    @property
-    def layer_addrs(self) -> list[list[int]]:
-        return whole_cache_layer_addrs(self.format, [t.data_ptr() for t in self.tensors])
+        self.shards = []
+        for r in range(num_shards):
+            try:
+                first, count = head_range(native.num_heads, r, num_shards)
+            except LayoutError as e:
+                raise ConfigError(f"kv_connector_extra_config.export_tp_size {num_shards}: {e}") from None
+            fmt = msgspec.structs.replace(built, head_start=native.head_start + first, num_heads=count)
+            self.shards.append(ExportShard(fmt, plan([native], fmt), allocate(fmt, device)))
 
     def write(self, kv_caches: Mapping[str, torch.Tensor], job: ExportJob) -> None:
         """Mirror positions ``[job.start, job.stop)`` of a request into its export blocks."""
         export_ids = [b * self.ratio + j for b in job.block_ids for j in range(self.ratio)]
-        translate(self.plan, [kv_caches], self.buffers, src_block_ids=job.block_ids, dst_block_ids=export_ids,
-                  start=job.start, stop=job.stop)
+        for shard in self.shards:
+            translate(shard.plan, [kv_caches], shard.buffers, src_block_ids=job.block_ids,
+                      dst_block_ids=export_ids, start=job.start, stop=job.stop)

@@ -44,7 +44,7 @@ class ConnectorWorker:
         self.local: LocalCache | None = None
         self.export: ExportArea | None = None
         self.receiver: Receiver | None = None
-        self.rank_info: wire.RankInfo | None = None
+        self.rank_infos: list[wire.RankInfo] = []
         self._num_failed = 0
 
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
@@ -57,24 +57,28 @@ class ConnectorWorker:
         layer_addrs = [[(e[p] if isinstance(e, tuple) else e).data_ptr() for e in kv_caches.values()]
                        for p in range(parts)]
         self.local = LocalCache(fmt, kv_caches, block_layout(fmt), layer_addrs, mem_type)
-        exposed, exposed_addrs = fmt, layer_addrs
+        exposed = [(fmt, layer_addrs)]
         if self.is_producer and self.config.export_format:
-            self.export = ExportArea(fmt, self.config.export_format, self.config.export_block_size, tensors[0].device)
-            self.agent.register([(t.data_ptr(), t.nbytes) for t in self.export.tensors], mem_type)
-            exposed, exposed_addrs = self.export.format, self.export.layer_addrs
-            block_layout(exposed)  # refuse at start-up a format that NIXL cannot read per block
+            self.export = ExportArea(fmt, self.config.export_format, self.config.export_block_size,
+                                     self.config.export_tp_size, tensors[0].device)
+            for shard in self.export.shards:
+                self.agent.register([(t.data_ptr(), t.nbytes) for t in shard.tensors], mem_type)
+                block_layout(shard.format)  # refuse at start-up a format that NIXL cannot read per block
+            exposed = [(shard.format, shard.layer_addrs) for shard in self.export.shards]
         if self.is_consumer:
             self.receiver = Receiver(self.agent, self.config, self.local,
                                      self.vllm_config.parallel_config.tensor_parallel_size)
-        self.rank_info = wire.RankInfo(tp_rank=self.tp_rank, agent_name=self.agent.name,
-                                       agent_metadata=self.agent.metadata(), format=exposed,
-                                       layer_addrs=exposed_addrs, mem_type=mem_type)
+        metadata = self.agent.metadata()
+        self.rank_infos = [wire.RankInfo(tp_rank=self.tp_rank * len(exposed) + i, agent_name=self.agent.name,
+                                         agent_metadata=metadata, format=f, layer_addrs=addrs, mem_type=mem_type)
+                           for i, (f, addrs) in enumerate(exposed)]
         logger.info("HeteroNixlConnector rank %d: native format %s (block %d, %d heads from %d, %s)%s",
                     self.tp_rank, fmt.name, fmt.block_size, fmt.num_heads, fmt.head_start, fmt.dtype,
-                    f", exporting {exposed.name} block {exposed.block_size}" if self.export else "")
+                    f", exporting {exposed[0][0].name} block {exposed[0][0].block_size} as {len(exposed)} rank(s)"
+                    if self.export else "")
 
     def get_handshake_metadata(self) -> RankHandshake | None:
-        return None if self.rank_info is None else RankHandshake(wire.encode(self.rank_info))
+        return RankHandshake([wire.encode(info) for info in self.rank_infos]) if self.rank_infos else None
 
     def start_load_kv(self, meta: HeteroConnectorMetadata) -> None:
         for job in meta.recvs:
