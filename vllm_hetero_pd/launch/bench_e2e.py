@@ -1,0 +1,276 @@
+"""End-to-end P/D benchmark: monolithic vs upstream NixlConnector vs HeteroNixlConnector (same and translated formats).
+
+Every configuration runs in the same invocation on the same machine and model, so the ratios it prints
+(ours / upstream TTFT, translated / same-format TTFT, connector bytes/s / raw NIXL bytes/s) compare like with
+like. Load comes from ``vllm bench serve`` through our router (or straight at the monolithic engine); transfer
+and translate times come from the decode's Prometheus histograms as deltas over the run. Engines run with
+prefix caching off and every run gets a fresh seed, otherwise repeated prompts would hit the cache and skip
+the transfer being measured (notes/baseline-cpu.md, P3/P4/P7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from vllm_hetero_pd.launch.cluster import LocalCluster, free_port
+from vllm_hetero_pd.launch.instance import InstanceSpec, hetero_kv_config
+from vllm_hetero_pd.testing.metrics import metric_sum, scrape
+
+NO_PREFIX_CACHE = ["--no-enable-prefix-caching"]
+
+
+class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """One served configuration: how the prefill and decode engines are set up (no decode = monolithic)."""
+
+    name: str
+    prefill_kv: dict[str, Any] | None = None
+    decode_kv: dict[str, Any] | None = None
+    prefill_block_size: int = 128
+    connector: str = "none"  # "none", "upstream" or "hetero": which histograms to read
+
+
+class ConfigResult(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    num_requests: int
+    ttft_p50_ms: float
+    ttft_p90_ms: float
+    tpot_p50_ms: float
+    transfer_ms_per_req: float | None = None
+    translate_ms_per_req: float | None = None
+    bytes_per_req: float | None = None
+
+
+def _upstream(role: str) -> dict[str, Any]:
+    return {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"}
+
+
+CONFIGS = (
+    BenchConfig(name="monolithic"),
+    BenchConfig(name="upstream-nixl", prefill_kv=_upstream("kv_producer"), decode_kv=_upstream("kv_consumer"),
+                connector="upstream"),
+    BenchConfig(name="ours-bs128-to-bs128", prefill_kv=hetero_kv_config("kv_producer"),
+                decode_kv=hetero_kv_config("kv_consumer"), connector="hetero"),
+    BenchConfig(name="ours-bs32-to-bs128", prefill_kv=hetero_kv_config("kv_producer"),
+                decode_kv=hetero_kv_config("kv_consumer"), prefill_block_size=32, connector="hetero"),
+    BenchConfig(name="ours-cuda-flash-attn-LBNHC-bs16-to-cpu",
+                prefill_kv=hetero_kv_config("kv_producer", {"export_format": "cuda/flash_attn/C/LBNHC",
+                                                            "export_block_size": 16}),
+                decode_kv=hetero_kv_config("kv_consumer"), connector="hetero"),
+)
+
+# (transfer seconds histogram, translate seconds histogram or None, bytes counter) per connector.
+_METRICS = {
+    "hetero": ("vllm:hetero_pd_transfer_seconds", "vllm:hetero_pd_translate_seconds",
+               "vllm:hetero_pd_bytes_transferred"),
+    "upstream": ("vllm:nixl_xfer_time_seconds", None, "vllm:nixl_bytes_transferred"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model path (default: the tiny llama-gqa-d32 bf16 test model)")
+    parser.add_argument("--num-prompts", type=int, default=30)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--configs", nargs="*", default=[c.name for c in CONFIGS], choices=[c.name for c in CONFIGS])
+    parser.add_argument("--raw-repeats", type=int, default=50, help="raw NIXL READs timed for the baseline")
+    parser.add_argument("--out", type=Path, default=Path("bench-e2e-out"), help="dir for results.json / results.md")
+    parser.add_argument("--seed", type=int, default=None, help="base seed (default: from the clock, fresh per run)")
+
+
+def _bench_serve(base_url: str, model: str, args: argparse.Namespace, seed: int, result_dir: Path) -> dict:
+    """Drive ``vllm bench serve`` at ``base_url`` and return its saved JSON result."""
+    result_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "vllm_hetero_pd.launch.vllm_cli", "bench", "serve", "--base-url", base_url,
+           "--model", model, "--dataset-name", "random", "--random-input-len", str(args.input_len),
+           "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
+           "--max-concurrency", "1", "--seed", str(seed), "--percentile-metrics", "ttft,tpot",
+           "--metric-percentiles", "50,90", "--save-result", "--result-dir", str(result_dir),
+           "--result-filename", "result.json"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads((result_dir / "result.json").read_text())
+
+
+def _histogram_totals(url: str, connector: str) -> dict[str, float]:
+    samples = scrape(url)
+    transfer, translate, nbytes = _METRICS[connector]
+    totals = {"transfer_sum": metric_sum(samples, transfer + "_sum"),
+              "transfer_count": metric_sum(samples, transfer + "_count"),
+              "bytes": metric_sum(samples, nbytes + "_total") or metric_sum(samples, nbytes + "_sum")}
+    if translate:
+        totals["translate_sum"] = metric_sum(samples, translate + "_sum")
+    return totals
+
+
+def summarize(name: str, serve: dict, before: dict[str, float] | None, after: dict[str, float] | None) -> ConfigResult:
+    """Turn one ``vllm bench serve`` result plus histogram deltas into a table row (per-request averages)."""
+    row = {"name": name, "num_requests": int(serve["completed"]), "ttft_p50_ms": float(serve["p50_ttft_ms"]),
+           "ttft_p90_ms": float(serve["p90_ttft_ms"]), "tpot_p50_ms": float(serve["p50_tpot_ms"])}
+    if before is not None and after is not None:
+        delta = {k: after[k] - before.get(k, 0.0) for k in after}
+        if delta["transfer_count"] <= 0:
+            raise RuntimeError(f"{name}: decode recorded no KV transfers; was prefix caching on or the router bypassed?")
+        n = row["num_requests"]
+        row["transfer_ms_per_req"] = 1e3 * delta["transfer_sum"] / n
+        row["bytes_per_req"] = delta["bytes"] / n
+        if "translate_sum" in delta:
+            row["translate_ms_per_req"] = 1e3 * delta["translate_sum"] / n
+    return ConfigResult(**row)
+
+
+def ratios(results: dict[str, ConfigResult], raw_bytes_per_s: float | None) -> dict[str, float]:
+    """The ratios issue 4 names; each only when both sides were measured in this run."""
+    out: dict[str, float] = {}
+    same, upstream = results.get("ours-bs128-to-bs128"), results.get("upstream-nixl")
+    if same and upstream:
+        out["ttft_p50 ours-same-format / upstream"] = same.ttft_p50_ms / upstream.ttft_p50_ms
+    for r in results.values():
+        if same and r.name.startswith("ours-") and r is not same:
+            out[f"ttft_p50 {r.name} / ours-same-format"] = r.ttft_p50_ms / same.ttft_p50_ms
+        if raw_bytes_per_s and r.transfer_ms_per_req and r.bytes_per_req:
+            out[f"transfer bytes/s {r.name} / raw NIXL"] = (r.bytes_per_req / (r.transfer_ms_per_req / 1e3)
+                                                            / raw_bytes_per_s)
+    return out
+
+
+def markdown_table(results: dict[str, ConfigResult], ratio_map: dict[str, float], raw_bytes_per_s: float | None) -> str:
+    def fmt(v: float | None, digits: int = 2) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+    lines = ["| config | requests | TTFT p50 ms | TTFT p90 ms | TPOT p50 ms | transfer ms/req | translate ms/req "
+             "| KiB/req |", "|---|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        kib = None if r.bytes_per_req is None else r.bytes_per_req / 1024
+        lines.append(f"| {r.name} | {r.num_requests} | {fmt(r.ttft_p50_ms)} | {fmt(r.ttft_p90_ms)} | "
+                     f"{fmt(r.tpot_p50_ms)} | {fmt(r.transfer_ms_per_req, 3)} | {fmt(r.translate_ms_per_req, 3)} | "
+                     f"{fmt(kib, 1)} |")
+    if raw_bytes_per_s:
+        lines += ["", f"Raw NIXL READ (same bytes, block-sized descriptors): {raw_bytes_per_s / 2**30:.2f} GiB/s"]
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in ratio_map.items()]
+    return "\n".join(lines) + "\n"
+
+
+def raw_nixl_bytes_per_s(total_bytes: int, desc_bytes: int, repeats: int) -> float:
+    """Mean throughput of a two-agent NIXL READ of ``total_bytes`` of DRAM in ``desc_bytes`` descriptors."""
+    from vllm_hetero_pd.transport.nixl_agent import NixlAgent
+
+    num = max(1, total_bytes // desc_bytes)
+    src, dst = np.ones(num * desc_bytes, dtype=np.uint8), np.zeros(num * desc_bytes, dtype=np.uint8)
+    offsets = np.arange(num, dtype=np.uint64) * desc_bytes
+    agents = [NixlAgent(name=f"raw-{role}-{free_port()}", backends=["UCX"], backend_params={}, progress_delay_us=100)
+              for role in ("src", "dst")]
+    try:
+        agents[0].register([(src.ctypes.data, src.nbytes)], "DRAM")
+        agents[1].register([(dst.ctypes.data, dst.nbytes)], "DRAM")
+        remote = agents[1].add_remote(agents[0].metadata())
+        size = np.full(num, desc_bytes, dtype=np.uint64)
+        local = np.stack([offsets + dst.ctypes.data, size], axis=1)
+        remote_descs = np.stack([offsets + src.ctypes.data, size], axis=1)
+        elapsed = 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            read = agents[1].read(remote, local, remote_descs, "DRAM")
+            while (state := agents[1].poll(read)) == "PROC":
+                pass
+            elapsed += time.perf_counter() - start
+            if state != "DONE":
+                raise RuntimeError(f"raw NIXL READ ended in state {state}")
+        if not (dst == 1).all():
+            raise RuntimeError("raw NIXL READ did not copy the source bytes")
+        return num * desc_bytes * repeats / elapsed
+    finally:
+        for agent in agents:
+            agent.close()
+
+
+def _block_desc_bytes(model: str, block_size: int = 128) -> int:
+    """Bytes of one block of one layer's K (or V): the descriptor size the connectors READ with."""
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    elem = 4 if cfg.get("torch_dtype") == "float32" else 2
+    return block_size * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim * elem
+
+
+def run_config(config: BenchConfig, model: str, args: argparse.Namespace, seed: int, work: Path) -> ConfigResult:
+    if config.decode_kv is None:
+        specs = [InstanceSpec(role="monolithic", model=model, block_size=128, extra_args=NO_PREFIX_CACHE)]
+    else:
+        specs = [InstanceSpec(role="prefill", model=model, block_size=config.prefill_block_size,
+                              kv_transfer_config=config.prefill_kv, extra_args=NO_PREFIX_CACHE),
+                 InstanceSpec(role="decode", model=model, block_size=128, kv_transfer_config=config.decode_kv,
+                              extra_args=NO_PREFIX_CACHE)]
+    with LocalCluster(specs, work / config.name / "logs") as cluster:
+        if config.decode_kv is None:
+            serve = _bench_serve(cluster.instances[0].url, model, args, seed, work / config.name)
+            return summarize(config.name, serve, None, None)
+        prefill, decode = cluster.instances
+        port = free_port()
+        router = subprocess.Popen([sys.executable, "-m", "vllm_hetero_pd.cli", "proxy", "--port", str(port),
+                                   "--prefill", prefill.url, "--decode", decode.url],
+                                  stdout=subprocess.DEVNULL, stderr=open(work / f"{config.name}-router.log", "w"))
+        try:
+            _wait_router(f"http://127.0.0.1:{port}", router)
+            before = _histogram_totals(decode.url, config.connector)
+            serve = _bench_serve(f"http://127.0.0.1:{port}", model, args, seed, work / config.name)
+            after = _histogram_totals(decode.url, config.connector)
+        finally:
+            router.terminate()
+            router.wait(timeout=20)
+    return summarize(config.name, serve, before, after)
+
+
+def _wait_router(url: str, router: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    import urllib.request
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if router.poll() is not None:
+            raise RuntimeError(f"router exited with {router.returncode}; see its log in the --out dir")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"router at {url} not healthy after {timeout_s}s")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.model is None:
+        from vllm_hetero_pd.testing.tiny_model import build_tiny_model
+        args.model = str(build_tiny_model("llama-gqa-d32", "bfloat16"))
+    seed = args.seed if args.seed is not None else int(time.time())
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir=args.out))
+    results: dict[str, ConfigResult] = {}
+    for index, config in enumerate(c for c in CONFIGS if c.name in args.configs):
+        results[config.name] = run_config(config, args.model, args, seed + index, work)
+        print(f"{config.name}: {msgspec.json.encode(results[config.name]).decode()}", flush=True)
+    per_req = [r.bytes_per_req for r in results.values() if r.bytes_per_req]
+    raw = (raw_nixl_bytes_per_s(int(max(per_req)), _block_desc_bytes(args.model), args.raw_repeats)
+           if per_req else None)
+    ratio_map = ratios(results, raw)
+    table = markdown_table(results, ratio_map, raw)
+    print(table)
+    (args.out / "results.md").write_text(table)
+    (args.out / "results.json").write_bytes(msgspec.json.encode(
+        {"results": list(results.values()), "raw_nixl_bytes_per_s": raw, "ratios": ratio_map, "seed": seed}))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
