@@ -10,17 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vllm_hetero_pd.launch.cluster import free_ports
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def listening(port: int) -> bool:

@@ -24,10 +24,20 @@ class LaunchError(RuntimeError):
     """An instance died or did not become healthy; the message carries its log tail."""
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (all held open together, so none repeats)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def check_port_free(port: int) -> None:

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from vllm_hetero_pd.launch.cluster import free_ports
 from vllm_hetero_pd.router.protocol import REMOTE_DECODE_PARAMS
 
 
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _use_uvloop()
-    prefill_port, decode_port, router_port = _free_ports(3)
+    prefill_port, decode_port, router_port = free_ports(3)
     fakes = multiprocessing.get_context("spawn").Process(target=_serve_fakes, args=(prefill_port, decode_port),
                                                          daemon=True)
     fakes.start()
@@ -210,14 +210,6 @@ def _serve_fakes(prefill_port: int, decode_port: int) -> None:
     asyncio.run(serve())
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _use_uvloop() -> None:
