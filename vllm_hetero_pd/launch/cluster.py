@@ -8,6 +8,7 @@ an engine-core process and, with TP > 1, worker processes, which must all go.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,16 +25,32 @@ class LaunchError(RuntimeError):
     """An instance died or did not become healthy; the message carries its log tail."""
 
 
+# Below Linux's default ephemeral range (32768-60999): a port handed out here cannot be taken in
+# the meantime by another process's ephemeral bind (vLLM's engines open many ZMQ sockets), which
+# made a side channel occasionally fail with "Address already in use".
+PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()  # never hand a port out twice: its server may not have bound it yet
+
+
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports (all held open together, so none repeats)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    """``count`` distinct loopback ports, free right now, outside the ephemeral range."""
+    low, high = PORT_RANGE
+    start = random.randrange(low, high)
+    ports: list[int] = []
+    for offset in range(high - low):
+        port = low + (start - low + offset) % (high - low)
+        if port in _handed_out:
+            continue
+        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        _handed_out.add(port)
+        if len(ports) == count:
+            return ports
+    raise LaunchError(f"no {count} free ports in {low}-{high}")
 
 
 def free_port() -> int:
