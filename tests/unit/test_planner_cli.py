@@ -53,10 +53,29 @@ def test_infeasible_slo_exits_2_with_the_floor(capsys):
     (["--inventory", "H100"], "--inventory expects NAME=NUMBER"),
     (["--price", "H100=-1"], "a price must be > 0"),
     (["--max-entries", "3"], "--max-entries must be 1 or 2"),
+    (["--max-instances", "0"], "--max-instances must be >= 1"),
+    (["--tp", "0"], "--tp degrees must be >= 1, got 0"),
+    (["--tp", "x"], "--tp expects a comma list of integers"),
+    (["--tp", "3,16"], "--tp 3 does not divide llama-3.1-70b's 64 attention heads"),
+    (["--tp", "16"], "--tp 16 exceeds max_tp 8 of every device searched"),
+    (["--isl", "400000"], "400512 tokens exceeds llama-3.1-70b's context limit 131072"),
+    (["--rate", "0"], "--rate must be > 0"),
+    (["--quantile", "1.5"], "SLO quantile must be in [0.5, 1)"),
+    (["--catalog", "/nonexistent/cat.yaml"], "cannot read catalog /nonexistent/cat.yaml"),
+    (["--emit-launch", "/proc/version"], "--emit-launch /proc/version is an existing file"),
+    (["--emit-launch", "/proc/version/sub"], "is not a writable directory"),
 ])
-def test_bad_input_exits_2_with_a_clear_message(capsys, extra, message):
-    code, _, err = run(capsys, *extra)
-    assert code == 2 and message in err
+def test_bad_input_exits_2_with_one_line_and_no_plan(capsys, extra, message):
+    """Finding 9: each bad input is refused before anything is printed, in one line, with code 2."""
+    code, out, err = run(capsys, *extra)
+    assert code == 2 and message in err, err
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_plot_into_a_missing_folder_is_refused_before_the_plan(capsys, tmp_path):
+    code, out, err = run(capsys, "--plot", str(tmp_path / "missing" / "p.png"))
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "does not exist" in err or "needs matplotlib" in err
 
 
 def test_model_config_missing_fields_exits_2(capsys, tmp_path):
@@ -130,12 +149,100 @@ def test_explain_and_plot(capsys, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_pareto_points_are_the_cheapest_plans_with_their_latencies(capsys):
+    from vllm_hetero_pd.planner import cli, report
+
+    code, out, _ = run(capsys, "--json", "--explain", "--devices", "H100,B200,MI300X")
+    doc = json.loads(out)
+    args = cli_args("--devices", "H100,B200,MI300X")
+    catalog, model, workload, slo, space, _, _ = cli._plan(args)
+    alts = [msgspec.convert(a, type=report.Alternative) for a in doc["alternatives"]]
+    points = cli._pareto_points(model, catalog, workload, slo, alts)
+    costs = [p.cost_per_mtok for p in points]
+    assert costs == sorted(costs) and len(points) == sum(1 for a in alts if a.plan)
+    assert all(p.ttft_s <= slo.ttft_s and p.tpot_s <= slo.tpot_s for p in points)
+    front = report.pareto_front(points, lambda p: p.ttft_s)
+    assert front[0].cost_per_mtok == points[0].cost_per_mtok  # a cheapest plan is always on the front
+    assert all(a.ttft_s > b.ttft_s for a, b in zip(front, front[1:]))  # each dearer point is faster
+    beaten = [p for p in points if p not in front]
+    assert all(any(f.cost_per_mtok <= p.cost_per_mtok and f.ttft_s <= p.ttft_s for f in front) for p in beaten)
+
+
+def cli_args(*extra: str):
+    import argparse
+
+    from vllm_hetero_pd.planner import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args([*BASE[1:], *extra])
+
+
+def test_json_carries_the_catalog_version_digest_and_inputs(capsys):
+    code, out, _ = run(capsys, "--json", "--devices", "H100,Gaudi3")
+    doc = json.loads(out)["catalog"]
+    assert code == 0 and list(doc["versions"].values())[0] == "2026-12-01"
+    assert len(doc["digest"]) == 16 and set(doc["devices"]) == {"H100", "Gaudi3"}
+    assert doc["devices"]["Gaudi3"]["sources"]["price_per_hour"].startswith("[inferred]")
+
+
+def test_default_search_leaves_out_the_cpu_host(capsys):
+    code, out, _ = run(capsys, "--json", "--explain")
+    assert code == 0 and not any(a["label"].startswith("CPU") or ":CPU" in a["label"]
+                                 for a in json.loads(out)["alternatives"])
+
+
 def test_planner_imports_neither_torch_nor_vllm():
     code = ("import sys, vllm_hetero_pd.cli, vllm_hetero_pd.planner.cli, vllm_hetero_pd.planner.calibrate, "
             "vllm_hetero_pd.planner.bench; "
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm')); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_bare_json_config_serves_its_name_or_path_or_asks_for_one(capsys, tmp_path):
+    from vllm_hetero_pd.planner.model import PRESETS
+
+    cfg = tmp_path / "llama-3.1-70b.json"
+    cfg.write_text(json.dumps(PRESETS["llama-3.1-70b"]))
+    args = ["plan", "--model", str(cfg), *BASE[3:], "--devices", "H100", "--emit-launch"]
+    assert main([*args, str(tmp_path / "a")]) == 0
+    assert "vllm serve meta-llama/Llama-3.1-70B-Instruct" in next((tmp_path / "a").glob("*_0.sh")).read_text()
+    cfg.write_text(json.dumps({k: v for k, v in PRESETS["llama-3.1-70b"].items() if k != "_name_or_path"}))
+    capsys.readouterr()
+    assert main([*args, str(tmp_path / "b")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "give --served-model" in err and not (tmp_path / "b").exists()
+    assert main([*args, str(tmp_path / "c"), "--served-model", "/models/l70"]) == 0
+    assert "vllm serve /models/l70" in next((tmp_path / "c").glob("*_0.sh")).read_text()
+
+
+@pytest.fixture(scope="module")
+def vllm_serve_parser():
+    """vLLM's own `vllm serve` parser: the emitted flags must be ones vLLM accepts."""
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+@pytest.mark.parametrize("device,vendor_flag", [("H100", None), ("MI300X", None), ("Gaudi3", ("--block-size", "128"))])
+def test_emitted_serve_flags_parse_with_vllm_and_set_the_planned_limits(vllm_serve_parser, device, vendor_flag):
+    from vllm_hetero_pd.planner import emit
+    from vllm_hetero_pd.planner.catalog import load_catalog
+    from vllm_hetero_pd.planner.model import load_model
+
+    catalog, model = load_catalog(), load_model("llama-3.1-70b", weight_dtype="fp8")
+    inst = emit.Instance(name="decode_0", role="decode", device=device, vendor=catalog.device(device).vendor, tp=2,
+                         port=8100, weight=1.0, max_model_len=4608, max_num_seqs=96)
+    argv = emit.serve_args(model, "meta-llama/Llama-3.1-70B-Instruct", inst)
+    args = vllm_serve_parser.parse_args(argv[2:])
+    assert (args.max_model_len, args.max_num_seqs, args.gpu_memory_utilization) == (4608, 96, 0.9)
+    assert args.tensor_parallel_size == 2 and args.kv_transfer_config.kv_role == "kv_consumer"
+    assert args.kv_cache_dtype == ("fp8_inc" if device == "Gaudi3" else "fp8")
+    if vendor_flag:
+        assert args.block_size == int(vendor_flag[1])
 
 
 def test_calibrate_without_a_server_exits_2(capsys, tmp_path):

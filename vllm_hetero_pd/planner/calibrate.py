@@ -24,7 +24,7 @@ from vllm_hetero_pd.planner.catalog import CatalogError, CatalogFile, load_catal
 from vllm_hetero_pd.planner.fit import DecodeSample, PrefillSample, fit_device
 from vllm_hetero_pd.planner.model import ModelError, ModelSpec, load_model
 
-_TIMEOUT = aiohttp.ClientTimeout(total=600)
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=600)
 
 
 class Completion(msgspec.Struct, frozen=True):
@@ -73,7 +73,7 @@ async def measure_prefill(url: str, lengths: list[int], repeats: int, vocab_size
     stalls a shared host adds to single requests)."""
     rng = random.Random(seed)
     samples = []
-    async with aiohttp.ClientSession(timeout=_TIMEOUT) as session:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
         model = await served_model(session, url)
         await complete(session, url, model, random_prompt(rng, 8, vocab_size), 1)  # warm-up
         for length in lengths:
@@ -92,7 +92,7 @@ async def measure_decode(url: str, batches: list[int], contexts: list[int], step
     """
     rng = random.Random(seed)
     samples = []
-    async with aiohttp.ClientSession(timeout=_TIMEOUT) as session:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
         model = await served_model(session, url)
         for context in contexts:
             for batch in batches:

@@ -8,6 +8,7 @@ replaces the entry of the same name; links are looked up most-specific first.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import msgspec
@@ -116,6 +117,7 @@ class Link(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
 class CatalogFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The schema of one catalog YAML/JSON file."""
 
+    version: str = ""  # when the numbers were last reviewed; --json reports it with the file
     devices: list[Device] = []
     links: list[Link] = []
 
@@ -125,6 +127,11 @@ class Catalog(msgspec.Struct, frozen=True, kw_only=True):
 
     devices: dict[str, Device]
     links: list[Link]
+    versions: dict[str, str] = {}  # file -> its version string, in load order
+
+    def digest(self) -> str:
+        """SHA-256 of the merged numbers, so two reports can tell whether they used the same inputs."""
+        return hashlib.sha256(msgspec.json.encode([self.devices, self.links])).hexdigest()[:16]
 
     def device(self, name: str) -> Device:
         """Look up a device by name, case-insensitively; unknown names list the known ones."""
@@ -163,8 +170,10 @@ def load_catalog(extra_paths: list[Path] = ()) -> Catalog:
     """The shipped catalog with each file in ``extra_paths`` layered on top, in order."""
     devices: dict[str, Device] = {}
     links: list[Link] = []
+    versions: dict[str, str] = {}
     for path in (SHIPPED_CATALOG, *extra_paths):
         part = read_catalog_file(Path(path))
         devices.update((d.name, d) for d in part.devices)
         links.extend(part.links)
-    return Catalog(devices=devices, links=links)
+        versions[str(path)] = part.version
+    return Catalog(devices=devices, links=links, versions=versions)

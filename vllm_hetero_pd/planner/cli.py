@@ -8,20 +8,27 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import msgspec
 
 from vllm_hetero_pd.planner import emit, report
-from vllm_hetero_pd.planner.catalog import Catalog, CatalogError, load_catalog
-from vllm_hetero_pd.planner.model import ModelError, load_model, serve_name
+from vllm_hetero_pd.planner.catalog import Catalog, CatalogError, Device, load_catalog
+from vllm_hetero_pd.planner.model import ModelError, ModelSpec, load_model, serve_name
 from vllm_hetero_pd.planner.perf import TP_DEGREES
 from vllm_hetero_pd.planner.predict import predict
 from vllm_hetero_pd.planner.search import SearchError, SearchSpace, alternatives, diagnose, prepare, search, solve
 from vllm_hetero_pd.planner.workload import Slo, Workload, WorkloadError
 
-_INPUT_ERRORS = (CatalogError, ModelError, WorkloadError, SearchError)
+
+
+class CliError(ValueError):
+    """An output path the CLI cannot write, found before any searching is done."""
+
+
+_INPUT_ERRORS = (CatalogError, ModelError, WorkloadError, SearchError, CliError)
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -67,13 +74,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=None, metavar="$/h", help="maximum cost per hour")
     parser.add_argument("--objective", choices=("cost", "goodput"), default="cost",
                         help="cost: cheapest plan for --rate; goodput: highest rate within --budget/--inventory")
-    parser.add_argument("--tp", default=",".join(map(str, TP_DEGREES)), help="TP degrees to try")
+    parser.add_argument("--tp", default=None,
+                        help="TP degrees to try (default: those of 1,2,4,8 the model's heads allow)")
     parser.add_argument("--max-instances", type=int, default=64, help="instances per pool entry")
     parser.add_argument("--max-entries", type=int, default=2, help="(device, TP) entries per pool: 1 or 2")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--explain", action="store_true", help="show why each alternative lost")
     parser.add_argument("--emit-launch", type=Path, metavar="DIR", help="write launch scripts for the plan")
-    parser.add_argument("--plot", type=Path, metavar="PNG", help="cost-throughput chart (needs matplotlib)")
+    parser.add_argument("--served-model", default=None, metavar="ID_OR_DIR",
+                        help="what the emitted scripts serve (default: the preset's HF id or the model dir)")
+    parser.add_argument("--plot", type=Path, metavar="PNG",
+                        help="Pareto front of $/Mtok vs TTFT and TPOT over the alternatives (needs matplotlib)")
 
 
 def _catalog(args: argparse.Namespace) -> Catalog:
@@ -88,8 +99,34 @@ def _catalog(args: argparse.Namespace) -> Catalog:
     return msgspec.structs.replace(catalog, devices=devices)
 
 
-def _space(args: argparse.Namespace, catalog: Catalog) -> SearchSpace:
-    every = [catalog.device(n).name for n in (_names(args.devices) or list(catalog.devices))]
+def _default_devices(catalog: Catalog) -> list[str]:
+    """Every accelerator in the catalog; CPU hosts only when named, as nobody plans a fleet of them."""
+    return [d.name for d in catalog.devices.values() if d.vendor != "cpu"]
+
+
+def _tp_degrees(text: str | None, model: ModelSpec, devices: list[Device]) -> tuple[int, ...]:
+    """TP degrees to search. Defaults quietly skip what the model's heads forbid; a degree the user
+    names must be usable by the model and by some device, or it would surface as an SLO miss."""
+    if text is None:
+        return tuple(t for t in TP_DEGREES if model.valid_tp(t))
+    try:
+        tps = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise SearchError(f"--tp expects a comma list of integers, got {text!r}") from None
+    largest = max(d.max_tp for d in devices)
+    for tp in tps:
+        if tp < 1:
+            raise SearchError(f"--tp degrees must be >= 1, got {tp}")
+        if not model.valid_tp(tp):
+            raise SearchError(f"--tp {tp} does not divide {model.name}'s {model.num_heads} attention heads / "
+                              f"{model.num_kv_heads} KV heads")
+        if tp > largest:
+            raise SearchError(f"--tp {tp} exceeds max_tp {largest} of every device searched")
+    return tps
+
+
+def _space(args: argparse.Namespace, catalog: Catalog, model: ModelSpec) -> SearchSpace:
+    every = [catalog.device(n).name for n in (_names(args.devices) or _default_devices(catalog))]
     inventory = None
     if args.inventory:
         inventory = {catalog.device(n).name: int(v) for n, v in _pairs(args.inventory, "--inventory", int).items()}
@@ -100,16 +137,34 @@ def _space(args: argparse.Namespace, catalog: Catalog) -> SearchSpace:
             return ()
         return tuple(catalog.device(n).name for n in _names(flag)) if flag else tuple(every)
 
-    try:
-        tps = tuple(int(t) for t in args.tp.split(","))
-    except ValueError:
-        raise SearchError(f"--tp expects a comma list of integers, got {args.tp!r}") from None
     disagg, coloc = args.mode in ("both", "disaggregated"), args.mode in ("both", "colocated")
-    return SearchSpace(prefill_devices=role(args.prefill_devices, disagg),
-                       decode_devices=role(args.decode_devices, disagg),
-                       colocated_devices=role(args.colocated_devices, coloc), tp_degrees=tps,
-                       max_instances=args.max_instances, max_entries=args.max_entries,
-                       inventory=inventory, budget_per_hour=args.budget)
+    prefill, decode = role(args.prefill_devices, disagg), role(args.decode_devices, disagg)
+    colocated = role(args.colocated_devices, coloc)
+    searched = [catalog.device(n) for n in {*prefill, *decode, *colocated}] or [catalog.device(n) for n in every]
+    return SearchSpace(prefill_devices=prefill, decode_devices=decode, colocated_devices=colocated,
+                       tp_degrees=_tp_degrees(args.tp, model, searched), max_instances=args.max_instances,
+                       max_entries=args.max_entries, inventory=inventory, budget_per_hour=args.budget)
+
+
+def _writable_dir(flag: str, path: Path) -> None:
+    """``path`` is, or can be created as, a directory we may write into."""
+    if path.exists() and not path.is_dir():
+        raise CliError(f"{flag} {path} is an existing file; give a directory (it is created if missing)")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise CliError(f"{flag} {path}: {existing} is not a writable directory")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse unwritable outputs before searching, so a bad path never follows a printed plan."""
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise CliError("--plot needs matplotlib: pip install matplotlib (or the package's test extra)")
+        folder = args.plot.absolute().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise CliError(f"--plot {args.plot}: folder {folder} does not exist or is not writable")
+    if args.emit_launch:
+        _writable_dir("--emit-launch", args.emit_launch)
 
 
 def _max_goodput(model, catalog, workload, slo, space) -> Workload:
@@ -135,46 +190,34 @@ def _max_goodput(model, catalog, workload, slo, space) -> Workload:
     return msgspec.structs.replace(workload, rate=lo)
 
 
-def _pareto_series(model, catalog, workload, slo, space, alts) -> dict[str, list[tuple[float, float]]]:
-    """$/h against output tokens/s over a rate sweep: the best plan and the 5 best single-type ones."""
-    rates = [workload.rate * f for f in (0.25, 0.5, 1, 2, 4)]
-    families = {"best (mixed)": space}
-    for a in [a for a in alts if a.plan][:5]:
-        p, _, rest = a.label.partition(":")
-        families[a.label] = (msgspec.structs.replace(space, prefill_devices=(p,), decode_devices=(rest,),
-                                                      colocated_devices=())
-                             if rest else msgspec.structs.replace(space, prefill_devices=(), decode_devices=(),
-                                                                  colocated_devices=(p.split()[-1],)))
-    series = {}
-    for label, sub in families.items():
-        points = []
-        prepared = prepare(model, catalog, workload, slo, sub)
-        for rate in rates:
-            best = solve(prepared, msgspec.structs.replace(workload, rate=rate)).best
-            if best:
-                points.append((best.output_tokens_per_s, best.cost_per_hour))
-        series[label] = points
-    return series
+def _pareto_points(model, catalog, workload, slo, alts) -> list[report.PlanPoint]:
+    """Every feasible single-type alternative with its predicted latencies, cheapest first."""
+    plans = sorted((a for a in alts if a.plan), key=lambda a: a.plan.cost_per_hour)
+    return [report.PlanPoint(label=a.label, cost_per_mtok=p.cost_per_mtok, ttft_s=p.ttft_s, tpot_s=p.tpot_s)
+            for a in plans for p in [predict(a.plan, model, catalog, workload, slo)]]
+
+
+def _plan(args: argparse.Namespace):
+    """Parse every input, then search; raises one of ``_INPUT_ERRORS`` on bad input or no plan."""
+    _check_outputs(args)
+    catalog = _catalog(args)
+    model = load_model(args.model, weight_dtype=args.dtype, kv_dtype=args.kv_dtype)
+    workload = Workload(isl=args.isl, osl=args.osl, rate=args.rate)
+    model.check_context(workload.isl + workload.osl)
+    slo = Slo(ttft_s=args.ttft_p90 / 1e3, tpot_s=args.tpot_p90 / 1e3, quantile=args.quantile)
+    space = _space(args, catalog, model)
+    served = (args.served_model or serve_name(args.model)) if args.emit_launch else ""
+    if args.objective == "goodput":
+        workload = _max_goodput(model, catalog, workload, slo, space)
+    result = search(model, catalog, workload, slo, space)
+    if result.best is None:
+        raise SearchError(f"no feasible plan: {diagnose(model, catalog, workload, slo, space, result)}")
+    return catalog, model, workload, slo, space, served, result
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        print("error: --plot needs matplotlib: pip install matplotlib (or the package's test extra)",
-              file=sys.stderr)
-        return 2
     try:
-        catalog = _catalog(args)
-        model = load_model(args.model, weight_dtype=args.dtype, kv_dtype=args.kv_dtype)
-        workload = Workload(isl=args.isl, osl=args.osl, rate=args.rate)
-        slo = Slo(ttft_s=args.ttft_p90 / 1e3, tpot_s=args.tpot_p90 / 1e3, quantile=args.quantile)
-        space = _space(args, catalog)
-        if args.objective == "goodput":
-            workload = _max_goodput(model, catalog, workload, slo, space)
-        result = search(model, catalog, workload, slo, space)
-        if result.best is None:
-            print(f"error: no feasible plan: {diagnose(model, catalog, workload, slo, space, result)}",
-                  file=sys.stderr)
-            return 2
+        catalog, model, workload, slo, space, served, result = _plan(args)
     except _INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -183,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     alts = alternatives(model, catalog, workload, slo, space) if (args.explain or args.plot) else []
     if args.json:
         print(report.to_json(report.Report(model=args.model, workload=workload, slo=slo, result=result,
-                                           alternatives=alts)).decode())
+                                           alternatives=alts, catalog=report.snapshot(catalog, space))).decode())
     else:
         print(report.headline(result, workload, slo))
         print()
@@ -192,10 +235,10 @@ def run(args: argparse.Namespace) -> int:
             print()
             print(report.explain(result, alts))
     if args.emit_launch:
-        written = emit.write_launch(best, model, serve_name(args.model), args.emit_launch)
+        written = emit.write_launch(best, catalog, model, served, workload.isl + workload.osl, args.emit_launch)
         print(f"wrote {len(written)} files to {args.emit_launch}", file=sys.stderr)
     if args.plot:
-        series = _pareto_series(model, catalog, workload, slo, space, alts)
-        report.plot_pareto(args.plot, series, f"{args.model} ISL {workload.isl} OSL {workload.osl}")
+        report.plot_pareto(args.plot, _pareto_points(model, catalog, workload, slo, alts),
+                           f"{args.model} ISL {workload.isl} OSL {workload.osl} at {workload.rate:g} req/s")
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0

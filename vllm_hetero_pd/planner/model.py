@@ -17,16 +17,19 @@ PRESETS: dict[str, dict] = {
         "_name_or_path": "meta-llama/Llama-3.1-8B-Instruct", "num_hidden_layers": 32,
         "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
         "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+        "max_position_embeddings": 131072,
     },
     "llama-3.1-70b": {
         "_name_or_path": "meta-llama/Llama-3.1-70B-Instruct", "num_hidden_layers": 80,
         "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
         "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+        "max_position_embeddings": 131072,
     },
     "llama-3.1-405b": {
         "_name_or_path": "meta-llama/Llama-3.1-405B-Instruct", "num_hidden_layers": 126,
         "hidden_size": 16384, "intermediate_size": 53248, "num_attention_heads": 128,
         "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+        "max_position_embeddings": 131072,
     },
 }
 
@@ -54,6 +57,13 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     num_experts_per_token: int
     weight_bytes_per_param: int
     kv_bytes_per_element: int
+    max_context: int | None = None  # max_position_embeddings; None when the config does not say
+
+    def check_context(self, num_tokens: int) -> None:
+        """Refuse requests longer than the model was trained for: vLLM would reject them too."""
+        if self.max_context is not None and num_tokens > self.max_context:
+            raise ModelError(f"--isl + --osl = {num_tokens} tokens exceeds {self.name}'s context limit "
+                             f"{self.max_context} (max_position_embeddings)")
 
     @property
     def attention_params_per_layer(self) -> int:
@@ -131,6 +141,7 @@ def from_hf_config(config: dict, *, name: str, weight_dtype: str, kv_dtype: str)
         num_experts_per_token=text.get("num_experts_per_tok", 1) if num_experts > 1 else 1,
         weight_bytes_per_param=DTYPE_BYTES[weight_dtype],
         kv_bytes_per_element=DTYPE_BYTES[kv_dtype],
+        max_context=text.get("max_position_embeddings"),
     )
 
 
@@ -154,8 +165,18 @@ def load_model(spec: str, *, weight_dtype: str = "bf16", kv_dtype: str | None = 
 
 
 def serve_name(spec: str) -> str:
-    """What ``vllm serve`` should load: the HF id for a preset, else the model directory."""
+    """What ``vllm serve`` should load: the HF id for a preset, else the model directory.
+
+    A bare ``*.json`` file is not loadable by vLLM, so its ``_name_or_path`` is used, and a file
+    without one is an error (the caller passes ``--served-model``) rather than a broken script.
+    """
     if spec.lower() in PRESETS:
         return PRESETS[spec.lower()]["_name_or_path"]
     path = Path(spec)
-    return str(path.parent if path.name == "config.json" else path)
+    if path.is_dir() or path.name == "config.json":
+        return str(path if path.is_dir() else path.parent)
+    name = json.loads(path.read_text()).get("_name_or_path") if path.is_file() else None
+    if not name:
+        raise ModelError(f"{spec} is a bare config file that vllm serve cannot load and it names no "
+                         "_name_or_path; give --served-model ID_OR_DIR for the emitted scripts")
+    return name

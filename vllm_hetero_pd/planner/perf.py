@@ -33,6 +33,28 @@ GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default --gpu-memory-utilization
 ACTIVATION_BYTES = 2  # activations and all-reduce payloads stay BF16 under FP8 weights
 ALLREDUCE_LATENCY_S = 10e-6  # [inferred] per-call latency of an intra-node ring all-reduce
 TP_DEGREES = (1, 2, 4, 8)
+_GIB = 1 << 30
+
+
+class EngineLimits(msgspec.Struct, frozen=True):
+    """vLLM's scheduler caps for one instance: running sequences and tokens per forward."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+def serve_defaults(device: Device, tp: int) -> EngineLimits:
+    """What ``vllm serve`` picks when the flags are absent (vLLM 0.32 ``arg_utils.py``
+    ``get_batch_defaults``, OPENAI_API_SERVER context): by per-device memory, A100 excluded from
+    the large tier, CPU scaled by world size. Non-NVIDIA GPUs follow the same memory rule."""
+    memory = device.hbm_gb * 1e9
+    if device.vendor == "cpu":
+        return EngineLimits(128 * tp, 2048 * tp)
+    if memory >= 160 * _GIB:
+        return EngineLimits(1024, 16384)
+    if memory >= 70 * _GIB and "a100" not in device.name.lower():
+        return EngineLimits(1024, 8192)
+    return EngineLimits(256, 2048)
 
 
 class Capacity(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,6 +70,7 @@ class Capacity(msgspec.Struct, frozen=True, kw_only=True):
     binding: str
     reason: str = ""
     floor_s: float = 0.0  # zero-load latency of the binding metric when it misses the SLO
+    max_num_seqs: int = 0  # the running-sequence cap the capacity assumes (emitted as --max-num-seqs)
 
 
 def label(device: Device, tp: int) -> str:
@@ -179,7 +202,8 @@ def prefill_capacity(model: ModelSpec, device: Device, tp: int, workload: Worklo
                                f"{handoff * 1e3:.0f} ms)")
     rate = _largest_rate(lambda r: prefill_ttft_s(service, handoff, r, slo.quantile) <= slo.ttft_s,
                          1 / service)
-    return Capacity(device=device.name, tp=tp, rate=rate, binding="TTFT")
+    return Capacity(device=device.name, tp=tp, rate=rate, binding="TTFT",
+                    max_num_seqs=serve_defaults(device, tp).max_num_seqs)
 
 
 def decode_batch(model: ModelSpec, device: Device, tp: int, workload: Workload, rate: float,
@@ -236,7 +260,8 @@ def decode_capacity(model: ModelSpec, device: Device, tp: int, workload: Workloa
     step = decode_step_s(model, device, tp, mean_batch, context)
     rate = mean_batch / (workload.osl * step)  # Little's law at the largest admissible mean batch
     return Capacity(device=device.name, tp=tp, rate=rate,
-                    binding="TPOT" if by_tpot <= by_memory else "KV memory")
+                    binding="TPOT" if by_tpot <= by_memory else "KV memory",
+                    max_num_seqs=serve_defaults(device, tp).max_num_seqs)
 
 
 def colocated_latency(model: ModelSpec, device: Device, tp: int, workload: Workload, rate: float,
@@ -281,4 +306,5 @@ def colocated_capacity(model: ModelSpec, device: Device, tp: int, workload: Work
     rate = _largest_rate(meets, 1 / service)
     ttft, tpot = colocated_latency(model, device, tp, workload, rate * 1.001, slo.quantile)
     binding = "TTFT" if ttft > slo.ttft_s else "TPOT" if tpot > slo.tpot_s else "KV memory"
-    return Capacity(device=device.name, tp=tp, rate=rate, binding=binding)
+    return Capacity(device=device.name, tp=tp, rate=rate, binding=binding,
+                    max_num_seqs=serve_defaults(device, tp).max_num_seqs)

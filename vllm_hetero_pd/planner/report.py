@@ -7,7 +7,8 @@ from pathlib import Path
 
 import msgspec
 
-from vllm_hetero_pd.planner.search import Alternative, Entry, Option, Plan, SearchResult
+from vllm_hetero_pd.planner.catalog import Catalog, Device, Link
+from vllm_hetero_pd.planner.search import Alternative, Entry, Option, Plan, SearchResult, SearchSpace
 from vllm_hetero_pd.planner.workload import Slo, Workload
 
 _COLUMNS = ("role", "device", "TP", "count", "req/s/inst", "TTFT p{q}", "TPOT p{q}", "out tok/s",
@@ -90,6 +91,22 @@ def explain(result: SearchResult, alts: list[Alternative]) -> str:
     return "\n\n".join(parts)
 
 
+class CatalogSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """The catalog inputs a report was computed from: file versions, a digest, and the numbers."""
+
+    versions: dict[str, str]
+    digest: str
+    devices: dict[str, Device]  # only the devices the search considered
+    links: list[Link]
+
+
+def snapshot(catalog: Catalog, space: SearchSpace) -> CatalogSnapshot:
+    """The part of ``catalog`` that ``space`` used, so a --json report can be re-run or audited."""
+    used = {*space.prefill_devices, *space.decode_devices, *space.colocated_devices}
+    return CatalogSnapshot(versions=catalog.versions, digest=catalog.digest(),
+                           devices={n: d for n, d in catalog.devices.items() if n in used}, links=catalog.links)
+
+
 class Report(msgspec.Struct, frozen=True, kw_only=True):
     """The --json document."""
 
@@ -97,6 +114,7 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     workload: Workload
     slo: Slo
     result: SearchResult
+    catalog: CatalogSnapshot
     alternatives: list[Alternative] = []
 
 
@@ -104,23 +122,48 @@ def to_json(report: Report) -> bytes:
     return msgspec.json.format(msgspec.json.encode(report), indent=2)
 
 
-def plot_pareto(path: Path, series: dict[str, list[tuple[float, float]]], title: str) -> None:
-    """Cost ($/h) against output tokens/s, one line per plan family; needs matplotlib."""
+class PlanPoint(msgspec.Struct, frozen=True, kw_only=True):
+    """One plan on the cost-latency chart."""
+
+    label: str
+    cost_per_mtok: float
+    ttft_s: float | None
+    tpot_s: float | None
+
+
+def pareto_front(points: list[PlanPoint], latency) -> list[PlanPoint]:
+    """Points no other point beats on both cost and ``latency(point)``, by increasing cost."""
+    front, best = [], math.inf
+    for p in sorted(points, key=lambda p: (p.cost_per_mtok, latency(p))):
+        if latency(p) < best:
+            front.append(p)
+            best = latency(p)
+    return front
+
+
+def plot_pareto(path: Path, points: list[PlanPoint], title: str) -> None:
+    """$/Mtok against predicted TTFT and TPOT, one panel each; the front is drawn as a line and
+    the five cheapest plans are labelled. Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label, points in series.items():
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", linewidth=2.5 if label.startswith("best") else 1, label=label)
-    ax.set_xlabel("output tokens/s")
-    ax.set_ylabel("$/h")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    cheapest = {p.label for p in sorted(points, key=lambda p: p.cost_per_mtok)[:5]}
+    for ax, name, latency in ((axes[0], "TTFT", lambda p: p.ttft_s or 0.0), (axes[1], "TPOT", lambda p: p.tpot_s or 0.0)):
+        ax.scatter([latency(p) * 1e3 for p in points], [p.cost_per_mtok for p in points], s=12, alpha=0.5)
+        front = pareto_front(points, latency)
+        ax.plot([latency(p) * 1e3 for p in front], [p.cost_per_mtok for p in front], marker="o", color="C3",
+                label="Pareto front")
+        for p in points:
+            if p.label in cheapest:
+                ax.annotate(p.label, (latency(p) * 1e3, p.cost_per_mtok), fontsize=7)
+        ax.set_xlabel(f"predicted {name} (ms)")
+        ax.set_ylabel("$/Mtok (output)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

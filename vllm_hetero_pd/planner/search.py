@@ -76,6 +76,7 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     capacity_per_instance: float
     binding: str
     price_per_hour: float  # all instances of the entry
+    max_num_seqs: int  # vLLM's running-sequence cap the capacity assumes
     ttft_s: float | None = None
     tpot_s: float | None = None
 
@@ -100,12 +101,27 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     def entries(self) -> tuple[Entry, ...]:
         return self.prefill + self.decode + self.colocated
 
+    @property
+    def ttft_s(self) -> float | None:
+        """Worst predicted TTFT quantile over the entries (None before ``predict`` fills them in)."""
+        return _worst(e.ttft_s for e in self.prefill + self.colocated)
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Worst predicted TPOT quantile over the entries (None before ``predict``)."""
+        return _worst(e.tpot_s for e in self.decode + self.colocated)
+
     def describe(self) -> str:
         def pool(entries: tuple[Entry, ...]) -> str:
             return " + ".join(f"{e.count}x {e.device} TP{e.tp}" for e in entries)
         if self.mode == "colocated":
             return f"colocated [{pool(self.colocated)}]"
         return f"prefill [{pool(self.prefill)}] : decode [{pool(self.decode)}]"
+
+
+def _worst(values) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
 
 
 class SearchResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -189,7 +205,8 @@ def _entries(cat: _Catalogued, opt1: int, n1: int, opt2: int, n2: int,
     picks = [(opt1, n1)] + ([(opt2, n2)] if opt2 >= 0 else [])
     return tuple(Entry(device=cat.options[o].device, tp=cat.options[o].tp, count=int(n),
                        capacity_per_instance=float(rates[o]), binding=cat.options[o].capacity.binding,
-                       price_per_hour=int(n) * cat.options[o].price_per_hour) for o, n in picks)
+                       price_per_hour=int(n) * cat.options[o].price_per_hour,
+                       max_num_seqs=cat.options[o].capacity.max_num_seqs) for o, n in picks)
 
 
 def _make_plan(mode: str, workload: Workload, pools: dict[str, tuple[Entry, ...]]) -> Plan:

@@ -24,7 +24,7 @@ import aiohttp
 import msgspec
 
 from vllm_hetero_pd.planner import perf
-from vllm_hetero_pd.planner.calibrate import _TIMEOUT, calibrate, complete, random_prompt, served_model
+from vllm_hetero_pd.planner.calibrate import HTTP_TIMEOUT, calibrate, complete, random_prompt, served_model
 from vllm_hetero_pd.planner.catalog import CatalogFile, load_catalog
 from vllm_hetero_pd.planner.fit import fit_device
 from vllm_hetero_pd.planner.model import load_model
@@ -68,7 +68,7 @@ async def measure_point(url: str, isl: int, osl: int, rate: float, num_requests:
                         seed: int) -> tuple[float, float]:
     """Median client-side TTFT and TPOT under Poisson arrivals at ``rate``."""
     rng = random.Random(seed)
-    async with aiohttp.ClientSession(timeout=_TIMEOUT) as session:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
         model = await served_model(session, url)
 
         async def one(delay: float):
