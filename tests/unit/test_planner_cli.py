@@ -235,7 +235,7 @@ def test_emitted_serve_flags_parse_with_vllm_and_set_the_planned_limits(vllm_ser
 
     catalog, model = load_catalog(), load_model("llama-3.1-70b", weight_dtype="fp8")
     inst = emit.Instance(name="decode_0", role="decode", device=device, vendor=catalog.device(device).vendor, tp=2,
-                         port=8100, weight=1.0, max_model_len=4608, max_num_seqs=96)
+                         ep=False, port=8100, weight=1.0, max_model_len=4608, max_num_seqs=96)
     argv = emit.serve_args(model, "meta-llama/Llama-3.1-70B-Instruct", inst)
     args = vllm_serve_parser.parse_args(argv[2:])
     assert (args.max_model_len, args.max_num_seqs, args.gpu_memory_utilization) == (4608, 96, 0.9)
@@ -243,6 +243,9 @@ def test_emitted_serve_flags_parse_with_vllm_and_set_the_planned_limits(vllm_ser
     assert args.kv_cache_dtype == ("fp8_inc" if device == "Gaudi3" else "fp8")
     if vendor_flag:
         assert args.block_size == int(vendor_flag[1])
+    ep = emit.serve_args(model, "deepseek-ai/DeepSeek-V3", msgspec.structs.replace(inst, ep=True, tp=8))
+    args = vllm_serve_parser.parse_args(ep[2:])
+    assert args.enable_expert_parallel and args.data_parallel_size == 8 and args.tensor_parallel_size == 1
 
 
 def test_calibrate_without_a_server_exits_2(capsys, tmp_path):

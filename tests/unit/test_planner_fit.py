@@ -18,8 +18,8 @@ TINY = from_hf_config({"num_hidden_layers": 4, "hidden_size": 256, "intermediate
 @pytest.mark.parametrize("mem_eff", [0.3, 0.7])
 def test_fit_recovers_the_parameters_that_generated_the_samples(mem_eff):
     base = load_catalog().device("CPU")
-    truth = msgspec.structs.replace(base, bf16_efficiency=0.42, attention_efficiency=0.11, memory_efficiency=mem_eff, prefill_overhead_s=0.011,
-                                    step_overhead_s=0.006, per_sequence_overhead_s=0.0009)
+    truth = msgspec.structs.replace(base, bf16_efficiency=0.42, attention_efficiency=0.11, memory_efficiency=mem_eff,
+                                    prefill_overhead_s=0.011, step_overhead_s=0.006, per_sequence_overhead_s=0.0009)
     prefill = [PrefillSample(n, perf.prefill_s(TINY, truth, 1, n)) for n in (32, 128, 512, 1024, 2048)]
     decode = [DecodeSample(b, c, perf.decode_step_s(TINY, truth, 1, b, c)) for c in (96, 1500) for b in (1, 4, 16)]
     fitted, report = fit_device(base, TINY, 1, prefill, decode, "CPU-fit", "synthetic")

@@ -56,9 +56,12 @@ class Device(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     per_sequence_overhead_s: float
     max_tp: int
     sources: dict[str, str]
+    fp4_tflops: float = 0.0  # dense FP4 (MXFP4/NVFP4) peak; 0 = no FP4 units, 4-bit weights run at BF16
 
     def __post_init__(self) -> None:
         missing = [f for f in _SOURCED_FIELDS if not self.sources.get(f, "").strip()]
+        if self.fp4_tflops and not self.sources.get("fp4_tflops", "").strip():
+            missing.append("fp4_tflops")
         if missing:
             raise CatalogError(f"device {self.name}: no source for {', '.join(missing)}; "
                                "add a 'sources: {field: where the number comes from}' entry for each")
@@ -74,9 +77,13 @@ class Device(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         if self.max_tp < 1:
             raise CatalogError(f"device {self.name}: max_tp must be >= 1, got {self.max_tp}")
 
-    def peak_flops(self, fp8: bool) -> float:
-        """Achievable FLOP/s for matmuls: FP8 when the weights are FP8 and the device has FP8 units."""
-        if fp8 and self.fp8_tflops > 0:
+    def peak_flops(self, precision: str) -> float:
+        """Achievable matmul FLOP/s at ``precision`` ("fp4", "fp8", "bf16"). A device without units
+        for it runs weight-only kernels that dequantize to BF16 (Marlin-style W4A16/W8A16)
+        [inferred]; FP4 reuses the FP8 efficiency [inferred: no public FP4 MAMF]."""
+        if precision == "fp4" and self.fp4_tflops > 0:
+            return self.fp4_tflops * 1e12 * self.fp8_efficiency
+        if precision == "fp8" and self.fp8_tflops > 0:
             return self.fp8_tflops * 1e12 * self.fp8_efficiency
         return self.bf16_tflops * 1e12 * self.bf16_efficiency
 

@@ -51,9 +51,13 @@ def _pairs(items: list[str], flag: str, kind) -> dict[str, float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="preset (llama-3.1-8b, llama-3.1-70b, llama-3.1-405b), config.json or model dir")
-    parser.add_argument("--dtype", default="bf16", help="weight dtype: bf16, fp16, fp8 (default bf16)")
-    parser.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: same as --dtype)")
+                        help="preset (llama-3.1-8b, llama-3.1-70b, llama-3.1-405b), or a HF config.json / model "
+                             "dir: dense, MoE, MLA, sliding-window")
+    parser.add_argument("--dtype", default="auto",
+                        help="weight dtype: auto (the checkpoint's quantization_config, else torch_dtype), "
+                             "bf16, fp16, fp8, int8, mxfp4, nvfp4, int4")
+    parser.add_argument("--kv-dtype", default=None,
+                        help="KV cache dtype (default: the weights' width down to fp8, else bf16)")
     parser.add_argument("--isl", type=int, required=True, help="prompt tokens per request")
     parser.add_argument("--osl", type=int, required=True, help="output tokens per request")
     parser.add_argument("--rate", type=float, required=True, help="Poisson arrival rate, requests/s")

@@ -58,6 +58,7 @@ class Instance(msgspec.Struct, frozen=True, kw_only=True):
     device: str
     vendor: str
     tp: int
+    ep: bool
     port: int
     weight: float
     max_model_len: int
@@ -84,7 +85,8 @@ def instances(plan: Plan, catalog: Catalog, max_model_len: int) -> list[Instance
         for e in entries:
             for _ in range(e.count):
                 out.append(Instance(name=f"{role}_{index}", role=role, device=e.device,
-                                    vendor=catalog.device(e.device).vendor, tp=e.tp, port=FIRST_PORT + len(out),
+                                    vendor=catalog.device(e.device).vendor, tp=e.tp, ep=e.ep,
+                                    port=FIRST_PORT + len(out),
                                     weight=round(e.capacity_per_instance, 4), max_model_len=max_model_len,
                                     max_num_seqs=e.max_num_seqs,
                                     side_channel_port=FIRST_SIDE_CHANNEL_PORT + index if role == "prefill" else 0))
@@ -99,12 +101,14 @@ def serve_args(model: ModelSpec, model_name: str, inst: Instance) -> list[str]:
     the instance cannot drift from the plan through a vLLM default that differs per device.
     """
     vendor = VENDOR_LAUNCH[inst.vendor]
-    args = [*vendor.command, model_name, "--tensor-parallel-size", str(inst.tp),
+    parallel = (["--data-parallel-size", str(inst.tp), "--enable-expert-parallel"] if inst.ep
+                else ["--tensor-parallel-size", str(inst.tp)])
+    args = [*vendor.command, model_name, *parallel,
             "--max-model-len", str(inst.max_model_len), "--max-num-seqs", str(inst.max_num_seqs),
             "--gpu-memory-utilization", f"{GPU_MEMORY_UTILIZATION:g}", *vendor.flags]
-    if model.fp8_weights:
+    if model.online_fp8:
         args += ["--quantization", "fp8"]
-    if model.kv_bytes_per_element == 1:
+    if model.kv_dtype == "fp8":
         args += ["--kv-cache-dtype", vendor.fp8_kv_dtype]
     if inst.role != "monolithic":
         args += ["--kv-transfer-config", json.dumps(kv_transfer_config(inst), separators=(",", ":"))]

@@ -82,8 +82,8 @@ def _fit_prefill(base: Device, model: ModelSpec, tp: int, prefill: list[PrefillS
     """``t(L) = overhead + matmul FLOPs / matmul rate + attention FLOPs / attention rate``."""
     ideal = _ideal(base)
     matmul = np.array([perf.prefill_matmul_flops(model, s.num_tokens) for s in prefill]) / (
-        tp * ideal.peak_flops(model.fp8_weights))
-    attention = np.array([perf.prefill_attention_flops(model, s.num_tokens) for s in prefill]) / (
+        tp * ideal.peak_flops(model.low_precision))
+    attention = np.array([model.prefill_attention_flops(s.num_tokens) for s in prefill]) / (
         tp * ideal.attention_flops)
     measured = np.array([s.seconds for s in prefill])
     overhead, k_matmul, k_attention = (float(x) for x in _relative(

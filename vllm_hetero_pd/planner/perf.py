@@ -73,8 +73,8 @@ class Capacity(msgspec.Struct, frozen=True, kw_only=True):
     max_num_seqs: int = 0  # the running-sequence cap the capacity assumes (emitted as --max-num-seqs)
 
 
-def label(device: Device, tp: int) -> str:
-    return f"{device.name} TP{tp}"
+def label(device: Device, tp: int, ep: bool = False) -> str:
+    return f"{device.name} {'EP' if ep else 'TP'}{tp}"
 
 
 def allreduce_s(device: Device, tp: int, payload_bytes: float) -> float:
@@ -84,27 +84,48 @@ def allreduce_s(device: Device, tp: int, payload_bytes: float) -> float:
     return ALLREDUCE_LATENCY_S + 2 * (tp - 1) / tp * payload_bytes / (device.scale_up_gb_s * 1e9)
 
 
-def kv_capacity_tokens(model: ModelSpec, device: Device, tp: int) -> float:
-    """Tokens of KV the instance can hold after its weights (0 when the weights do not fit)."""
-    free = device.hbm_gb * 1e9 * GPU_MEMORY_UTILIZATION * tp - model.weight_bytes
-    return max(free, 0.0) / model.kv_bytes_per_token(tp)
+def resident_bytes_per_rank(model: ModelSpec, tp: int, ep: bool = False) -> float:
+    """Weight bytes one rank holds: a 1/tp shard of everything, or with expert parallelism (data-
+    parallel attention) the dense part whole and 1/n of the routed experts."""
+    if not ep:
+        return model.weight_bytes / tp
+    routed = model.num_moe_layers * model.num_experts * model.expert_bytes
+    return model.weight_bytes - routed + routed / tp
 
 
-def fit_problem(model: ModelSpec, device: Device, tp: int, min_tokens: int) -> str:
+def kv_free_bytes(model: ModelSpec, device: Device, tp: int, ep: bool = False) -> float:
+    """Bytes left for KV across the instance after its weights (0 when the weights do not fit)."""
+    per_rank = device.hbm_gb * 1e9 * GPU_MEMORY_UTILIZATION - resident_bytes_per_rank(model, tp, ep)
+    return max(per_rank, 0.0) * tp
+
+
+def sequence_kv_bytes(model: ModelSpec, context: float, tp: int, ep: bool = False) -> float:
+    """KV one sequence occupies in the instance: data-parallel attention keeps it on one rank,
+    unreplicated; tensor parallelism replicates what it cannot split (MLA's latent, KV heads < tp)."""
+    return model.kv_bytes(context, 1 if ep else tp)
+
+
+def max_sequences(model: ModelSpec, device: Device, tp: int, context: float, ep: bool = False) -> float:
+    """How many sequences of ``context`` tokens fit in the KV memory."""
+    return kv_free_bytes(model, device, tp, ep) / sequence_kv_bytes(model, context, tp, ep)
+
+
+def fit_problem(model: ModelSpec, device: Device, tp: int, min_tokens: int, ep: bool = False) -> str:
     """Why the model cannot run on this (device, TP), or "" when it can hold ``min_tokens`` of KV."""
     if tp > device.max_tp:
-        return f"{label(device, tp)}: TP {tp} exceeds max_tp {device.max_tp} of {device.name}"
-    if not model.valid_tp(tp):
+        return f"{label(device, tp, ep)}: TP {tp} exceeds max_tp {device.max_tp} of {device.name}"
+    if not ep and not model.valid_tp(tp):
         return (f"{label(device, tp)}: TP {tp} does not divide {model.num_heads} attention heads / "
                 f"{model.num_kv_heads} KV heads")
-    usable = device.hbm_gb * GPU_MEMORY_UTILIZATION * tp
-    if model.weight_bytes / 1e9 >= usable:
-        return (f"{label(device, tp)}: weights {model.weight_bytes / 1e9:.1f} GB > "
-                f"{usable:.1f} GB usable ({GPU_MEMORY_UTILIZATION:.0%} of {tp} x {device.hbm_gb:g} GB)")
-    tokens = kv_capacity_tokens(model, device, tp)
-    if tokens < min_tokens:
-        return (f"{label(device, tp)}: room for {tokens:.0f} KV tokens after weights < "
-                f"{min_tokens} needed by one request")
+    if ep and (not model.num_experts or model.num_experts % tp):
+        return f"{label(device, tp, ep)}: EP needs an MoE whose {model.num_experts} experts split {tp} ways"
+    usable = device.hbm_gb * GPU_MEMORY_UTILIZATION
+    if resident_bytes_per_rank(model, tp, ep) / 1e9 >= usable:
+        return (f"{label(device, tp, ep)}: weights {resident_bytes_per_rank(model, tp, ep) / 1e9:.1f} GB per rank > "
+                f"{usable:.1f} GB usable ({GPU_MEMORY_UTILIZATION:.0%} of {device.hbm_gb:g} GB)")
+    if max_sequences(model, device, tp, min_tokens, ep) < 1:
+        return (f"{label(device, tp, ep)}: {kv_free_bytes(model, device, tp, ep) / 1e9:.2f} GB of KV room after "
+                f"weights < {sequence_kv_bytes(model, min_tokens, tp, ep) / 1e9:.2f} GB needed by one request")
     return ""
 
 
@@ -113,42 +134,77 @@ def prefill_matmul_flops(model: ModelSpec, num_tokens: int) -> float:
     return 2 * model.num_active_params * num_tokens
 
 
-def prefill_attention_flops(model: ModelSpec, num_tokens: int) -> float:
-    """FLOPs of one prefill's causal attention, ``2 n_l L^2 d`` (QK^T and AV, halved by the mask)."""
-    return 2 * model.num_layers * num_tokens ** 2 * model.num_heads * model.head_dim
+def weights_read_bytes(model: ModelSpec, num_tokens: float) -> float:
+    """Weight bytes one forward of ``num_tokens`` tokens reads: every non-expert weight, and the
+    routed experts those tokens select (all of them once a prompt is long)."""
+    return model.dense_weight_bytes + model.num_moe_layers * model.experts_touched(num_tokens) * model.expert_bytes
 
 
 def prefill_s(model: ModelSpec, device: Device, tp: int, num_tokens: int) -> float:
     """Execution time of one prefill of ``num_tokens`` tokens."""
-    compute = (prefill_matmul_flops(model, num_tokens) / device.peak_flops(model.fp8_weights)
-               + prefill_attention_flops(model, num_tokens) / device.attention_flops) / tp
-    memory = model.weight_bytes / tp / device.memory_bytes_s
+    compute = (prefill_matmul_flops(model, num_tokens) / device.peak_flops(model.low_precision)
+               + model.prefill_attention_flops(num_tokens) / device.attention_flops) / tp
+    memory = weights_read_bytes(model, num_tokens) / tp / device.memory_bytes_s
     comm = 2 * model.num_layers * allreduce_s(device, tp, num_tokens * model.hidden_size * ACTIVATION_BYTES)
     return max(compute, memory) + comm + device.prefill_overhead_s
 
 
-def step_lines(model: ModelSpec, device: Device, tp: int, context: float) -> tuple[tuple[float, float], ...]:
-    """Decode step time as the max of straight lines ``a + b x batch`` (memory-bound, compute-bound).
+class StepModel(msgspec.Struct, frozen=True):
+    """Decode step time of one instance against its batch ``B`` at a fixed mean context:
 
-    Every term of the step is linear in the batch, so the step time is convex and piecewise
-    linear; that makes Little's-law fixed points and SLO batch limits closed-form.
+    ``max(weights(B) + kv B, compute B) + fixed + per_seq B``, where ``weights(B)`` is the dense
+    read plus the experts B tokens route to (concave in B; constant for dense models). Every term
+    grows with B while ``time(B) / B`` falls, which is what ``decode_batch`` and ``max_batch``
+    rely on for their bisections.
     """
-    attention_width = model.num_heads * model.head_dim
-    bandwidth = device.memory_bytes_s
-    memory_a = model.weight_bytes / tp / bandwidth
-    memory_b = context * model.kv_bytes_per_token(tp) / tp / bandwidth
-    compute_b = (2 * model.num_active_params / device.peak_flops(model.fp8_weights)
-                 + 4 * model.num_layers * context * attention_width / device.attention_flops) / tp
-    comm_per_seq = 2 * model.num_layers * 2 * (tp - 1) / tp * model.hidden_size * ACTIVATION_BYTES / (
-        device.scale_up_gb_s * 1e9)
-    fixed_a = device.step_overhead_s + (2 * model.num_layers * ALLREDUCE_LATENCY_S if tp > 1 else 0.0)
-    fixed_b = device.per_sequence_overhead_s + comm_per_seq
-    return (memory_a + fixed_a, memory_b + fixed_b), (fixed_a, compute_b + fixed_b)
+
+    model: ModelSpec
+    dense_s: float  # non-expert weight read
+    expert_s: float  # one routed expert in every MoE layer
+    kv_s: float  # per sequence
+    compute_s: float  # per sequence
+    fixed_s: float
+    per_seq_s: float
+
+    def time(self, batch: float) -> float:
+        memory = self.dense_s + self.expert_s * self.model.experts_touched(batch) + self.kv_s * batch
+        return max(memory, self.compute_s * batch) + self.fixed_s + self.per_seq_s * batch
+
+    @property
+    def slope(self) -> float:
+        """``time(B) / B`` as B grows without bound: the per-sequence cost at saturation."""
+        return max(self.kv_s, self.compute_s) + self.per_seq_s
 
 
-def decode_step_s(model: ModelSpec, device: Device, tp: int, batch: float, context: float) -> float:
+def step_model(model: ModelSpec, device: Device, tp: int, context: float, ep: bool = False) -> StepModel:
+    """The decode step of (device, TP) at mean ``context``; see ``StepModel``.
+
+    With ``ep`` the n = ``tp`` ranks run attention data-parallel (each its B/n sequences, dense
+    weights read whole on every rank) and shard the routed experts, which two all-to-alls per MoE
+    layer feed (dispatch and combine of each token's top-k hidden states) instead of all-reduces.
+    """
+    bandwidth = device.memory_bytes_s * tp
+    compute = (2 * model.num_active_params / device.peak_flops(model.low_precision)
+               + model.attention_flops_per_token(context, decode=True) / device.attention_flops) / tp
+    link = device.scale_up_gb_s * 1e9
+    if ep:
+        moe_bytes = 2 * model.num_moe_layers * model.num_experts_per_token * model.hidden_size * ACTIVATION_BYTES
+        return StepModel(model=model, dense_s=model.dense_weight_bytes / device.memory_bytes_s,
+                         expert_s=model.num_moe_layers * model.expert_bytes / bandwidth,
+                         kv_s=sequence_kv_bytes(model, context, tp, ep) / bandwidth, compute_s=compute,
+                         fixed_s=device.step_overhead_s + 2 * model.num_moe_layers * ALLREDUCE_LATENCY_S * (tp > 1),
+                         per_seq_s=device.per_sequence_overhead_s + moe_bytes * (tp - 1) / tp / tp / link)
+    comm_per_seq = 2 * model.num_layers * 2 * (tp - 1) / tp * model.hidden_size * ACTIVATION_BYTES / link
+    return StepModel(model=model, dense_s=model.dense_weight_bytes / bandwidth,
+                     expert_s=model.num_moe_layers * model.expert_bytes / bandwidth,
+                     kv_s=model.kv_bytes(context, tp) / bandwidth, compute_s=compute,
+                     fixed_s=device.step_overhead_s + (2 * model.num_layers * ALLREDUCE_LATENCY_S if tp > 1 else 0.0),
+                     per_seq_s=device.per_sequence_overhead_s + comm_per_seq)
+
+
+def decode_step_s(model: ModelSpec, device: Device, tp: int, batch: float, context: float, ep: bool = False) -> float:
     """Time of one decode step for ``batch`` sequences holding ``context`` tokens each on average."""
-    return max(a + b * batch for a, b in step_lines(model, device, tp, context))
+    return step_model(model, device, tp, context, ep).time(batch)
 
 
 def kv_transfer_s(model: ModelSpec, prefill: Device, tp: int, link: Link, decode_format: str,
@@ -158,23 +214,11 @@ def kv_transfer_s(model: ModelSpec, prefill: Device, tp: int, link: Link, decode
     The TP ranks of the prefill instance send their shards in parallel, one NIC lane each; vLLM's
     NIXL connector transfers after the prefill completes, so none of it overlaps compute.
     """
-    unique_bytes = num_tokens * model.kv_bytes_per_token(1)
+    unique_bytes = model.kv_bytes(num_tokens, 1)
     lane_gb_s = min(link.gb_s, prefill.scale_out_gb_s)
     transfer = link.latency_s + unique_bytes / (tp * lane_gb_s * 1e9)
     shim = unique_bytes / (link.shim_gb_s * 1e9) if prefill.kv_format != decode_format else 0.0
     return transfer + shim
-
-
-def _largest_rate(meets_slo, upper: float) -> float:
-    """Largest rate in [0, upper) for a monotone predicate (true at low load), by bisection."""
-    lo, hi = 0.0, upper
-    for _ in range(48):
-        mid = (lo + hi) / 2
-        if meets_slo(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 def prefill_ttft_s(service_s: float, handoff_s: float, rate: float, q: float) -> float:
@@ -200,68 +244,93 @@ def prefill_capacity(model: ModelSpec, device: Device, tp: int, workload: Worklo
                         reason=f"TTFT floor {floor * 1e3:.0f} ms on {label(device, tp)} > SLO "
                                f"{slo.ttft_s * 1e3:.0f} ms (prefill {service * 1e3:.0f} ms + KV hand-off "
                                f"{handoff * 1e3:.0f} ms)")
-    rate = _largest_rate(lambda r: prefill_ttft_s(service, handoff, r, slo.quantile) <= slo.ttft_s,
-                         1 / service)
+    rate = _bisect(lambda r: prefill_ttft_s(service, handoff, r, slo.quantile) <= slo.ttft_s,
+                         0.0, 1 / service)
     return Capacity(device=device.name, tp=tp, rate=rate, binding="TTFT",
                     max_num_seqs=serve_defaults(device, tp).max_num_seqs)
 
 
-def decode_batch(model: ModelSpec, device: Device, tp: int, workload: Workload, rate: float,
-                 slowdown: float = 1.0) -> float:
-    """Mean running batch at ``rate``: least fixed point of Little's law ``B = rate OSL TPOT(B)``.
+def _bisect(predicate, lo: float, hi: float, steps: int = 60) -> float:
+    """Boundary of a predicate true on [lo, x) and false on [x, hi]."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if predicate(mid) else (lo, mid)
+    return lo
 
-    With TPOT the max of lines ``a_k + b_k B``, B is a fixed point exactly when it is at least
-    ``c a_k / (1 - c b_k)`` for every line (c = rate x OSL x slowdown); inf when some line grows
-    faster than B itself, i.e. the instance is overloaded.
+
+def decode_batch(model: ModelSpec, device: Device, tp: int, workload: Workload, rate: float,
+                 slowdown: float = 1.0, ep: bool = False) -> float:
+    """Mean running batch at ``rate``: least fixed point of Little's law ``B = c TPOT(B)``,
+    c = rate x OSL x slowdown; inf when the instance is overloaded.
+
+    ``TPOT(B) / B`` falls with B (``StepModel``), so ``c TPOT(B) > B`` holds exactly below the
+    fixed point: a bisection finds it, and it exists only while ``c`` x the saturated
+    per-sequence cost stays below 1.
     """
+    step = step_model(model, device, tp, workload.mean_context, ep)
     c = rate * workload.osl * slowdown
-    batch = 0.0
-    for a, b in step_lines(model, device, tp, workload.mean_context):
-        if c * b >= 1:
-            return math.inf
-        batch = max(batch, c * a / (1 - c * b))
-    return batch
+    if c * step.slope >= 1:
+        return math.inf
+    hi = max(1.0, c * step.time(0))
+    while c * step.time(hi) > hi:
+        hi *= 2
+    return _bisect(lambda b: c * step.time(b) > b, 0.0, hi)
 
 
 def decode_tpot_s(model: ModelSpec, device: Device, tp: int, workload: Workload, rate: float,
-                  q: float, slowdown: float = 1.0) -> float:
+                  q: float, slowdown: float = 1.0, ep: bool = False) -> float:
     """TPOT quantile at ``rate``: step time of a batch holding the request itself plus the
     q-quantile of the others, who are Poisson with the mean batch (M/G/infinity seen by a tagged
     request)."""
-    batch = decode_batch(model, device, tp, workload, rate, slowdown)
+    batch = decode_batch(model, device, tp, workload, rate, slowdown, ep)
     if math.isinf(batch):
         return math.inf
-    return decode_step_s(model, device, tp, 1 + poisson_quantile(batch, q), workload.mean_context) * slowdown
+    return decode_step_s(model, device, tp, 1 + poisson_quantile(batch, q), workload.mean_context, ep) * slowdown
 
 
-def max_batch_within(model: ModelSpec, device: Device, tp: int, context: float, tpot_s: float) -> int:
+def max_batch_within(model: ModelSpec, device: Device, tp: int, context: float, tpot_s: float,
+                     ep: bool = False) -> int:
     """Largest integer batch whose step time stays within ``tpot_s`` (0 if even one sequence is too slow)."""
-    limit = min((tpot_s - a) / b if b > 0 else (math.inf if a <= tpot_s else -1.0)
-                for a, b in step_lines(model, device, tp, context))
-    return max(0, math.floor(limit)) if limit < 1 << 40 else 1 << 40
+    step = step_model(model, device, tp, context, ep)
+    if step.time(1) > tpot_s:
+        return 0
+    hi = 2
+    while step.time(hi) <= tpot_s:
+        if hi >= 1 << 40:
+            return hi
+        hi *= 2
+    lo = hi // 2  # time(lo) <= tpot < time(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if step.time(mid) <= tpot_s else (lo, mid)
+    return lo
 
 
-def decode_capacity(model: ModelSpec, device: Device, tp: int, workload: Workload, slo: Slo) -> Capacity:
-    """Per-instance decode capacity: the batch quantile must meet both TPOT and KV memory."""
+def decode_capacity(model: ModelSpec, device: Device, tp: int, workload: Workload, slo: Slo,
+                    ep: bool = False) -> Capacity:
+    """Per-instance decode capacity: the batch quantile must meet TPOT, KV memory and vLLM's
+    ``max_num_seqs`` (the ``vllm serve`` default for the device, ``serve_defaults``)."""
     request_tokens = workload.isl + workload.osl
-    problem = fit_problem(model, device, tp, request_tokens)
+    problem = fit_problem(model, device, tp, request_tokens, ep)
     if problem:
         return Capacity(device=device.name, tp=tp, rate=0.0, binding="memory", reason=problem)
     context = workload.mean_context
-    by_tpot = max_batch_within(model, device, tp, context, slo.tpot_s)
+    by_tpot = max_batch_within(model, device, tp, context, slo.tpot_s, ep)
     if by_tpot == 0:
-        floor = decode_step_s(model, device, tp, 1, context)
+        floor = decode_step_s(model, device, tp, 1, context, ep)
         return Capacity(device=device.name, tp=tp, rate=0.0, binding="TPOT", floor_s=floor,
-                        reason=f"TPOT floor {floor * 1e3:.1f} ms on {label(device, tp)} > SLO "
+                        reason=f"TPOT floor {floor * 1e3:.1f} ms on {label(device, tp, ep)} > SLO "
                                f"{slo.tpot_s * 1e3:.1f} ms")
-    by_memory = int(kv_capacity_tokens(model, device, tp) // context)
-    max_batch = min(by_tpot, by_memory)
+    engines = tp if ep else 1  # data-parallel attention: one scheduler, and one max_num_seqs, per rank
+    limits = {"TPOT": by_tpot, "KV memory": int(max_sequences(model, device, tp, context, ep)),
+              "max_num_seqs": serve_defaults(device, tp).max_num_seqs * engines}
+    binding = min(limits, key=limits.get)
+    max_batch = limits[binding]
     mean_batch = largest_poisson_mean(max_batch - 1, slo.quantile)  # the request itself + the others
-    step = decode_step_s(model, device, tp, mean_batch, context)
+    step = decode_step_s(model, device, tp, mean_batch, context, ep)
     rate = mean_batch / (workload.osl * step)  # Little's law at the largest admissible mean batch
-    return Capacity(device=device.name, tp=tp, rate=rate,
-                    binding="TPOT" if by_tpot <= by_memory else "KV memory",
-                    max_num_seqs=serve_defaults(device, tp).max_num_seqs)
+    return Capacity(device=device.name, tp=tp, rate=rate, binding=binding,
+                    max_num_seqs=math.ceil(max_batch / engines))
 
 
 def colocated_latency(model: ModelSpec, device: Device, tp: int, workload: Workload, rate: float,
@@ -294,7 +363,7 @@ def colocated_capacity(model: ModelSpec, device: Device, tp: int, workload: Work
                         reason=f"{which} floor {floor * 1e3:.1f} ms on {label(device, tp)} "
                                f"(colocated) > SLO {target * 1e3:.1f} ms")
     context = workload.mean_context
-    by_memory = int(kv_capacity_tokens(model, device, tp) // context)
+    by_memory = int(max_sequences(model, device, tp, context))
 
     def meets(rate: float) -> bool:
         ttft, tpot = colocated_latency(model, device, tp, workload, rate, slo.quantile)
@@ -303,7 +372,7 @@ def colocated_capacity(model: ModelSpec, device: Device, tp: int, workload: Work
         return ttft <= slo.ttft_s and tpot <= slo.tpot_s and poisson_quantile(batch, slo.quantile) <= by_memory
 
     service = prefill_s(model, device, tp, workload.isl)
-    rate = _largest_rate(meets, 1 / service)
+    rate = _bisect(meets, 0.0, 1 / service)
     ttft, tpot = colocated_latency(model, device, tp, workload, rate * 1.001, slo.quantile)
     binding = "TTFT" if ttft > slo.ttft_s else "TPOT" if tpot > slo.tpot_s else "KV memory"
     return Capacity(device=device.name, tp=tp, rate=rate, binding=binding,

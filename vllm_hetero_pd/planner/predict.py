@@ -33,7 +33,7 @@ def predict(plan: Plan, model: ModelSpec, catalog: Catalog, workload: Workload, 
 
     decode = []
     for e, load in zip(plan.decode, _load_per_instance(plan.decode, plan.rate)):
-        tpot = perf.decode_tpot_s(model, catalog.device(e.device), e.tp, workload, load, q)
+        tpot = perf.decode_tpot_s(model, catalog.device(e.device), e.tp, workload, load, q, ep=e.ep)
         decode.append(msgspec.structs.replace(e, tpot_s=tpot))
     prefill = []
     for e, load in zip(plan.prefill, _load_per_instance(plan.prefill, plan.rate)):

@@ -23,7 +23,7 @@ def _ms(seconds: float | None) -> str:
 
 def _entry_row(role: str, e: Entry, plan: Plan, pool: tuple[Entry, ...], workload: Workload) -> list[str]:
     share = e.count * e.capacity_per_instance / sum(x.count * x.capacity_per_instance for x in pool)
-    return [role, e.device, str(e.tp), str(e.count), f"{e.capacity_per_instance:.3g}", _ms(e.ttft_s),
+    return [role, e.device, f"{e.tp} (EP)" if e.ep else str(e.tp), str(e.count), f"{e.capacity_per_instance:.3g}", _ms(e.ttft_s),
             _ms(e.tpot_s), f"{plan.rate * share * workload.osl:.0f}", f"{e.price_per_hour:.2f}", e.binding]
 
 

@@ -59,12 +59,14 @@ class SearchSpace(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Option(msgspec.Struct, frozen=True, kw_only=True):
-    """One (device, TP) instance shape with its per-instance capacity for one role."""
+    """One (device, TP) instance shape with its per-instance capacity for one role; ``ep`` marks
+    an MoE decode instance of ``tp`` ranks with data-parallel attention and expert parallelism."""
 
     device: str
     tp: int
     price_per_hour: float
     capacity: perf.Capacity
+    ep: bool = False
 
 
 class Entry(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,7 +78,8 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     capacity_per_instance: float
     binding: str
     price_per_hour: float  # all instances of the entry
-    max_num_seqs: int  # vLLM's running-sequence cap the capacity assumes
+    max_num_seqs: int  # vLLM's running-sequence cap the capacity assumes (per engine)
+    ep: bool = False  # data-parallel attention + expert parallelism over the tp ranks
     ttft_s: float | None = None
     tpot_s: float | None = None
 
@@ -113,7 +116,7 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
 
     def describe(self) -> str:
         def pool(entries: tuple[Entry, ...]) -> str:
-            return " + ".join(f"{e.count}x {e.device} TP{e.tp}" for e in entries)
+            return " + ".join(f"{e.count}x {e.device} {'EP' if e.ep else 'TP'}{e.tp}" for e in entries)
         if self.mode == "colocated":
             return f"colocated [{pool(self.colocated)}]"
         return f"prefill [{pool(self.prefill)}] : decode [{pool(self.decode)}]"
@@ -192,9 +195,13 @@ class _Catalogued(msgspec.Struct, frozen=True):
 
 
 def _options(devices: list[Device], space: SearchSpace, type_index: dict[str, int],
-             capacity) -> _Catalogued:
-    options = tuple(Option(device=d.name, tp=tp, price_per_hour=tp * d.price_per_hour,
-                           capacity=capacity(d, tp)) for d in devices for tp in space.tp_degrees)
+             capacity, expert_parallel: bool = False) -> _Catalogued:
+    """Every (device, TP) shape, plus EP shapes of more than one rank when ``expert_parallel``;
+    ``capacity(device, tp, ep)`` gives each its per-instance capacity."""
+    shapes = [(tp, False) for tp in space.tp_degrees] + [(tp, True) for tp in space.tp_degrees
+                                                         if expert_parallel and tp > 1]
+    options = tuple(Option(device=d.name, tp=tp, ep=ep, price_per_hour=tp * d.price_per_hour,
+                           capacity=capacity(d, tp, ep)) for d in devices for tp, ep in shapes)
     return _Catalogued(options, np.array([o.price_per_hour for o in options]),
                        np.array([type_index[o.device] for o in options], dtype=np.int64),
                        np.array([o.tp for o in options], dtype=np.int64))
@@ -206,7 +213,7 @@ def _entries(cat: _Catalogued, opt1: int, n1: int, opt2: int, n2: int,
     return tuple(Entry(device=cat.options[o].device, tp=cat.options[o].tp, count=int(n),
                        capacity_per_instance=float(rates[o]), binding=cat.options[o].capacity.binding,
                        price_per_hour=int(n) * cat.options[o].price_per_hour,
-                       max_num_seqs=cat.options[o].capacity.max_num_seqs) for o, n in picks)
+                       max_num_seqs=cat.options[o].capacity.max_num_seqs, ep=cat.options[o].ep) for o, n in picks)
 
 
 def _make_plan(mode: str, workload: Workload, pools: dict[str, tuple[Entry, ...]]) -> Plan:
@@ -246,13 +253,14 @@ def prepare(model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo, sp
     sample = {ep: next(d for d in decode_devs if (d.vendor, d.kv_format) == ep) for ep in endpoints}
 
     decode = _options(decode_devs if endpoints else [], space, type_index,
-                      lambda d, tp: perf.decode_capacity(model, d, tp, workload, slo))
+                      lambda d, tp, ep: perf.decode_capacity(model, d, tp, workload, slo, ep),
+                      expert_parallel=model.num_experts > 0)
     colocated = _options([devices[n] for n in sorted(set(space.colocated_devices))], space, type_index,
-                         lambda d, tp: perf.colocated_capacity(model, d, tp, workload, slo))
+                         lambda d, tp, _: perf.colocated_capacity(model, d, tp, workload, slo))
     per_endpoint = [_options(prefill_devs, space, type_index,
-                             lambda d, tp, ep=ep: perf.prefill_capacity(
-                                 model, d, tp, workload, slo, catalog.link(d, sample[ep]), ep[1]))
-                    for ep in endpoints]
+                             lambda d, tp, _, end=end: perf.prefill_capacity(
+                                 model, d, tp, workload, slo, catalog.link(d, sample[end]), end[1]))
+                    for end in endpoints]
     prefill_rates = np.array([[o.capacity.rate for o in c.options] for c in per_endpoint])
     prefill = (min(per_endpoint, key=lambda c: sum(o.capacity.rate for o in c.options)) if per_endpoint
                else _options([], space, type_index, None))
