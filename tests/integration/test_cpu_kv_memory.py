@@ -1,7 +1,7 @@
 """Real vLLM memory: the CPU_ATTN KVFormat reads a live vLLM CPU engine's cache correctly.
 
 A vLLM 0.32 CPU engine prefills one prompt of the tiny model (bf16); inside its worker
-``formats.detect`` describes the cache and ``shim.decode`` reads the blocks back. Those K/V
+``connector.detect`` describes the cache and ``shim.decode`` reads the blocks back. Those K/V
 must equal the keys (after RoPE) and values of a transformers forward pass of the same
 weights (``past_key_values``), within a bf16 tolerance: per layer, max |vLLM - reference| <=
 10 % of that layer's max |reference| (vLLM computes in bf16, the reference in fp32, and the error
@@ -40,7 +40,8 @@ def _reference(model_dir: Path, prompt: list[int]):
 def test_cpu_attn_format_decodes_live_vllm_cache(tmp_path):
     model_dir = build_tiny_model("llama-gqa-d32", "bfloat16")
     out = tmp_path / "dump.pt"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     script = Path(__file__).with_name("cpu_kv_dump.py")
     run = subprocess.run([sys.executable, str(script), str(model_dir), str(out)], env=env, capture_output=True,
                          text=True, timeout=600)

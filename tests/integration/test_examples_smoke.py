@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_hetero_pd.launch.cluster import free_ports
+from vllm_hetero_pd.ports import free_ports
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

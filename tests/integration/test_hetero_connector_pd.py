@@ -15,10 +15,12 @@ from typing import NamedTuple
 import pytest
 
 from vllm_hetero_pd.launch.cluster import LocalCluster
+from vllm_hetero_pd.launch.greedy import run_disaggregated
 from vllm_hetero_pd.launch.instance import InstanceSpec
 from vllm_hetero_pd.launch.instance import hetero_kv_config as hetero
-from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare, run_disaggregated
+from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare
 from vllm_hetero_pd.testing.metrics import metric_sum, prompt_tokens_by_source, scrape
+
 
 class Config(NamedTuple):
     prefill_bs: int = 128

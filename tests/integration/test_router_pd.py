@@ -14,8 +14,8 @@ import urllib.request
 
 import pytest
 
-from vllm_hetero_pd.launch.cluster import free_port
 from vllm_hetero_pd.launch.request import post_json
+from vllm_hetero_pd.ports import free_port
 from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare, greedy_body, parse_completion
 from vllm_hetero_pd.testing.metrics import prompt_tokens_by_source
 

@@ -8,8 +8,9 @@ stated tolerance, and the decode engine computing no prompt tokens itself (they 
 import psutil
 
 from vllm_hetero_pd.launch.cluster import LocalCluster
+from vllm_hetero_pd.launch.greedy import run_disaggregated
 from vllm_hetero_pd.launch.instance import InstanceSpec
-from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare, max_logprob_delta, run_disaggregated
+from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare, max_logprob_delta
 from vllm_hetero_pd.testing.metrics import prompt_tokens_by_source
 
 

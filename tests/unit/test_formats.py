@@ -7,10 +7,11 @@ import msgspec
 import pytest
 import torch
 
-import kv_reference
+from vllm_hetero_pd.connector.detect import describe
 from vllm_hetero_pd.formats import PRESETS, KVFormat, LayoutError, can_translate, head_range, preset
-from vllm_hetero_pd.formats.detect import describe
 from vllm_hetero_pd.shim import decode, encode
+
+import kv_reference
 
 GEOMETRY = dict(num_layers=2, num_blocks=5, num_kv_heads=4, head_size=32)
 

@@ -55,7 +55,8 @@ def test_quantize_rounds_to_nearest_even_and_saturates():
         assert torch.equal(got, want), dtype
 
 
-def _case(src_dtype, dst_dtype, src_scale, dst_scale, name="cuda/flash_attn/C/LBHNC", dst_name="rocm-gfx942/triton_attn/C/LBHNC"):
+def _case(src_dtype, dst_dtype, src_scale, dst_scale, name="cuda/flash_attn/C/LBHNC",
+          dst_name="rocm-gfx942/triton_attn/C/LBHNC"):
     src = preset(name).build(num_layers=2, num_blocks=4, num_kv_heads=2, head_size=32, dtype=src_dtype,
                              k_scales=(src_scale, src_scale), v_scales=(src_scale, src_scale))
     dst = preset(dst_name).build(num_layers=2, num_blocks=4, num_kv_heads=2, head_size=32, dtype=dst_dtype,

@@ -7,6 +7,7 @@ decode devices of the pool, and checks coverage, inventory and budget directly.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -106,7 +107,8 @@ def brute_force(catalog, model, workload, slo, space) -> tuple[float, float]:
             continue
         for ppool in prefill_pools:
             ok, cost = within_limits((ppool, dpool), catalog, space)
-            if ok and cost < best_disagg and covers(ppool, lambda d, tp: prefill_rate(d, tp, dpool), workload.rate):
+            rate = functools.partial(prefill_rate, decode_pool=dpool)
+            if ok and cost < best_disagg and covers(ppool, rate, workload.rate):
                 best_disagg = cost
     best_coloc = math.inf
     for pool in all_pools(space.colocated_devices):
@@ -156,7 +158,8 @@ def test_returned_plan_is_feasible_and_priced_consistently():
     for plan in (result.best_disaggregated, result.best_colocated):
         if plan is None:
             continue
-        pools = [tuple(((e.device, e.tp), e.count) for e in p) for p in (plan.prefill, plan.decode, plan.colocated) if p]
+        pools = [tuple(((e.device, e.tp), e.count) for e in p)
+                 for p in (plan.prefill, plan.decode, plan.colocated) if p]
         ok, cost = within_limits(pools, catalog, space)
         assert ok and cost == pytest.approx(plan.cost_per_hour)
         for pool in (plan.prefill, plan.decode, plan.colocated):

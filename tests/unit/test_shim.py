@@ -103,7 +103,7 @@ def test_any_layout_pair_translates_bit_exactly(case):
 @given(translation_cases(names=MLA_PRESETS))
 def test_mla_latents_translate_bit_exactly(case):
     k, v, out = _run(case)
-    for fmt, k_out, v_out in out:
+    for _fmt, k_out, v_out in out:
         assert torch.equal(k_out[:, case["start"]:], k[:, case["start"]:]) and v_out.numel() == 0
 
 
@@ -120,7 +120,8 @@ def test_prefill_fa_lbnhc_bs16_to_cpu_decode_bs128_and_gaudi_bs128_to_cpu():
 def test_plan_is_identity_only_for_byte_identical_blocks():
     a = preset("cuda/flash_attn/C/LBHNC").build(num_layers=2, num_blocks=10, num_kv_heads=4, head_size=64)
     assert plan([a], msgspec.structs.replace(a, num_blocks=99)).is_identity
-    assert not plan([a], preset("cuda/flash_attn/C/LBNHC").build(num_layers=2, num_blocks=10, num_kv_heads=4, head_size=64)).is_identity
+    other_layout = preset("cuda/flash_attn/C/LBNHC").build(num_layers=2, num_blocks=10, num_kv_heads=4, head_size=64)
+    assert not plan([a], other_layout).is_identity
     assert not plan([a], msgspec.structs.replace(a, block_size=32)).is_identity
     assert not plan([a.shard(0, 2), a.shard(1, 2)], a).is_identity
 

@@ -231,7 +231,8 @@ def can_translate(src: KVFormat, dst: KVFormat) -> str | None:
             return f"{field} differs: source {a} vs destination {b}"
     if src.layer_names and dst.layer_names and src.layer_names != dst.layer_names:
         diff = next(i for i, (a, b) in enumerate(zip(src.layer_names, dst.layer_names)) if a != b)
-        return f"layer_names differ at {diff}: source {src.layer_names[diff]!r} vs destination {dst.layer_names[diff]!r}"
+        return (f"layer_names differ at {diff}: source {src.layer_names[diff]!r} vs destination "
+                f"{dst.layer_names[diff]!r}")
     small, large = sorted((src.block_size, dst.block_size))
     if large % small:
         return f"block_size: source {src.block_size} and destination {dst.block_size} are not multiples of each other"

@@ -116,13 +116,16 @@ def _all_presets() -> dict[str, Preset]:
         # Era B (PR #44455): logical (NB, H, BS, 2D); the NHD stride order stores [B][N][H][2D],
         # HND stores [B][H][N][2D]: the bytes of era-C LBNHC / LBHNC.
         for order, outer in (("NHD", "LBNH"), ("HND", "LBHN")):
-            presets.append(_joint(f"cuda/{backend}/B/{order}", "vllm 0.26.0-0.28.0", src + "::get_kv_cache_shape/_stride_order", outer))
+            presets.append(_joint(f"cuda/{backend}/B/{order}", "vllm 0.26.0-0.28.0",
+                                  src + "::get_kv_cache_shape/_stride_order", outer))
         # Era A2: (NB, 2, BS, H, D): a K plane then a V plane per block; HND swaps BS and H.
         for order in ("NHD", "HND"):
-            presets.append(_joint(f"cuda/{backend}/A2/{order}", "vllm 0.24.0-0.25.0", src + "::get_kv_cache_shape/_stride_order", "LB", order))
+            presets.append(_joint(f"cuda/{backend}/A2/{order}", "vllm 0.24.0-0.25.0",
+                                  src + "::get_kv_cache_shape/_stride_order", "LB", order))
     # Era A1 FLASH_ATTN: (2, NB, BS, H, D) per layer; NIXL registers K and V as two regions.
     for order in ("NHD", "HND"):
-        presets.append(_joint(f"cuda/flash_attn/A1/{order}", "vllm 0.11.0-0.22.0", _CUDA_SRC.format("flash_attn") + "::get_kv_cache_shape", "L", "B" + order))
+        presets.append(_joint(f"cuda/flash_attn/A1/{order}", "vllm 0.11.0-0.22.0",
+                              _CUDA_SRC.format("flash_attn") + "::get_kv_cache_shape", "L", "B" + order))
     rocm_src = "vllm/v1/attention/backends/{}.py + vllm/platforms/rocm.py::fp8_dtype"
     for arch, fp8 in (("gfx942", "float8_e4m3fnuz"), ("gfx950", "float8_e4m3fn")):
         presets += [
@@ -130,9 +133,11 @@ def _all_presets() -> dict[str, Preset]:
             for layout in ("LBHNC", "LHBNC")
         ]
         presets.append(
-            _era_c(f"rocm-{arch}/aiter_unified", "LBHNC", rocm_src.format("rocm_aiter_unified_attn"), fp8=fp8, block_size=64)
+            _era_c(f"rocm-{arch}/aiter_unified", "LBHNC", rocm_src.format("rocm_aiter_unified_attn"), fp8=fp8,
+                   block_size=64)
         )
-        presets += [_era_c(f"rocm-{arch}/triton_attn", layout, rocm_src.format("triton_attn"), fp8=fp8) for layout in ERA_C_LAYOUTS]
+        presets += [_era_c(f"rocm-{arch}/triton_attn", layout, rocm_src.format("triton_attn"), fp8=fp8)
+                    for layout in ERA_C_LAYOUTS]
         # ROCM_ATTN: two head slots [L][slot][B][N][H*D] (LHBNC) re-viewed by
         # PagedAttention.split_kv_cache as K [B, H, D/x, N, x] and V [B, H, D, N]; older
         # releases allocate (2, NB, BS, H, D) and apply the same view, so the bytes agree.
@@ -151,11 +156,13 @@ def _all_presets() -> dict[str, Preset]:
                 x_packed=True,
             )
         )
-    presets += [_era_c("xpu/flash_attn", layout, _CUDA_SRC.format("flash_attn"), block_size=64) for layout in ERA_C_LAYOUTS]
+    presets += [_era_c("xpu/flash_attn", layout, _CUDA_SRC.format("flash_attn"), block_size=64)
+                for layout in ERA_C_LAYOUTS]
     # vllm-gaudi: per layer separate key and value caches of (NB + 1) * BS slots, NHD, the
     # last block a dummy; fp8 is fp8_inc (e4m3fn storage).
-    gaudi_src = "vllm-gaudi 091bbad: attention/ops/hpu_paged_attn.py + attention/backends/hpu_attn.py::get_kv_cache_shape, " \
-                "v1/worker/hpu_model_runner.py::initialize_kv_cache/get_kv_caches_4D"
+    gaudi_src = ("vllm-gaudi 091bbad: attention/ops/hpu_paged_attn.py + "
+                 "attention/backends/hpu_attn.py::get_kv_cache_shape, "
+                 "v1/worker/hpu_model_runner.py::initialize_kv_cache/get_kv_caches_4D")
     for name, inner, mla in (("hpu/gaudi", "BNHD", False), ("hpu/gaudi-mla", "BND", True)):
         presets.append(Preset(name=name, source=gaudi_src, versions="vllm-gaudi 091bbad (upstream vLLM 0.26.0 pin)",
                               verified="source", storage="split", outer="L", k_inner=inner,
@@ -163,8 +170,8 @@ def _all_presets() -> dict[str, Preset]:
     # CPU_ATTN: each (block, head) page [N, 2D] is re-viewed as a K page then a V page of N*D
     # elements, written by cpu_attn_reshape_and_cache in an ISA-specific order.
     # * vec / vec16 (AVX2, AVX-512 without AMX, head sizes % 32 != 0): K transposed [D][N], V
-    #   [N][D]. Derived from the kernel on this AVX2 machine (shim/cpu_attn.py); the vec kernel's
-    #   reshape_and_cache is plain scalar code, so AVX-512 hosts pack the same way.
+    #   [N][D]. Derived from the kernel on this AVX2 machine (connector/cpu_attn.py); the vec
+    #   kernel's reshape_and_cache is plain scalar code, so AVX-512 hosts pack the same way.
     # * amx (bf16 on AMX hosts): AMX B-tiles. K packs pairs of dims (4-byte quadwords) for groups
     #   of 16 tokens, [N/16][D/2][16][2]; V packs pairs of tokens for groups of 16 dims,
     #   [D/16][N/2][16][2]. Read from csrc/cpu/cpu_attn_amx.hpp::reshape_and_cache; this host has
@@ -172,7 +179,8 @@ def _all_presets() -> dict[str, Preset]:
     cpu_src = "vllm/v1/attention/backends/cpu_attn.py + "
     for isa, k_inner, v_inner, verified, source, note in (
         ("vec", "DN", "ND", "real-op", "torch.ops._C.cpu_attn_reshape_and_cache (isa vec/vec16)", ""),
-        ("amx", "NDN16D2", "DND16N2", "source", "csrc/cpu/cpu_attn_amx.hpp::reshape_and_cache", "; bf16, block_size % 32 == 0"),
+        ("amx", "NDN16D2", "DND16N2", "source", "csrc/cpu/cpu_attn_amx.hpp::reshape_and_cache",
+         "; bf16, block_size % 32 == 0"),
     ):
         presets.append(Preset(name=f"cpu/cpu_attn/{isa}", source=cpu_src + source, verified=verified,
                               versions=f"vllm 0.29.0-0.32.0 (LBHNC only{note})", storage="joint", outer="LBH",

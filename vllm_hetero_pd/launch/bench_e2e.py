@@ -5,7 +5,8 @@ Every configuration runs in the same invocation on the same machine and model, s
 like. Load comes from ``vllm bench serve`` through our router (or straight at the monolithic engine); transfer
 and translate times come from the decode's Prometheus histograms as deltas over the run. Engines run with
 prefix caching off and every run gets a fresh seed, otherwise repeated prompts would hit the cache and skip
-the transfer being measured (notes/baseline-cpu.md, P3/P4/P7).
+the transfer being measured: ``vllm bench serve``'s random prompts repeat over the tiny model's small
+vocabulary, and with the cache on a monolithic TTFT fell from 365 to 36 ms.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from vllm_hetero_pd.launch.cluster import LocalCluster, free_port
+from vllm_hetero_pd.launch.cluster import LocalCluster
 from vllm_hetero_pd.launch.instance import InstanceSpec, hetero_kv_config
+from vllm_hetero_pd.ports import free_port
 from vllm_hetero_pd.testing.metrics import metric_sum, scrape
 
 NO_PREFIX_CACHE = ["--no-enable-prefix-caching"]
@@ -120,7 +122,8 @@ def summarize(name: str, serve: dict, before: dict[str, float] | None, after: di
     if before is not None and after is not None:
         delta = {k: after[k] - before.get(k, 0.0) for k in after}
         if delta["transfer_count"] <= 0:
-            raise RuntimeError(f"{name}: decode recorded no KV transfers; was prefix caching on or the router bypassed?")
+            raise RuntimeError(f"{name}: decode recorded no KV transfers; "
+                               "was prefix caching on or the router bypassed?")
         n = row["num_requests"]
         row["transfer_ms_per_req"] = 1e3 * delta["transfer_sum"] / n
         row["bytes_per_req"] = delta["bytes"] / n

@@ -8,61 +8,25 @@ an engine-core process and, with TP > 1, worker processes, which must all go.
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from contextlib import closing
 from pathlib import Path
 
 from vllm_hetero_pd.launch.instance import InstanceSpec, serve_command, serve_env
+from vllm_hetero_pd.ports import free_port, is_free
 
 
 class LaunchError(RuntimeError):
     """An instance died or did not become healthy; the message carries its log tail."""
 
 
-# Below Linux's default ephemeral range (32768-60999): a port handed out here cannot be taken in
-# the meantime by another process's ephemeral bind (vLLM's engines open many ZMQ sockets), which
-# made a side channel occasionally fail with "Address already in use".
-PORT_RANGE = (20000, 32000)
-_handed_out: set[int] = set()  # never hand a port out twice: its server may not have bound it yet
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports, free right now, outside the ephemeral range."""
-    low, high = PORT_RANGE
-    start = random.randrange(low, high)
-    ports: list[int] = []
-    for offset in range(high - low):
-        port = low + (start - low + offset) % (high - low)
-        if port in _handed_out:
-            continue
-        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-        _handed_out.add(port)
-        if len(ports) == count:
-            return ports
-    raise LaunchError(f"no {count} free ports in {low}-{high}")
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
 def check_port_free(port: int) -> None:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            raise LaunchError(f"port {port} is already in use; pick another or pass 0 to choose one") from None
+    """Fail before starting anything when a port the user fixed is taken (vLLM would die later)."""
+    if not is_free(port):
+        raise LaunchError(f"port {port} is already in use; pick another or pass 0 to choose one")
 
 
 def log_tail(path: Path, num_lines: int = 40) -> str:
@@ -126,7 +90,7 @@ class LocalCluster:
         self.specs, self.log_dir, self.startup_timeout_s = specs, Path(log_dir), startup_timeout_s
         self.instances: list[Instance] = []
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         self.start()
         return self
 

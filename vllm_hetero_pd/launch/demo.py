@@ -16,9 +16,9 @@ from pathlib import Path
 from vllm_hetero_pd.launch.cli import add_arguments as add_launch_arguments
 from vllm_hetero_pd.launch.cli import pd_specs, resolve_model
 from vllm_hetero_pd.launch.cluster import LocalCluster
+from vllm_hetero_pd.launch.greedy import reference_completions
 from vllm_hetero_pd.launch.request import disaggregated_request
-from vllm_hetero_pd.testing.compare import (LOGPROB_TOLERANCE, compare, greedy_body, max_logprob_delta, parse_completion,
-                                            reference_completions)
+from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare, greedy_body, max_logprob_delta, parse_completion
 from vllm_hetero_pd.testing.metrics import metric_sum, prompt_tokens_by_source, scrape
 from vllm_hetero_pd.testing.prompts import DEFAULT_LENGTHS, make_prompts
 

@@ -74,7 +74,8 @@ def _ids(count: int, consecutive: bool, rng: random.Random) -> list[int]:
     return ids
 
 
-def _measure(args: argparse.Namespace, device: torch.device, rng: random.Random, pair: tuple) -> tuple[int, float, float]:
+def _measure(args: argparse.Namespace, device: torch.device, rng: random.Random,
+             pair: tuple) -> tuple[int, float, float]:
     """Bytes moved, shim seconds and plain-copy seconds for one pair (buffers freed on return)."""
     src_name, src_bs, dst_name, dst_bs, dtypes = pair
     src_dtype, dst_dtype = DTYPES[dtypes]
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     rng = random.Random(0)
     rows = range(1, len(PAIRS) + 1) if args.pairs == "all" else [int(x) for x in args.pairs.split(",")]
-    print(f"shim bench: {args.tokens} tokens x {args.layers} layers x {args.kv_heads} KV heads x head {args.head_size}, "
+    print(f"shim bench: {args.tokens} tokens x {args.layers} layers x {args.kv_heads} KV heads x head "
+          f"{args.head_size}, "
           f"device {device}, {'consecutive' if args.consecutive else 'shuffled'} block ids, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     print(f"{'#':>2}  {'source -> destination':<62} {'dtype':<13} {'MiB':>6} {'GB/s':>7} {'copy GB/s':>9} {'ratio':>6}")
@@ -115,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         moved, shim_s, copy_s = _measure(args, device, rng, PAIRS[row - 1])
         gbs, copy_gbs = moved / shim_s / 1e9, moved / copy_s / 1e9
         label = f"{src_name} bs{src_bs} -> {dst_name} bs{dst_bs}"
-        print(f"{row:>2}  {label:<62} {dtypes:<13} {moved / 2**20:>6.0f} {gbs:>7.2f} {copy_gbs:>9.2f} {gbs / copy_gbs:>6.2f}")
+        print(f"{row:>2}  {label:<62} {dtypes:<13} {moved / 2**20:>6.0f} {gbs:>7.2f} {copy_gbs:>9.2f} "
+              f"{gbs / copy_gbs:>6.2f}")
         sys.stdout.flush()
     return 0
 

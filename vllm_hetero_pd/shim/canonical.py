@@ -28,7 +28,8 @@ def canonical_format(fmt: KVFormat, num_tokens: int) -> KVFormat:
     )
 
 
-def empty_canonical(fmt: KVFormat, num_tokens: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def empty_canonical(fmt: KVFormat, num_tokens: int,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Zeroed canonical K and V (V has head_size_v columns, possibly 0), rounded up to whole blocks."""
     canon = canonical_format(fmt, num_tokens)
     tokens = canon.num_blocks * fmt.block_size
@@ -38,7 +39,8 @@ def empty_canonical(fmt: KVFormat, num_tokens: int, device: torch.device | str =
             torch.zeros(*shape, fmt.head_size_v, dtype=dtype, device=device))
 
 
-def decode(fmt: KVFormat, buffers: KVBuffers, block_ids: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def decode(fmt: KVFormat, buffers: KVBuffers, block_ids: Sequence[int],
+           num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Read positions ``[0, num_tokens)`` of one request out of a cache in format ``fmt``."""
     device = _device(buffers)
     k, v = empty_canonical(fmt, num_tokens, device)

@@ -1,38 +1,36 @@
-"""CPU_ATTN's block interior, derived from vLLM's own kernel rather than assumed.
+"""CPU_ATTN's block interior, derived by probing a packing function rather than assumed.
 
 vLLM's CPU attention views each ``[N, 2D]`` (block, head) page as ``[2N, D]``, hands the
 first half to ``cpu_attn_reshape_and_cache`` as the key cache and the second half as the
 value cache, and the kernel writes each half in an ISA-specific packed order. There is no
-unpack op upstream. ``derive_inner`` writes known bit patterns through the real op,
+unpack op upstream. ``derive_inner`` writes known bit patterns through a packing function,
 records where each (token, dim) element lands, and names the layout in ``KVFormat``'s axis
-language; ``pack_reference`` is the real op itself, for round-trip checks.
+language.
 
+This module is pure torch: the packing function is a parameter. ``connector/cpu_attn.py``
+passes vLLM's real op (the only part that needs vLLM); unit tests pass reference packers.
 On an AVX2 machine (isa ``vec`` / ``vec16``) every dtype, block size and head size gives
 K transposed ``[D][N]`` then V ``[N][D]`` (preset ``cpu/cpu_attn/vec``).
-Imports vLLM: only call this where vLLM's CPU build is installed.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 
 from vllm_hetero_pd.formats.format import LayoutError
 
+Pack = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str], None]
+"""``pack(key, value, kv_cache, slots, isa)``: write ``[T, H, D]`` K/V into a ``[NB, H, N, 2D]``
+cache at ``slots`` the way CPU_ATTN's ``isa`` kernel does (``cpu_attn_reshape_and_cache``)."""
+
 _SPLITS = (1, 2, 4, 8, 16, 32)
 
 
-def pack_reference(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor, isa: str) -> None:
-    """Write ``key``/``value`` ``[T, H, D]`` into a ``[NB, H, N, 2D]`` cache the way vLLM does."""
-    from vllm import _custom_ops as ops
-
-    num_blocks, num_heads, block_size, _ = kv_cache.shape
-    key_cache, value_cache = kv_cache.view(num_blocks, num_heads, 2 * block_size, -1).chunk(2, dim=2)
-    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
-
-
-def observe(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def observe(pack: Pack, isa: str, dtype: torch.dtype, block_size: int,
+            head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Element offsets ``[N, D]`` of K and of V inside one ``(block, head)`` page.
 
     Two passes write the low and high part of each element's index as distinct, finite bit
@@ -46,7 +44,7 @@ def observe(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> tu
     for code in (index % 4096, index // 4096):
         cache = torch.full((2, heads, block_size, 2 * head_size), -1, dtype=int_dtype)
         values = (code + 0x100).to(int_dtype).view(dtype).view(2, block_size, heads, head_size)
-        pack_reference(values[0], values[1], cache.view(dtype), torch.arange(block_size) + block_size, isa)
+        pack(values[0], values[1], cache.view(dtype), torch.arange(block_size) + block_size, isa)
         parts.append(cache.view(-1).to(torch.int64) - 0x100)
     written = parts[0] >= 0
     if int(written.sum()) != 2 * n:
@@ -61,9 +59,9 @@ def observe(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> tu
     return head0[0], head0[1]
 
 
-def derive_inner(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> tuple[str, str]:
+def derive_inner(pack: Pack, isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> tuple[str, str]:
     """``(k_inner, v_inner)`` for ``outer="LBH"``, found by matching the observed offsets."""
-    k_off, v_off = observe(isa, dtype, block_size, head_size)
+    k_off, v_off = observe(pack, isa, dtype, block_size, head_size)
     k_inner = _match(k_off, 0, block_size, head_size)
     v_inner = _match(v_off, block_size * head_size, block_size, head_size)
     if k_inner is None or v_inner is None:

@@ -13,8 +13,9 @@ Positions: ``src_block_ids[i]`` holds sequence positions ``[i*bs, (i+1)*bs)`` of
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 from vllm_hetero_pd.formats.format import Factors, KVFormat, LayoutError, can_translate
 
@@ -89,8 +90,10 @@ class TranslationPlan:
         if len(self.src_formats) != 1:
             return False
         src, dst = self.src_formats[0], self.dst
-        same = ("storage", "outer", "k_inner", "v_inner", "block_size", "head_start", "num_heads", "head_size", "head_size_v")
-        return all(getattr(src, f) == getattr(dst, f) for f in same) and all(c == "copy" for c in self.conversion.values())
+        same = ("storage", "outer", "k_inner", "v_inner", "block_size", "head_start", "num_heads", "head_size",
+                "head_size_v")
+        return (all(getattr(src, f) == getattr(dst, f) for f in same)
+                and all(c == "copy" for c in self.conversion.values()))
 
     def copies(self, src_block_ids: Sequence[int], dst_block_ids: Sequence[int], start: int, stop: int) -> list[Copy]:
         """The copies that move positions ``[start, stop)``, for one layer (see ``translate``)."""
@@ -158,10 +161,13 @@ def _head_runs(src_formats: tuple[KVFormat, ...], dst: KVFormat) -> tuple[HeadRu
         owner = next((i for i, s in enumerate(src_formats) if s.head_start <= h < s.head_start + s.num_heads), None)
         if owner is None:
             held = ", ".join(f"[{s.head_start}, {s.head_start + s.num_heads})" for s in src_formats)
-            raise LayoutError(f"KV head {h} needed by the destination is on none of the source ranks (they hold {held})")
+            raise LayoutError(f"KV head {h} needed by the destination is on none of the source ranks "
+                              f"(they hold {held})")
         src_local, dst_local = h - src_formats[owner].head_start, h - dst.head_start
         last = runs[-1] if runs else None
-        if last and last.src == owner and last.src_head + last.count == src_local and last.dst_head + last.count == dst_local:
+        extends_last = (last and last.src == owner and last.src_head + last.count == src_local
+                        and last.dst_head + last.count == dst_local)
+        if extends_last:
             runs[-1] = HeadRun(owner, last.src_head, last.dst_head, last.count + 1)
         else:
             runs.append(HeadRun(owner, src_local, dst_local, 1))

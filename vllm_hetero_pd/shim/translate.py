@@ -95,9 +95,9 @@ def layers(buffers: KVBuffers, fmt: KVFormat, side: Side) -> Layers:
             raise LayoutError(f"{fmt.name or 'format'}: kv_caches lacks layers {missing[:3]} named in the format")
         buffers = [buffers[n] for n in fmt.layer_names] if fmt.layer_names else list(buffers.values())
     part = 0 if side == "k" or fmt.storage == "joint" else 1
-    if isinstance(buffers, torch.Tensor) or (
-        fmt.storage == "split" and isinstance(buffers, tuple) and len(buffers) == 2 and isinstance(buffers[0], torch.Tensor)
-    ):
+    one_tensor_pair = (fmt.storage == "split" and isinstance(buffers, tuple) and len(buffers) == 2
+                       and isinstance(buffers[0], torch.Tensor))
+    if isinstance(buffers, torch.Tensor) or one_tensor_pair:
         whole = buffers if isinstance(buffers, torch.Tensor) else buffers[part]
         flat, base = _flat(whole, dtype, _span(fmt, side, whole_cache=True), fmt)
         stride = fmt.factors(side)["L"][0][1]

@@ -2,18 +2,14 @@
 
 A disaggregated run is correct when it produces what a monolithic engine on the same model
 produces. Token ids must match exactly, and top-k logprobs within ``LOGPROB_TOLERANCE``.
+This module only parses and compares; ``launch.greedy`` runs the requests against live instances.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import msgspec
-
-from vllm_hetero_pd.launch.cluster import LocalCluster
-from vllm_hetero_pd.launch.instance import InstanceSpec
-from vllm_hetero_pd.launch.request import disaggregated_request, post_json
 
 LOGPROB_TOLERANCE = 1e-3
 """Largest |Δ logprob| accepted between a disaggregated and a monolithic run.
@@ -32,39 +28,23 @@ class Completion(msgspec.Struct, frozen=True):
 
 
 class Mismatch(msgspec.Struct, frozen=True):
+    """One prompt whose candidate output differs from the reference, and how."""
+
     prompt_index: int
     reason: str
 
 
 def greedy_body(prompt: list[int], max_tokens: int = 32, logprobs: int = 5) -> dict[str, Any]:
+    """A deterministic request: greedy, fixed length (``ignore_eos``), ids and top-k logprobs returned."""
     return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "logprobs": logprobs,
             "ignore_eos": True, "return_token_ids": True, "return_tokens_as_token_ids": True}
 
 
 def parse_completion(answer: dict[str, Any]) -> Completion:
+    """The ids and top-k logprobs of an OpenAI completions answer to ``greedy_body``."""
     choice = answer["choices"][0]
     top = choice["logprobs"]["top_logprobs"]
     return Completion(token_ids=list(choice["token_ids"]), top_logprobs=[dict(t) for t in top])
-
-
-def run_greedy(url: str, prompts: list[list[int]], max_tokens: int = 32) -> list[Completion]:
-    """One request per prompt, sequentially, so that batch composition cannot change the numerics."""
-    return [parse_completion(post_json(url + "/v1/completions", greedy_body(p, max_tokens), f"ref-{i}", 300))
-            for i, p in enumerate(prompts)]
-
-
-def run_disaggregated(prefill_url: str, decode_url: str, prompts: list[list[int]],
-                      max_tokens: int = 32) -> list[Completion]:
-    """The same requests as ``run_greedy``, each prefilled on one instance and decoded on another."""
-    return [parse_completion(disaggregated_request(prefill_url, decode_url, greedy_body(p, max_tokens)))
-            for p in prompts]
-
-
-def reference_completions(model_dir: str, prompts: list[list[int]], log_dir: Path,
-                          max_tokens: int = 32) -> list[Completion]:
-    """Greedy completions of a monolithic engine (no connector) on the same model: the ground truth."""
-    with LocalCluster([InstanceSpec(role="monolithic", model=model_dir)], log_dir) as cluster:
-        return run_greedy(cluster.instances[0].url, prompts, max_tokens)
 
 
 def compare(reference: list[Completion], candidate: list[Completion], tolerance: float) -> list[Mismatch]:

@@ -8,7 +8,6 @@ and such formats are refused here with the reason.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,12 +23,9 @@ class BlockLayout:
     block_len: tuple[int, ...]
     layer_stride: tuple[int, ...]  # bytes between layers inside one whole-cache buffer
 
-    @property
-    def num_parts(self) -> int:
-        return len(self.block_len)
-
 
 def block_layout(fmt: KVFormat) -> BlockLayout:
+    """The byte geometry of one block per buffer part; raises ``LayoutError`` if NIXL cannot read it per block."""
     sides = [("k", "v")] if fmt.storage == "joint" else [("k",), ("v",)] if fmt.head_size_v else [("k",)]
     strides, lens, layers = [], [], []
     for part in sides:
@@ -65,7 +61,3 @@ def block_descs(layout: BlockLayout, layer_addrs: list[list[int]], block_ids: li
             rows.append(np.stack([addr + ids * layout.block_stride[p],
                                   np.full_like(ids, layout.block_len[p])], axis=1))
     return np.concatenate(rows) if rows else np.zeros((0, 2), dtype=np.uint64)
-
-
-def num_blocks_for(num_tokens: int, block_size: int) -> int:
-    return math.ceil(num_tokens / block_size)

@@ -3,10 +3,12 @@
 The connector calls ``detect(vllm_config, kv_caches)`` in ``register_kv_caches`` and sends
 the result in its handshake. The layout is not trusted from labels alone: the strides of
 the tensors vLLM hands over must match what the resolved ``KVCacheLayout`` implies, and
-CPU_ATTN's packed interior is derived from the running kernel (``shim/cpu_attn.py``).
+CPU_ATTN's packed interior is derived from the running kernel (``connector/cpu_attn.py``).
 
 ``describe`` is the pure core (plain values in, ``KVFormat`` out) so it is tested without an
-engine; ``detect`` only gathers those values from vLLM, which it imports lazily.
+engine; ``detect`` only gathers those values from vLLM, which it imports lazily. It lives in
+``connector`` (not ``formats``) because reading a live worker is vLLM-adapter work: ``formats``
+stays a leaf that imports neither vLLM nor the shim.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def describe(
             raise LayoutError(f"{backend}: content {content} is not K||V of head_size {head_size}")
         outer, k_inner, v_inner, head_size_v = ERA_C_LAYOUTS[layout], "D", "D", head_size
     else:
-        raise LayoutError(f"attention backend {backend} has no known block interior; supported: {sorted(KV_CONCAT_BACKENDS)}")
+        raise LayoutError(f"attention backend {backend} has no known block interior; "
+                          f"supported: {sorted(KV_CONCAT_BACKENDS)}")
     fmt = KVFormat(
         name=f"detected/{backend}/{layout}",
         storage="joint",
@@ -94,10 +97,10 @@ def describe(
 
 def detect(vllm_config: Any, kv_caches: Mapping[str, Any]) -> KVFormat:
     """Describe this worker's KV cache (call from ``register_kv_caches``)."""
+    from vllm.config.vllm import get_layers_from_vllm_config
     from vllm.distributed.kv_transfer.kv_connector.utils import get_current_attn_backends
     from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
-    from vllm.config.vllm import get_layers_from_vllm_config
 
     backends = {b.get_name() for b in get_current_attn_backends(vllm_config)}
     if len(backends) != 1:
@@ -107,30 +110,14 @@ def detect(vllm_config: Any, kv_caches: Mapping[str, Any]) -> KVFormat:
     tensors = [kv_caches[n] for n in names]
     first = tensors[0]
     if any(t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype for t in tensors):
-        raise LayoutError("KV cache tensors differ in shape, stride or dtype across layers (hybrid models are not supported)")
+        raise LayoutError("KV cache tensors differ in shape, stride or dtype across layers "
+                          "(hybrid models are not supported)")
     model = vllm_config.model_config
     tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
     total_heads = 1 if model.use_mla else model.get_total_num_kv_heads()
     head_start, _ = head_range(total_heads, tp_rank, tp_size) if not model.use_mla else (0, 1)
-    dtype = str(first.dtype).removeprefix("torch.")
-    cache_dtype = vllm_config.cache_config.cache_dtype
     layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, list(names))
-    k_scales = v_scales = ()
-    if cache_dtype.startswith("fp8"):
-        from vllm.platforms import current_platform
-
-        dtype = "float8_e5m2" if cache_dtype == "fp8_e5m2" else str(current_platform.fp8_dtype()).removeprefix("torch.")
-        k_scales = tuple(float(layers[n]._k_scale_float) for n in names)
-        v_scales = tuple(float(layers[n]._v_scale_float) for n in names)
-
-    def cpu_inner() -> tuple[str, str]:
-        # Lazy: the derivation runs vLLM's kernel (torch), which this leaf package must not import.
-        from vllm_hetero_pd.shim.cpu_attn import derive_inner
-
-        if first.element_size() == 1:
-            raise LayoutError("CPU_ATTN fp8 packing is not derived (needs an AVX-512/AMX host); use --kv-cache-dtype auto")
-        return derive_inner(layers[names[0]].isa, first.dtype, first.shape[2], model.get_head_size())
-
+    dtype, k_scales, v_scales = _stored_dtype_and_scales(vllm_config, first, [layers[n] for n in names])
     return describe(
         backend=backend,
         layout=vllm_config.cache_config.get_resolved_kv_cache_layout().name,
@@ -142,8 +129,35 @@ def detect(vllm_config: Any, kv_caches: Mapping[str, Any]) -> KVFormat:
         head_start=head_start,
         head_size=model.get_head_size(),
         use_mla=model.use_mla,
-        cpu_inner=cpu_inner,
+        cpu_inner=lambda: _cpu_inner(layers[names[0]].isa, first, model.get_head_size()),
         k_scales=k_scales,
         v_scales=v_scales,
         layer_names=names,
     )
+
+
+def _stored_dtype_and_scales(vllm_config: Any, first: Any, layers: list[Any]) -> tuple[str, tuple[float, ...],
+                                                                                     tuple[float, ...]]:
+    """The element dtype as stored, and per-layer K/V scales when the cache is fp8.
+
+    vLLM allocates an fp8 cache as uint8 tensors, so the tensor dtype alone does not say which
+    fp8 encoding the bytes hold: that comes from ``cache_dtype`` and the platform.
+    """
+    dtype = str(first.dtype).removeprefix("torch.")
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if not cache_dtype.startswith("fp8"):
+        return dtype, (), ()
+    from vllm.platforms import current_platform
+
+    dtype = "float8_e5m2" if cache_dtype == "fp8_e5m2" else str(current_platform.fp8_dtype()).removeprefix("torch.")
+    return (dtype, tuple(float(layer._k_scale_float) for layer in layers),
+            tuple(float(layer._v_scale_float) for layer in layers))
+
+
+def _cpu_inner(isa: str, first: Any, head_size: int) -> tuple[str, str]:
+    """CPU_ATTN's ``(k_inner, v_inner)``, probed through the running kernel (called only for CPU_ATTN)."""
+    from vllm_hetero_pd.connector.cpu_attn import derive_inner
+
+    if first.element_size() == 1:
+        raise LayoutError("CPU_ATTN fp8 packing is not derived (needs an AVX-512/AMX host); use --kv-cache-dtype auto")
+    return derive_inner(isa, first.dtype, first.shape[2], head_size)

@@ -6,7 +6,9 @@ thread; on a 2-core host two idle engines then starve their own forward passes (
 74 s instead of 0.4 s). Setting ``HETERO_PD_NIXL_PROGRESS_DELAY_US`` makes every NIXL agent
 created in this process poll with that timeout instead. It is applied from our vLLM plugin
 entry point, which runs in every vLLM process, so upstream NixlConnector baselines get it too.
-Our own connector drives progress itself and does not depend on this.
+Our own connector does not need the variable: ``NixlAgent`` applies its ``progress_delay_us``
+(``kv_connector_extra_config``, default 100) through ``set_progress_delay`` before it creates an agent.
+It lives in ``transport`` because ``NixlAgent`` uses it; the plugin entry point imports it lazily.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ logger = get_logger(__name__)
 
 
 def apply_progress_delay_from_env() -> None:
+    """Apply ``HETERO_PD_NIXL_PROGRESS_DELAY_US`` if set; a bad value raises rather than spins silently."""
     raw = os.environ.get(ENV_VAR)
     if not raw:
         return
