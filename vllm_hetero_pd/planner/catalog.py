@@ -57,11 +57,11 @@ class Device(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_tp: int
     sources: dict[str, str]
     fp4_tflops: float = 0.0  # dense FP4 (MXFP4/NVFP4) peak; 0 = no FP4 units, 4-bit weights run at BF16
+    capex_usd: float = 0.0  # purchase price of one accelerator, for --cost tco; 0 = unknown
 
     def __post_init__(self) -> None:
         missing = [f for f in _SOURCED_FIELDS if not self.sources.get(f, "").strip()]
-        if self.fp4_tflops and not self.sources.get("fp4_tflops", "").strip():
-            missing.append("fp4_tflops")
+        missing += [f for f in ("fp4_tflops", "capex_usd") if getattr(self, f) and not self.sources.get(f, "").strip()]
         if missing:
             raise CatalogError(f"device {self.name}: no source for {', '.join(missing)}; "
                                "add a 'sources: {field: where the number comes from}' entry for each")
@@ -121,10 +121,53 @@ class Link(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
             raise CatalogError(f"link {self.prefill_vendor}->{self.decode_vendor}: empty source")
 
 
+HOURS_PER_YEAR = 8760
+
+
+class TcoInputs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What owning an accelerator costs per hour besides its price, for ``--cost tco``.
+
+    Hourly cost = capital recovery of ``capex x (1 + system_capex_fraction)`` over
+    ``amortisation_years`` at ``cost_of_capital`` (an annuity), + energy of ``(TDP x
+    power_utilisation + host_power_w) x pue`` at ``usd_per_kwh``, + facility rent of the
+    provisioned ``TDP + host_power_w`` at ``facility_usd_per_kw_month``.
+    """
+
+    system_capex_fraction: float  # host, NICs, switches, rack per accelerator, as a fraction of its capex
+    amortisation_years: float
+    cost_of_capital: float  # per year
+    power_utilisation: float  # mean draw / TDP
+    host_power_w: float  # per accelerator
+    pue: float
+    usd_per_kwh: float
+    facility_usd_per_kw_month: float
+    sources: dict[str, str]
+
+    def __post_init__(self) -> None:
+        missing = [f for f in self.__struct_fields__ if f != "sources" and not self.sources.get(f, "").strip()]
+        if missing:
+            raise CatalogError(f"tco: no source for {', '.join(missing)} (mark assumptions as such)")
+        if self.amortisation_years <= 0 or self.pue < 1 or min(self.cost_of_capital, self.usd_per_kwh) < 0:
+            raise CatalogError("tco: amortisation_years must be > 0, pue >= 1, cost_of_capital and usd_per_kwh >= 0")
+
+    def per_hour(self, device: Device) -> float:
+        """$/h of owning and running one ``device``."""
+        if device.capex_usd <= 0:
+            raise CatalogError(f"device {device.name} has no capex_usd for --cost tco; add one with --catalog")
+        r, n = self.cost_of_capital, self.amortisation_years
+        annuity = r / (1 - (1 + r) ** -n) if r > 0 else 1 / n
+        capital = device.capex_usd * (1 + self.system_capex_fraction) * annuity / HOURS_PER_YEAR
+        draw_kw = (device.tdp_w * self.power_utilisation + self.host_power_w) / 1e3
+        energy = draw_kw * self.pue * self.usd_per_kwh
+        facility = (device.tdp_w + self.host_power_w) / 1e3 * self.facility_usd_per_kw_month * 12 / HOURS_PER_YEAR
+        return capital + energy + facility
+
+
 class CatalogFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The schema of one catalog YAML/JSON file."""
 
     version: str = ""  # when the numbers were last reviewed; --json reports it with the file
+    tco: TcoInputs | None = None
     devices: list[Device] = []
     links: list[Link] = []
 
@@ -135,6 +178,24 @@ class Catalog(msgspec.Struct, frozen=True, kw_only=True):
     devices: dict[str, Device]
     links: list[Link]
     versions: dict[str, str] = {}  # file -> its version string, in load order
+    tco: TcoInputs | None = None
+
+    def owned(self, overrides: dict[str, float] | None = None) -> Catalog:
+        """The catalog with every price replaced by its owned-hardware TCO per hour, after
+        ``overrides`` (TCO input -> value, from ``--tco``)."""
+        if self.tco is None:
+            raise CatalogError("--cost tco needs a 'tco:' section in a catalog file")
+        overrides = overrides or {}
+        inputs = [f for f in TcoInputs.__struct_fields__ if f != "sources"]
+        unknown = sorted(set(overrides) - set(inputs))
+        if unknown:
+            raise CatalogError(f"--tco {', '.join(unknown)}: not a TCO input; known: {', '.join(inputs)}")
+        tco = msgspec.structs.replace(self.tco, **overrides, sources={
+            **self.tco.sources, **{k: "--tco on the command line" for k in overrides}})
+        devices = {n: msgspec.structs.replace(d, price_per_hour=tco.per_hour(d), sources={
+            **d.sources, "price_per_hour": f"TCO: capex {d.sources['capex_usd']} + power + facility (catalog tco)"})
+            for n, d in self.devices.items()}
+        return msgspec.structs.replace(self, devices=devices, tco=tco)
 
     def digest(self) -> str:
         """SHA-256 of the merged numbers, so two reports can tell whether they used the same inputs."""
@@ -178,9 +239,11 @@ def load_catalog(extra_paths: list[Path] = ()) -> Catalog:
     devices: dict[str, Device] = {}
     links: list[Link] = []
     versions: dict[str, str] = {}
+    tco = None
     for path in (SHIPPED_CATALOG, *extra_paths):
         part = read_catalog_file(Path(path))
         devices.update((d.name, d) for d in part.devices)
         links.extend(part.links)
         versions[str(path)] = part.version
-    return Catalog(devices=devices, links=links, versions=versions)
+        tco = part.tco or tco
+    return Catalog(devices=devices, links=links, versions=versions, tco=tco)

@@ -67,7 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", action="append", default=[], type=Path, metavar="FILE",
                         help="extra catalog YAML/JSON; devices replace same-named ones (repeatable)")
     parser.add_argument("--price", action="append", default=[], metavar="NAME=$/h",
-                        help="override a device's hourly price, e.g. Gaudi3=1.5 (repeatable)")
+                        help="override a device's hourly rental price, e.g. Gaudi3=1.5 (repeatable)")
+    parser.add_argument("--cost", choices=("rental", "tco"), default="rental",
+                        help="rental: catalog $/h; tco: owned hardware (capex, power, facility; catalog tco section)")
+    parser.add_argument("--tco", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a TCO input, e.g. pue=1.4,usd_per_kwh=0.12 (repeatable)")
     parser.add_argument("--devices", help="comma list of devices to consider (default: all in the catalog)")
     parser.add_argument("--prefill-devices", help="restrict prefill pools to these devices")
     parser.add_argument("--decode-devices", help="restrict decode pools to these devices")
@@ -92,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _catalog(args: argparse.Namespace) -> Catalog:
+    """The catalog with --price overrides, and in TCO mode --tco overrides and owned-cost prices."""
     catalog = load_catalog(args.catalog)
     devices = dict(catalog.devices)
     for name, price in _pairs(args.price, "--price", float).items():
@@ -100,7 +105,10 @@ def _catalog(args: argparse.Namespace) -> Catalog:
             raise CatalogError(f"--price {name}={price}: a price must be > 0 $/h")
         devices[dev.name] = msgspec.structs.replace(
             dev, price_per_hour=price, sources={**dev.sources, "price_per_hour": "--price on the command line"})
-    return msgspec.structs.replace(catalog, devices=devices)
+    catalog = msgspec.structs.replace(catalog, devices=devices)
+    if args.cost == "rental":
+        return catalog
+    return catalog.owned(_pairs(args.tco, "--tco", float))
 
 
 def _default_devices(catalog: Catalog) -> list[str]:

@@ -40,7 +40,8 @@ def plan_table(plan: Plan, workload: Workload, slo: Slo) -> str:
         rows += [_entry_row(role, e, plan, pool, workload) for e in pool]
     devices = sum(e.num_devices for e in plan.entries)
     rows.append(["total", f"{devices} devices", "", "", "", "", "", f"{plan.output_tokens_per_s:.0f}",
-                 f"{plan.cost_per_hour:.2f}", f"${plan.cost_per_mtok:.3f}/Mtok out"])
+                 f"{plan.cost_per_hour:.2f}",
+                 f"${plan.cost_per_mtok:.3f}/Mtok out, ${plan.cost_per_mtok_all:.3f}/Mtok in+out"])
     return _format(rows)
 
 

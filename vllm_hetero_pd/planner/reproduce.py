@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vllm_hetero_pd.planner.catalog import load_catalog
-from vllm_hetero_pd.planner.model import load_model
-from vllm_hetero_pd.planner.search import SearchSpace, search
+from vllm_hetero_pd.planner.catalog import Catalog, load_catalog
+from vllm_hetero_pd.planner.model import ModelSpec, load_model
+from vllm_hetero_pd.planner.search import Plan, SearchSpace, search
 from vllm_hetero_pd.planner.workload import Slo, Workload
 
 CONFIGS = {  # label -> (prefill devices, decode devices, colocated devices)
@@ -31,35 +31,41 @@ CONFIGS = {  # label -> (prefill devices, decode devices, colocated devices)
 SHAPES = ((4096, 512, 2.0), (512, 4096, 1.0))  # ISL, OSL, TTFT SLO (s)
 
 
+def best_plans(catalog: Catalog, model: ModelSpec, workload: Workload, slo: Slo) -> dict[str, Plan | None]:
+    """The cheapest plan of every configuration in ``CONFIGS`` under ``catalog``'s prices."""
+    return {label: search(model, catalog, workload, slo,
+                          SearchSpace(prefill_devices=p, decode_devices=d, colocated_devices=c)).best
+            for label, (p, d, c) in CONFIGS.items()}
+
+
+def _cells(plan: Plan | None, base: Plan | None) -> list[str]:
+    if plan is None or base is None:
+        return ["infeasible", "", ""]
+    return [plan.describe(), f"{plan.cost_per_mtok:.3f} ({plan.cost_per_mtok_all:.3f})",
+            f"{base.cost_per_mtok / plan.cost_per_mtok:.2f}x"]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="requests/s (high, so rounding is small)")
     parser.add_argument("--tpot-ms", type=float, default=50.0, help="TPOT p90 SLO in ms")
 
 
 def run(args: argparse.Namespace) -> int:
-    catalog = load_catalog()
+    rental = load_catalog()
     model = load_model("llama-3.1-70b", weight_dtype="fp8")
-    rows: dict[str, list[str]] = {label: [] for label in CONFIGS}
+    print(f"Llama-3.1-70B FP8, {args.rate:g} req/s, TPOT p90 <= {args.tpot_ms:g} ms, TTFT p90 <= 2 s (4096 in) / "
+          "1 s (512 in); $/Mtok = $ per million output tokens (input + output in brackets); "
+          "x = H100:H100 $/Mtok / this $/Mtok in the same cost mode")
     for isl, osl, ttft_s in SHAPES:
         workload = Workload(isl=isl, osl=osl, rate=args.rate)
         slo = Slo(ttft_s=ttft_s, tpot_s=args.tpot_ms / 1e3)
-        costs = {}
-        for label, (p, d, c) in CONFIGS.items():
-            best = search(model, catalog, workload, slo, SearchSpace(prefill_devices=p, decode_devices=d,
-                                                                     colocated_devices=c)).best
-            costs[label] = best
-        base = costs["H100:H100"].cost_per_mtok
-        for label, plan in costs.items():
-            if plan is None:
-                rows[label] += ["infeasible", "", ""]
-            else:
-                rows[label] += [plan.describe(), f"{plan.cost_per_mtok:.3f}", f"{base / plan.cost_per_mtok:.2f}x"]
-    print(f"Llama-3.1-70B FP8, {args.rate:g} req/s, TPOT p90 <= {args.tpot_ms:g} ms, TTFT p90 <= 2 s (4096 in) / "
-          "1 s (512 in); $/Mtok = $ per million output tokens; 'vs H100:H100' = H100:H100 $/Mtok / this $/Mtok\n")
-    print("| configuration | plan (4096/512) | $/Mtok | vs H100:H100 | plan (512/4096) | $/Mtok | vs H100:H100 |")
-    print("|---|---|---|---|---|---|---|")
-    for label, cells in rows.items():
-        print(f"| {label} | " + " | ".join(cells) + " |")
+        modes = [best_plans(c, model, workload, slo) for c in (rental, rental.owned())]
+        print(f"\nISL {isl} / OSL {osl}\n")
+        print("| configuration | rental plan | $/Mtok | x | TCO plan | $/Mtok | x |")
+        print("|---|---|---|---|---|---|---|")
+        for label in CONFIGS:
+            cells = [c for plans in modes for c in _cells(plans[label], plans["H100:H100"])]
+            print(f"| {label} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -96,6 +96,7 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     output_tokens_per_s: float
     cost_per_hour: float
     cost_per_mtok: float  # $ per million output tokens
+    cost_per_mtok_all: float  # $ per million input + output tokens
     prefill: tuple[Entry, ...] = ()
     decode: tuple[Entry, ...] = ()
     colocated: tuple[Entry, ...] = ()
@@ -219,8 +220,10 @@ def _entries(cat: _Catalogued, opt1: int, n1: int, opt2: int, n2: int,
 def _make_plan(mode: str, workload: Workload, pools: dict[str, tuple[Entry, ...]]) -> Plan:
     cost = sum(e.price_per_hour for entries in pools.values() for e in entries)
     tokens_s = workload.rate * workload.osl
+    all_tokens_s = workload.rate * (workload.isl + workload.osl)
     return Plan(mode=mode, rate=workload.rate, output_tokens_per_s=tokens_s, cost_per_hour=cost,
-                cost_per_mtok=cost / (tokens_s * 3600) * 1e6, **pools)
+                cost_per_mtok=cost / (tokens_s * 3600) * 1e6, cost_per_mtok_all=cost / (all_tokens_s * 3600) * 1e6,
+                **pools)
 
 
 class Prepared(msgspec.Struct, frozen=True):
