@@ -8,11 +8,10 @@ import asyncio
 import time
 
 import msgspec
+from test_router_http import COMPLETION, metric, metrics_text, post, run_async, sse_events
 
 from vllm_hetero_pd.router.config import HealthConfig, Policy, TimeoutConfig
-from vllm_hetero_pd.router.fake_backend import FakeCluster, output_tokens
-
-from test_router_http import COMPLETION, metric, metrics_text, post, run_async, sse_events
+from vllm_hetero_pd.testing.fake_backend import FakeCluster, output_tokens
 
 # Probes run every 30 s, i.e. not during a test: ejection is driven by request failures alone,
 # so counts are exact. Tests of re-admission pass PROBING.
@@ -143,6 +142,7 @@ async def test_decode_5xx_is_retried_on_another_decode_with_a_fresh_prefill():
         assert [f.num_requests for f in cluster.decode] == [1, 1]
         text = await metrics_text(cluster)
         assert metric(text, "hetero_pd_router_retries_total", role="decode") == 1
+        assert metric(text, "hetero_pd_router_decode_recoveries_total", action="other_decode_fresh_prefill") == 1
 
 
 @run_async
@@ -153,6 +153,8 @@ async def test_unreachable_decode_is_retried_reusing_the_prefill():
         assert status == 200
         assert cluster.prefill[0].num_requests == 1  # the blocks were never read, reuse them
         assert cluster.decode[1].num_requests == 1
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_decode_recoveries_total", action="other_decode_same_params") == 1
 
 
 @run_async
@@ -195,13 +197,69 @@ async def test_stream_broken_after_the_first_byte_ends_with_an_sse_error_event()
 async def test_every_decode_failing_is_a_clean_502_naming_each_instance():
     async with rr_cluster(num_decode=2) as cluster:
         for fake in cluster.decode:
-            fake.faults.fail_count = 1
+            fake.faults.fail_count = 100
         status, _, raw = await post(cluster, "/v1/completions", STREAM)
         message = msgspec.json.decode(raw)["error"]["message"]
         assert status == 502 and all(f.url in message for f in cluster.decode)
+        # decode-0, decode-1, then decode-1 again after a fresh prefill, then decode-1 prefilling locally
+        assert [f.num_requests for f in cluster.decode] == [1, 3] and cluster.prefill[0].num_requests == 3
+        assert "same_decode_fresh_prefill: " in message and "local_prefill: " in message
         text = await metrics_text(cluster)
         assert metric(text, "hetero_pd_router_errors_total", cause="decode_failed") == 1
         assert metric(text, "hetero_pd_router_in_flight") == 0
+
+
+@run_async
+async def test_a_lone_decode_that_fails_to_load_the_kv_is_retried_once_with_a_fresh_prefill():
+    async with rr_cluster() as cluster:
+        cluster.decode[0].faults.fail_kv_loads = 1  # vLLM's generic HTTP 500 for a failed KV load
+        status, _, raw = await post(cluster, "/v1/completions", COMPLETION)
+        assert status == 200 and ok_text(raw) == "".join(output_tokens(COMPLETION))
+        assert cluster.prefill[0].num_requests == 2
+        first, second = (r.body["kv_transfer_params"] for r in cluster.decode[0].received)
+        assert first["lease_token"] != second["lease_token"]  # fresh params, not the consumed ones
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_decode_recoveries_total", action="same_decode_fresh_prefill") == 1
+        assert metric(text, "hetero_pd_router_retries_total", role="decode") == 0
+        assert metric(text, "hetero_pd_router_requests_total", outcome="ok") == 1
+
+
+@run_async
+async def test_when_the_fresh_prefill_fails_too_the_decode_prefills_locally():
+    async with rr_cluster(allow_local_prefill=True) as cluster:
+        cluster.decode[0].faults.fail_kv_loads = 2  # streamed: an error event first, under HTTP 200
+        status, _, raw = await post(cluster, "/v1/completions", STREAM)
+        events = sse_events(raw)
+        assert status == 200 and events[-1] == "[DONE]"
+        assert "".join(e["choices"][0]["text"] for e in events[:-2]) == "".join(output_tokens(STREAM))
+        assert ["kv_transfer_params" in r.body for r in cluster.decode[0].received] == [True, True, False]
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_decode_recoveries_total", action="same_decode_fresh_prefill") == 1
+        assert metric(text, "hetero_pd_router_decode_recoveries_total", action="local_prefill") == 1
+        assert metric(text, "hetero_pd_router_local_prefill_total", reason="decode_failed") == 1
+
+
+@run_async
+async def test_a_kv_load_failure_nothing_recovers_is_a_502_naming_decode_prefill_and_cause():
+    async with rr_cluster(local_prefill_fallback=False) as cluster:
+        cluster.decode[0].faults.fail_kv_loads = 10
+        status, _, raw = await post(cluster, "/v1/completions", COMPLETION)
+        message = msgspec.json.decode(raw)["error"]["message"]
+        assert status == 502 and message.startswith("decode failed: ")
+        assert (f"decode {cluster.decode[0].url} answered HTTP 500" in message
+                and f"handed the KV of prefill {cluster.prefill[0].url}" in message
+                and "could not load that KV; see the decode's log" in message)
+        assert cluster.decode[0].num_requests == 2  # no local prefill: the fallback is off
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_decode_recoveries_total", action="local_prefill") == 0
+
+
+@run_async
+async def test_a_decode_that_times_out_is_not_retried_on_itself():
+    async with rr_cluster() as cluster:
+        cluster.decode[0].faults.delay_s = 3.0  # beyond decode_first_byte_s=0.5: no answer, no 5xx
+        status, _, _ = await post(cluster, "/v1/completions", STREAM)
+        assert status == 502 and cluster.decode[0].num_requests == 1
 
 
 @run_async
@@ -246,3 +304,28 @@ async def test_a_client_leaving_mid_stream_is_counted_and_the_upstream_stream_is
                 break
             await asyncio.sleep(0.05)
         assert cluster.decode[0].num_requests_in_progress == 0
+
+
+@run_async
+async def test_a_client_leaving_during_prefill_cancels_the_prefill_and_starts_no_decode():
+    async with rr_cluster(num_prefill=1, timeouts=TimeoutConfig(prefill_s=5.0)) as cluster:
+        cluster.prefill[0].faults.delay_s = 1.0
+        for body in (COMPLETION, {**COMPLETION, "prompt": ["a", "b"]}):  # one exchange, and a fanned-out batch
+            client = asyncio.create_task(post(cluster, "/v1/completions", body))
+            await asyncio.sleep(0.3)  # the prefill is in progress
+            client.cancel()  # the client's connection closes
+            await asyncio.gather(client, return_exceptions=True)
+        expected_cancels = 1 + 2
+        for _ in range(40):
+            if cluster.prefill[0].num_cancelled == expected_cancels:
+                break
+            await asyncio.sleep(0.05)
+        assert cluster.prefill[0].num_cancelled == expected_cancels  # the router closed every prefill call
+        await asyncio.sleep(1.0)  # past the prefill's delay: nothing went on to decode
+        assert cluster.decode[0].num_requests == 0
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_errors_total", cause="client_disconnected") == 2
+        assert metric(text, "hetero_pd_router_in_flight") == 0
+        cluster.prefill[0].faults.delay_s = 0
+        assert (await post(cluster, "/v1/completions", COMPLETION))[0] == 200  # the router is fine
+

@@ -14,7 +14,7 @@ import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_hetero_pd.router.config import Policy
-from vllm_hetero_pd.router.fake_backend import FakeCluster, FakeVllm, output_tokens
+from vllm_hetero_pd.testing.fake_backend import FakeCluster, FakeVllm, output_tokens
 
 
 def run_async(test):
@@ -275,6 +275,23 @@ async def test_malformed_input_gets_clear_4xx_and_never_reaches_an_instance():
         text = await metrics_text(cluster)
         assert metric(text, "hetero_pd_router_errors_total", cause="bad_request") == 2
         assert metric(text, "hetero_pd_router_errors_total", cause="body_too_large") == 1
+
+
+@run_async
+async def test_deeply_nested_json_is_a_400_naming_the_cause_on_every_endpoint_that_parses():
+    deep = b"[" * 50_000 + b"]" * 50_000
+    async with FakeCluster(admin_token="admin-secret") as cluster:
+        for path, raw in (("/v1/completions", deep), ("/v1/chat/completions", b'{"messages": ' + deep + b"}"),
+                          ("/admin/add", b'{"role": "decode", "url": ' + deep + b"}")):
+            async with cluster.session.post(cluster.url + path, data=raw, headers={
+                    "Content-Type": "application/json", "Authorization": "Bearer admin-secret"}) as response:
+                assert response.status == 400, (path, await response.text())
+                message = (await response.json())["error"]["message"]
+            assert "nests JSON too deeply" in message or "admin add: Expected `str`" in message, message
+        assert cluster.prefill[0].num_requests == 0
+        text = await metrics_text(cluster)
+        assert metric(text, "hetero_pd_router_errors_total", cause="bad_request") == 2
+        assert metric(text, "hetero_pd_router_errors_total", cause="internal") == 0
 
 
 @run_async

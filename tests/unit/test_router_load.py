@@ -11,11 +11,10 @@ import random
 import aiohttp
 import msgspec
 import pytest
+from test_router_http import metric, metrics_text, run_async
 
 from vllm_hetero_pd.router.config import HealthConfig, TimeoutConfig
-from vllm_hetero_pd.router.fake_backend import FakeCluster, output_tokens
-
-from test_router_http import metric, metrics_text, run_async
+from vllm_hetero_pd.testing.fake_backend import FakeCluster, output_tokens
 
 NUM_REQUESTS = 500
 CONCURRENCY = 64

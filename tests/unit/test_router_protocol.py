@@ -6,13 +6,17 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from vllm_hetero_pd.router import cli
+from vllm_hetero_pd import kv_params
+from vllm_hetero_pd.launch import request as launch_request
+from vllm_hetero_pd.router import cli, protocol
 from vllm_hetero_pd.router.config import ConfigError, Policy, RouterConfig, load_config, parse_instance
 from vllm_hetero_pd.router.protocol import (
     BadRequestError,
     Endpoint,
     PrefillError,
     decode_body,
+    fan_out,
+    merge_answers,
     parse_request,
     prefill_body,
     read_kv_transfer_params,
@@ -73,11 +77,103 @@ def test_client_kv_transfer_params_are_stripped_and_everything_else_passes_throu
 def test_prefill_body_asks_for_one_token_and_remote_decode():
     request = parse({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 50, "min_tokens": 4,
                      "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.5}, Endpoint.CHAT)
-    body = msgspec.json.decode(prefill_body(request))
+    body = prefill_body(request.body)
     assert body["max_tokens"] == 1 and body["max_completion_tokens"] == 1 and body["stream"] is False
     assert "stream_options" not in body and "min_tokens" not in body and body["temperature"] == 0.5
+    assert body["kv_transfer_params"] == kv_params.prefill_request_params()
     assert body["kv_transfer_params"]["do_remote_decode"] is True
-    assert body["kv_transfer_params"]["do_remote_prefill"] is False
+
+
+def test_the_launcher_and_the_router_share_one_prefill_body_and_one_params_protocol():
+    assert launch_request.prefill_body is prefill_body
+    for module in (launch_request, protocol):
+        assert not [name for name in vars(module) if name.endswith("_PARAMS")], module.__name__
+
+
+def test_prefill_params_are_forwarded_verbatim_whether_ours_or_upstream_nixl():
+    ours = kv_params.to_dict(kv_params.TransferParams(
+        do_remote_prefill=True, remote_engine_id="e", remote_request_id="r", remote_host="h", remote_port=5600,
+        remote_block_ids=[0, 1], remote_num_tokens=20, lease_token="t", prompt_digest="d"))
+    upstream = {"do_remote_prefill": True, "remote_engine_id": "e", "remote_block_ids": [[0, 1]], "tp_size": 1}
+    for params in (ours, upstream):
+        raw = msgspec.json.encode({"choices": [], "kv_transfer_params": params})
+        assert read_kv_transfer_params(raw, "http://p:1") == params
+        request = parse({"prompt": "hi"})
+        assert msgspec.json.decode(decode_body(request, params))["kv_transfer_params"] == params
+
+
+@pytest.mark.parametrize("prompt", ["one prompt", [1, 2, 3], ["one prompt in a list"], [[1, 2, 3]]])
+def test_a_single_prompt_with_n_1_is_not_fanned_out(prompt):
+    request = parse({"prompt": prompt, "n": 1, "seed": 3})
+    assert fan_out(request, 64) == [request]
+
+
+def test_a_batch_with_n_fans_out_prompt_major_with_vllms_child_seeds():
+    request = parse({"prompt": ["a" * 40, "b" * 8], "n": 2, "seed": 5, "best_of": 2, "max_tokens": 3})
+    parts = fan_out(request, 64)
+    assert [(p.body["prompt"], p.body["seed"], p.body["n"]) for p in parts] == [
+        ("a" * 40, 5, 1), ("a" * 40, 6, 1), ("b" * 8, 5, 1), ("b" * 8, 6, 1)]
+    assert [p.num_prompt_tokens for p in parts] == [10, 10, 2, 2]
+    assert [p.sample_index for p in parts] == [0, 1, 0, 1]
+    assert parts[3].part_label == "prompt 1 of 2, sample 1 of n=2"
+    assert all(p.body["max_tokens"] == 3 and "best_of" not in p.body for p in parts)
+    token_lists = fan_out(parse({"prompt": [[1, 2], [3]]}), 64)
+    assert [(p.body["prompt"], p.num_prompt_tokens, p.part_label) for p in token_lists] == [
+        ([1, 2], 2, "prompt 0 of 2"), ([3], 1, "prompt 1 of 2")]
+    chat = fan_out(parse({"messages": [{"role": "user", "content": "hi"}], "n": 3}, Endpoint.CHAT), 64)
+    assert [p.body["n"] for p in chat] == [1, 1, 1] and all("seed" not in p.body for p in chat)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"prompt": "x", "n": 0}, "'n' must be a positive integer, got 0"),
+        ({"prompt": "x", "n": "2"}, "'n' must be a positive integer"),
+        ({"prompt": "x", "n": True}, "'n' must be a positive integer"),
+        ({"prompt": "x", "best_of": 3}, r"'best_of' 3 is not supported unless it equals n \(1\)"),
+        ({"prompt": "x", "n": 2, "use_beam_search": True}, "'use_beam_search' with n=2 is not supported"),
+        ({"prompt": "x", "n": 2, "seed": "7"}, "'seed' must be an integer"),
+        ({"prompt": ["a", [1]]}, "'prompt' must be"),
+        ({"prompt": [[1], []]}, "'prompt' must be"),
+    ],
+)
+def test_fan_out_fields_that_cannot_be_honoured_are_refused(body, message):
+    with pytest.raises(BadRequestError, match=message):
+        parse(body)
+
+
+def test_fan_out_above_max_fan_out_is_refused():
+    request = parse({"prompt": ["a", "b", "c"], "n": 2})
+    assert len(fan_out(request, 6)) == 6
+    with pytest.raises(BadRequestError, match=r"asks for 6 choices \(3 prompts x n=2\).*max_fan_out \(5\)"):
+        fan_out(request, 5)
+
+
+def test_merged_answer_reindexes_choices_and_counts_each_prompt_once():
+    parts = fan_out(parse({"prompt": ["a", "b"], "n": 2, "seed": 1}), 64)
+    answers = [{"id": f"cmpl-{i}", "created": i, "model": "m", "metrics": {"t": 1},
+                "choices": [{"index": 0, "text": f"t{i}"}],
+                "usage": {"prompt_tokens": 3 + i // 2, "completion_tokens": 2, "total_tokens": 5 + i // 2}}
+               for i in range(4)]
+    merged = merge_answers(parts, answers)
+    assert merged["id"] == "cmpl-0" and merged["created"] == 0 and "metrics" not in merged
+    assert merged["choices"] == [{"index": i, "text": f"t{i}"} for i in range(4)]
+    assert merged["usage"] == {"prompt_tokens": 3 + 4, "completion_tokens": 8, "total_tokens": 15}
+
+
+def test_deeply_nested_json_is_a_bad_request_not_a_crash():
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(BadRequestError, match="nests JSON too deeply"):
+        parse_request(deep, Endpoint.COMPLETIONS)
+    with pytest.raises(BadRequestError, match="nests JSON too deeply"):
+        parse_request(b'{"prompt": "x", "stop": ' + deep + b"}", Endpoint.COMPLETIONS)
+    with pytest.raises(PrefillError, match="not a JSON object"):
+        read_kv_transfer_params(b'{"kv_transfer_params": ' + deep + b"}", "http://p:1")
+    nested: list = []
+    for _ in range(100_000):  # decodable from a shallow stack, yet too deep to encode: also a 400
+        nested = [nested]
+    with pytest.raises(BadRequestError, match="nests JSON too deeply"):
+        protocol.encode_body({"prompt": "x", "stop": nested})
 
 
 @pytest.mark.parametrize("raw", [b"[]", b"{}", b'{"kv_transfer_params": {"do_remote_prefill": false}}', b"oops"])

@@ -1,9 +1,11 @@
 """One disaggregated request without a router: prefill with ``max_tokens=1``, then decode.
 
 This is the smallest correct P->D client: the router does the same with pools, retries and
-streaming. It follows the pull-mode flow of vLLM 0.32's NIXL connectors: the prefill answer's
-``kv_transfer_params`` (block ids, engine id, side-channel address) are forwarded verbatim to the
-decode instance together with the original request, under the same ``X-Request-Id``.
+streaming, and sends the prefill leg the router's ``prefill_body``. It follows the pull-mode flow
+of vLLM 0.32's NIXL connectors: the prefill answer's ``kv_transfer_params`` (block ids, engine id,
+side-channel address, and with our connector a lease token and the prompt's digest) are forwarded
+verbatim to the decode instance together with the original request, under the same
+``X-Request-Id``. One prompt and ``n=1`` per call: a batch or ``n > 1`` needs the router's fan-out.
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-PREFILL_KV_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-                     "remote_block_ids": None, "remote_host": None, "remote_port": None}
+from vllm_hetero_pd.router.protocol import prefill_body
 
 
 class RequestFailed(RuntimeError):
@@ -35,15 +36,6 @@ def post_json(url: str, body: dict[str, Any], request_id: str, timeout_s: float)
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:
         raise RequestFailed(url, e.code, e.read().decode(errors="replace")) from None
-
-
-def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
-    """The prefill leg: one token, no streaming, asking the producer to keep the KV for a remote decode."""
-    out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "min_tokens")}
-    out.update(max_tokens=1, stream=False, kv_transfer_params=dict(PREFILL_KV_PARAMS))
-    if "max_completion_tokens" in out:
-        out["max_completion_tokens"] = 1
-    return out
 
 
 def disaggregated_request(prefill_url: str, decode_url: str, body: dict[str, Any],

@@ -3,7 +3,9 @@
 One request's journey (``Router.generate``):
 
 1. check the client key, read the body (size-limited), parse it and strip client
-   ``kv_transfer_params`` (``protocol.parse_request``);
+   ``kv_transfer_params`` (``protocol.parse_request``); a batch of prompts or ``n > 1`` is fanned
+   out into one single-prompt, ``n=1`` part per choice (``protocol.fan_out``), and the parts'
+   exchanges run concurrently;
 2. prefill (``Router._prefill``): pick a prefill instance by policy, send it the ``max_tokens=1``
    request, keep its ``kv_transfer_params``; on failure try another instance; when none can
    serve, let decode prefill locally if ``local_prefill_fallback`` allows (also done up front for
@@ -11,34 +13,43 @@ One request's journey (``Router.generate``):
 3. decode (``Router._decode``): pick a decode instance, send the client's request plus those
    params, and check the answer *before* replying: a 5xx status, a dropped connection or a first
    SSE event that is an error (vLLM streams errors under HTTP 200) counts as a failure before the
-   first byte, and the request moves to another decode instance. Prefill is re-run for it unless
-   the failed instance never received the request (connection refused), because a decode that
-   got the request may already have consumed the prefill instance's blocks;
-4. relay decode's answer; if a stream breaks after the first byte, send an SSE error event and
-   close the stream without ``[DONE]`` so the client cannot mistake it for a complete answer.
+   first byte. Recovery, in order: another decode with the same params if the failed one never
+   received the request (connection refused), else another decode after a fresh prefill (a decode
+   that got the request may already have consumed the prefill's blocks); when no other decode is
+   left and the last one answered 5xx (how vLLM reports a failed KV load), that decode again after
+   a fresh prefill, then that decode prefilling locally if ``local_prefill_fallback`` allows;
+4. relay decode's answer (the parts' answers merged in vLLM's format); if a stream breaks after
+   the first byte, send an SSE error event and close the stream without ``[DONE]`` so the client
+   cannot mistake it for a complete answer.
+
+A client that disconnects cancels the request's handler (aiohttp ``handler_cancellation``): the
+upstream calls in progress are closed, so vLLM aborts them, and nothing further is started.
 
 The same ``X-Request-Id`` (the client's, or a generated one) goes to prefill and decode and back
-to the client. Start in-process with ``await start_router(config)`` or as a subprocess with
+to the client; part ``i`` of a fanned-out request uses ``<id>-<i>``. Start in-process with
+``await start_router(config)`` or as a subprocess with
 ``vllm-hetero-pd proxy --port N --prefill URL --decode URL``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import aiohttp
 import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from vllm_hetero_pd.router.config import ConfigError, InstanceConfig, RouterConfig, Role
-from vllm_hetero_pd.router.metrics import ErrorCause, RouterMetrics
+from vllm_hetero_pd.router.config import ConfigError, InstanceConfig, Role, RouterConfig
+from vllm_hetero_pd.router.metrics import ErrorCause, RecoveryAction, RequestOutcome, RouterMetrics
 from vllm_hetero_pd.router.pool import AdminError, Instance, Pool
 from vllm_hetero_pd.router.protocol import (
     BadRequestError,
@@ -46,9 +57,15 @@ from vllm_hetero_pd.router.protocol import (
     Endpoint,
     PrefillError,
     decode_body,
+    encode_body,
+    fan_out,
+    is_usage_chunk,
+    merge_answers,
+    merge_usage,
     parse_request,
     prefill_body,
     read_kv_transfer_params,
+    relabel_chunk,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,6 +74,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 _DONE_EVENT = b"data: [DONE]\n\n"
 _API_KEY_HINT = "missing or wrong API key: send Authorization: Bearer <key>"
 _PEEK_LIMIT_BYTES = 1 << 16  # stop looking for the end of the first SSE event after this much
+_MERGE_QUEUE_CHUNKS = 64  # chunks read ahead from the parts' streams while the client is slower
 
 
 class RouteError(Exception):
@@ -72,12 +90,19 @@ class UpstreamFailure(Exception):
     """An instance failed a call in a way another instance may not (5xx, timeout, broken connection).
 
     ``delivered`` is False only when the connection could not be opened, i.e. the instance
-    certainly never saw the request.
+    certainly never saw the request. ``status`` is the 5xx status (or in-stream error code) the
+    instance answered with, None when it did not answer.
     """
 
-    def __init__(self, message: str, delivered: bool = True) -> None:
+    def __init__(self, message: str, delivered: bool = True, status: int | None = None) -> None:
         super().__init__(message)
         self.delivered = delivered
+        self.status = status
+
+    @property
+    def answered_5xx(self) -> bool:
+        """The instance is up and reported an internal error (vLLM's answer to a failed KV load)."""
+        return self.status is not None and self.status >= 500
 
 
 class UpstreamRejection(Exception):
@@ -88,6 +113,49 @@ class UpstreamRejection(Exception):
         self.status = status
         self.body = body
         self.content_type = content_type
+
+    def labelled(self, label: str) -> UpstreamRejection:
+        """The same rejection with ``label`` (the part that got it) before its OpenAI error message."""
+        try:
+            body = msgspec.json.decode(self.body)
+        except (msgspec.DecodeError, RecursionError):
+            return self
+        error = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+            return self
+        error["message"] = f"{label}: {error['message']}"
+        return UpstreamRejection(self.status, msgspec.json.encode(body), self.content_type)
+
+
+class Prefilled(NamedTuple):
+    """A prefill's ``kv_transfer_params`` (opaque, forwarded verbatim) and the prefill that issued them."""
+
+    params: dict[str, Any]
+    url: str
+
+
+class Opened:
+    """A decode answer that passed every check made before the client's first byte.
+
+    ``head`` is the whole JSON body (not streamed) or the first SSE event(s) (streamed: the rest
+    comes from ``upstream``). The decode instance counts as in flight until ``close()``.
+    """
+
+    __slots__ = ("instance", "start", "head", "upstream", "_untrack")
+
+    def __init__(self, instance: Instance, start: float, head: bytes, upstream: aiohttp.ClientResponse | None,
+                 untrack: Callable[[], None]) -> None:
+        self.instance = instance
+        self.start = start
+        self.head = head
+        self.upstream = upstream
+        self._untrack = untrack
+
+    def close(self) -> None:
+        """Release the upstream connection (closing it if unread, so vLLM aborts) and the in-flight count."""
+        if self.upstream is not None:
+            self.upstream.release()
+        self._untrack()
 
 
 class AdminChange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -116,6 +184,8 @@ class Router:
         self._stream_timeout = aiohttp.ClientTimeout(total=t.decode_total_s, connect=t.connect_s,
                                                      sock_read=t.decode_idle_s)
         self._upstream_auth = {"Authorization": f"Bearer {config.upstream_api_key}"} if config.upstream_api_key else {}
+        self._same_decode_recovery = (RecoveryAction.SAME_DECODE_FRESH_PREFILL,) + (
+            (RecoveryAction.LOCAL_PREFILL,) if config.local_prefill_fallback else ())
         self.session: aiohttp.ClientSession | None = None
 
     @property
@@ -130,34 +200,49 @@ class Router:
 
     async def generate(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        outcome = RequestOutcome(self.metrics, endpoint)
         try:
-            if not _bearer_matches(request, self.config.api_key):
-                raise RouteError(401, ErrorCause.UNAUTHORIZED, _API_KEY_HINT)
-            try:
-                raw = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise RouteError(413, ErrorCause.BODY_TOO_LARGE,
-                                 f"request body exceeds {self.config.max_body_bytes} bytes; send a smaller request "
-                                 "or raise max_body_bytes") from None
-            try:
-                parsed = parse_request(raw, endpoint)
-            except BadRequestError as exc:
-                raise RouteError(400, ErrorCause.BAD_REQUEST, str(exc)) from None
-            if parsed.stripped_kv_transfer_params:
-                self.metrics.stripped_kv_params.inc()
-            kv_params = await self._prefill(parsed, request_id)
-            return await self._decode(request, parsed, kv_params, request_id)
+            parsed = await self._read_request(request, endpoint)
+            parts = fan_out(parsed, self.config.max_fan_out)
+            if len(parts) == 1:
+                opened = [await self._exchange(parsed, request_id)]
+            else:
+                opened = await self._exchange_all(parts, request_id)
+            if parsed.stream:
+                return await self._relay(request, parts, opened, request_id, outcome)
+            return self._reply(parts, opened, request_id, outcome)
+        except BadRequestError as exc:
+            outcome.error(ErrorCause.BAD_REQUEST)
+            return error_response(400, str(exc), request_id)
         except RouteError as exc:
-            self.metrics.error(endpoint.value, exc.cause)
+            outcome.error(exc.cause)
             return error_response(exc.status, str(exc), request_id)
         except UpstreamRejection as exc:
-            self.metrics.error(endpoint.value, ErrorCause.UPSTREAM_CLIENT_ERROR)
+            outcome.error(ErrorCause.UPSTREAM_CLIENT_ERROR)
             return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type,
                                 headers={REQUEST_ID_HEADER: request_id})
+        except asyncio.CancelledError:  # the client went away (handler_cancellation); nothing to answer
+            outcome.error(ErrorCause.CLIENT_DISCONNECTED)
+            raise
         except Exception:
             logger.exception("request %s: internal router error", request_id)
-            self.metrics.error(endpoint.value, ErrorCause.INTERNAL)
+            outcome.error(ErrorCause.INTERNAL)
             return error_response(500, "internal router error; see the router's log", request_id)
+
+    async def _read_request(self, request: web.Request, endpoint: Endpoint) -> ClientRequest:
+        """Authenticate, read and parse the client's request (raises ``RouteError``/``BadRequestError``)."""
+        if not _bearer_matches(request, self.config.api_key):
+            raise RouteError(401, ErrorCause.UNAUTHORIZED, _API_KEY_HINT)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise RouteError(413, ErrorCause.BODY_TOO_LARGE,
+                             f"request body exceeds {self.config.max_body_bytes} bytes; send a smaller request "
+                             "or raise max_body_bytes") from None
+        parsed = parse_request(raw, endpoint)
+        if parsed.stripped_kv_transfer_params:
+            self.metrics.stripped_kv_params.inc()
+        return parsed
 
     async def models(self, request: web.Request) -> web.Response:
         if not _bearer_matches(request, self.config.api_key):
@@ -217,16 +302,46 @@ class Router:
         logger.info("admin %s %s instance %s", action, instance.role.value, instance.url)
         return web.json_response(instance.describe())
 
+    # ------------------------------------------------------------------ one exchange per part
+
+    async def _exchange(self, parsed: ClientRequest, request_id: str) -> Opened:
+        """Prefill, then decode with recovery: the decode's answer, checked up to its first byte."""
+        return await self._decode(parsed, await self._prefill(parsed, request_id), request_id)
+
+    async def _exchange_all(self, parts: list[ClientRequest], request_id: str) -> list[Opened]:
+        """Every part's exchange, concurrently (at most ``max_fan_out``); the first failure cancels
+        the others, closes what they opened, and fails the request naming its part."""
+        tasks = [asyncio.ensure_future(self._exchange_part(part, f"{request_id}-{i}")) for i, part in enumerate(parts)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            for result in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(result, Opened):
+                    result.close()
+            raise
+
+    async def _exchange_part(self, part: ClientRequest, request_id: str) -> Opened:
+        try:
+            return await self._exchange(part, request_id)
+        except RouteError as exc:
+            raise RouteError(exc.status, exc.cause, f"{part.part_label}: {exc}") from None
+        except BadRequestError as exc:
+            raise BadRequestError(f"{part.part_label}: {exc}") from None
+        except UpstreamRejection as exc:
+            raise exc.labelled(part.part_label) from None
+
     # ------------------------------------------------------------------ prefill
 
-    async def _prefill(self, parsed: ClientRequest, request_id: str) -> dict[str, Any] | None:
+    async def _prefill(self, parsed: ClientRequest, request_id: str) -> Prefilled | None:
         """Return prefill's ``kv_transfer_params``, or None when decode should prefill locally."""
         if parsed.num_prompt_tokens < self.config.min_disagg_tokens:
             self.metrics.local_prefill.labels("short_prompt").inc()
             return None
         failures: list[str] = []
         tried: set[str] = set()
-        body = prefill_body(parsed)
+        body = encode_body(prefill_body(parsed.body))
         for attempt in range(self.config.max_attempts):
             instance = self.prefill.pick(parsed.num_prompt_tokens, frozenset(tried))
             if instance is None:
@@ -236,7 +351,8 @@ class Router:
                 self.metrics.retries.labels(Role.PREFILL.value).inc()
             try:
                 with self.prefill.track(instance, parsed.num_prompt_tokens):
-                    return await self._call_prefill(instance, parsed.endpoint, body, request_id)
+                    return Prefilled(await self._call_prefill(instance, parsed.endpoint, body, request_id),
+                                     instance.url)
             except UpstreamFailure as exc:
                 self.prefill.record_failure(instance, str(exc))
                 failures.append(str(exc))
@@ -252,8 +368,8 @@ class Router:
     async def _call_prefill(self, instance: Instance, endpoint: Endpoint, body: bytes,
                             request_id: str) -> dict[str, Any]:
         start = time.perf_counter()
-        response, raw = await self._post(f"prefill {instance.url}", instance.url + endpoint.value, body, request_id,
-                                         self._prefill_timeout, self.config.timeouts.prefill_s)
+        raw = await self._post(f"prefill {instance.url}", instance.url + endpoint.value, body, request_id,
+                               self._prefill_timeout, self.config.timeouts.prefill_s)
         try:
             params = read_kv_transfer_params(raw, instance.url)
         except PrefillError as exc:
@@ -263,7 +379,7 @@ class Router:
         return params
 
     async def _post(self, who: str, url: str, body: bytes, request_id: str, timeout: aiohttp.ClientTimeout,
-                    timeout_s: float) -> tuple[aiohttp.ClientResponse, bytes]:
+                    timeout_s: float) -> bytes:
         """One non-streaming upstream call; transport failures become ``UpstreamFailure`` naming ``who``."""
         try:
             async with self.session.post(url, data=body, headers=self._headers(request_id),
@@ -276,115 +392,95 @@ class Router:
         except aiohttp.ClientError as exc:
             raise UpstreamFailure(f"{who} failed: {exc!r}") from None
         _check_status(response, raw, who)
-        return response, raw
+        return raw
 
     # ------------------------------------------------------------------ decode
 
-    async def _decode(self, request: web.Request, parsed: ClientRequest, kv_params: dict[str, Any] | None,
-                      request_id: str) -> web.StreamResponse:
+    async def _decode(self, parsed: ClientRequest, prefilled: Prefilled | None, request_id: str) -> Opened:
+        """Decode on one instance after another, then recover on the last one (module docstring, step 3)."""
         failures: list[str] = []
         failure: UpstreamFailure | None = None
+        instance: Instance | None = None
         tried: set[str] = set()
-        for attempt in range(self.config.max_attempts):
-            instance = self.decode.pick(parsed.num_prompt_tokens, frozenset(tried))
-            if instance is None:
+        for _ in range(self.config.max_attempts):
+            candidate = self.decode.pick(parsed.num_prompt_tokens, frozenset(tried))
+            if candidate is None:
                 break
+            instance = candidate
             tried.add(instance.url)
-            if attempt:
+            if failure is not None:
                 self.metrics.retries.labels(Role.DECODE.value).inc()
-                if kv_params is not None and failure is not None and failure.delivered:
-                    kv_params = await self._prefill(parsed, request_id)
-            with self.decode.track(instance, parsed.num_prompt_tokens):
-                try:
-                    if parsed.stream:
-                        return await self._stream_decode(request, instance, parsed, kv_params, request_id)
-                    return await self._call_decode(instance, parsed, kv_params, request_id)
-                except UpstreamFailure as exc:
-                    failure = exc
-                    self.decode.record_failure(instance, str(exc))
-                    failures.append(str(exc))
-                    logger.warning("request %s: %s", request_id, exc)
-        if failures:
-            raise RouteError(502, ErrorCause.DECODE_FAILED, "decode failed: " + "; ".join(failures))
-        raise RouteError(503, ErrorCause.NO_DECODE_INSTANCE,
-                         "no decode instance is available (all ejected, draining or removed)")
+                if prefilled is not None and not failure.delivered:
+                    self.metrics.recoveries.labels(RecoveryAction.OTHER_DECODE_SAME_PARAMS.value).inc()
+                elif prefilled is not None:
+                    self.metrics.recoveries.labels(RecoveryAction.OTHER_DECODE_FRESH_PREFILL.value).inc()
+                    prefilled = await self._prefill(parsed, request_id)
+            try:
+                return await self._decode_once(instance, parsed, prefilled, request_id)
+            except UpstreamFailure as exc:
+                failure = self._decode_failed(instance, exc, "", failures, request_id)
+        if failure is None:
+            raise RouteError(503, ErrorCause.NO_DECODE_INSTANCE,
+                             "no decode instance is available (all ejected, draining or removed)")
+        for action in self._same_decode_recovery:
+            if prefilled is None or not failure.answered_5xx:
+                break
+            self.metrics.recoveries.labels(action.value).inc()
+            if action is RecoveryAction.LOCAL_PREFILL:
+                self.metrics.local_prefill.labels("decode_failed").inc()
+                prefilled = None
+            else:
+                prefilled = await self._prefill(parsed, request_id)
+            try:
+                return await self._decode_once(instance, parsed, prefilled, request_id)
+            except UpstreamFailure as exc:
+                failure = self._decode_failed(instance, exc, f"{action.value}: ", failures, request_id)
+        raise RouteError(502, ErrorCause.DECODE_FAILED, "decode failed: " + "; ".join(failures))
 
-    async def _call_decode(self, instance: Instance, parsed: ClientRequest, kv_params: dict[str, Any] | None,
-                           request_id: str) -> web.Response:
-        start = time.perf_counter()
-        response, raw = await self._post(f"decode {instance.url}", instance.url + parsed.endpoint.value,
-                                         decode_body(parsed, kv_params), request_id, self._decode_timeout,
-                                         self.config.timeouts.decode_total_s)
-        self.decode.record_success(instance)
-        elapsed = time.perf_counter() - start
-        instance.first_byte_histogram.observe(elapsed)
-        instance.latency_histogram.observe(elapsed)
-        self.metrics.ok(parsed.endpoint.value)
-        return web.Response(body=raw, status=response.status, content_type="application/json",
-                            headers={REQUEST_ID_HEADER: request_id})
+    def _decode_failed(self, instance: Instance, exc: UpstreamFailure, prefix: str, failures: list[str],
+                       request_id: str) -> UpstreamFailure:
+        self.decode.record_failure(instance, str(exc))
+        failures.append(prefix + str(exc))
+        logger.warning("request %s: %s%s", request_id, prefix, exc)
+        return exc
 
-    async def _stream_decode(self, request: web.Request, instance: Instance, parsed: ClientRequest,
-                             kv_params: dict[str, Any] | None, request_id: str) -> web.StreamResponse:
+    async def _decode_once(self, instance: Instance, parsed: ClientRequest, prefilled: Prefilled | None,
+                           request_id: str) -> Opened:
+        """One decode call, up to the first event of a stream or the whole body of an answer."""
+        tracked = contextlib.ExitStack()
+        tracked.enter_context(self.decode.track(instance, parsed.num_prompt_tokens))
         start = time.perf_counter()
-        upstream, head = await self._open_stream(instance, parsed, kv_params, request_id)
+        params = None if prefilled is None else prefilled.params
+        try:
+            if parsed.stream:
+                upstream, head = await self._open_stream(instance, parsed, params, request_id)
+            else:
+                upstream, head = None, await self._post(
+                    f"decode {instance.url}", instance.url + parsed.endpoint.value, decode_body(parsed, params),
+                    request_id, self._decode_timeout, self.config.timeouts.decode_total_s)
+        except BaseException as exc:
+            tracked.close()
+            if isinstance(exc, UpstreamFailure) and exc.answered_5xx and prefilled is not None:
+                raise UpstreamFailure(f"{exc}, after it was handed the KV of prefill {prefilled.url}: it most likely "
+                                      "could not load that KV; see the decode's log", status=exc.status) from None
+            raise
         instance.first_byte_histogram.observe(time.perf_counter() - start)
-        try:
-            return await self._relay_stream(request, instance, parsed, upstream, head, start, request_id)
-        finally:
-            upstream.release()
+        return Opened(instance, start, head, upstream, tracked.close)
 
-    async def _relay_stream(self, request: web.Request, instance: Instance, parsed: ClientRequest,
-                            upstream: aiohttp.ClientResponse, head: bytes, start: float,
-                            request_id: str) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                               REQUEST_ID_HEADER: request_id})
-        try:
-            await response.prepare(request)
-            await response.write(head)
-        except ConnectionResetError:
-            self.metrics.error(parsed.endpoint.value, ErrorCause.CLIENT_DISCONNECTED)
-            return response
-        tail = head[-len(_DONE_EVENT):]
-        while True:
-            try:
-                chunk = await upstream.content.readany()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                reason = f"decode {instance.url} stream broke: {exc!r}"
-                break
-            if not chunk:
-                reason = None if tail.endswith(_DONE_EVENT) else f"decode {instance.url} ended without [DONE]"
-                break
-            tail = (tail + chunk)[-len(_DONE_EVENT):]
-            try:
-                await response.write(chunk)
-            except ConnectionResetError:
-                self.metrics.error(parsed.endpoint.value, ErrorCause.CLIENT_DISCONNECTED)
-                return response
-        if reason is None:
-            self.decode.record_success(instance)
-            instance.latency_histogram.observe(time.perf_counter() - start)
-            self.metrics.ok(parsed.endpoint.value)
-        else:
-            logger.warning("request %s: %s", request_id, reason)
-            self.decode.record_failure(instance, reason)
-            self.metrics.error(parsed.endpoint.value, ErrorCause.STREAM_INTERRUPTED)
-            separator = b"" if tail.endswith(b"\n\n") else b"\n\n"
-            try:
-                await response.write(separator + _sse_error(502, reason))
-            except ConnectionResetError:
-                return response
-        try:
-            await response.write_eof()
-        except ConnectionResetError:
-            pass
-        return response
+    def _decode_succeeded(self, opened: Opened) -> None:
+        self.decode.record_success(opened.instance)
+        opened.instance.latency_histogram.observe(time.perf_counter() - opened.start)
 
-    async def _open_stream(self, instance: Instance, parsed: ClientRequest, kv_params: dict[str, Any] | None,
+    def _stream_broke(self, opened: Opened, reason: str, request_id: str) -> None:
+        logger.warning("request %s: %s", request_id, reason)
+        self.decode.record_failure(opened.instance, reason)
+
+    async def _open_stream(self, instance: Instance, parsed: ClientRequest, params: dict[str, Any] | None,
                            request_id: str) -> tuple[aiohttp.ClientResponse, bytes]:
         """Send the streaming decode request and read its first SSE event, within decode_first_byte_s."""
         first_byte_s = self.config.timeouts.decode_first_byte_s
         try:
-            return await asyncio.wait_for(self._first_event(instance, parsed, kv_params, request_id), first_byte_s)
+            return await asyncio.wait_for(self._first_event(instance, parsed, params, request_id), first_byte_s)
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamFailure(f"decode {instance.url} unreachable: {exc.os_error!r}", delivered=False) from None
         except asyncio.TimeoutError:
@@ -392,9 +488,9 @@ class Router:
         except aiohttp.ClientError as exc:
             raise UpstreamFailure(f"decode {instance.url} failed before its first event: {exc!r}") from None
 
-    async def _first_event(self, instance: Instance, parsed: ClientRequest, kv_params: dict[str, Any] | None,
+    async def _first_event(self, instance: Instance, parsed: ClientRequest, params: dict[str, Any] | None,
                            request_id: str) -> tuple[aiohttp.ClientResponse, bytes]:
-        upstream = await self.session.post(instance.url + parsed.endpoint.value, data=decode_body(parsed, kv_params),
+        upstream = await self.session.post(instance.url + parsed.endpoint.value, data=decode_body(parsed, params),
                                            headers=self._headers(request_id), timeout=self._stream_timeout)
         try:
             if upstream.status >= 400:
@@ -407,8 +503,9 @@ class Router:
                 head += chunk
             if not head:
                 raise UpstreamFailure(f"decode {instance.url} closed its stream before the first event")
-            if _is_error_event(head):
-                raise UpstreamFailure(f"decode {instance.url} streamed an error first: {head[:300]!r}")
+            status = _error_event_status(head)
+            if status is not None:
+                raise UpstreamFailure(f"decode {instance.url} streamed an error first: {head[:300]!r}", status=status)
             return upstream, head
         except BaseException:
             upstream.close()
@@ -416,6 +513,101 @@ class Router:
 
     def _headers(self, request_id: str) -> dict[str, str]:
         return {"Content-Type": "application/json", REQUEST_ID_HEADER: request_id, **self._upstream_auth}
+
+    # ------------------------------------------------------------------ answering the client
+
+    def _reply(self, parts: list[ClientRequest], opened: list[Opened], request_id: str,
+               outcome: RequestOutcome) -> web.Response:
+        """The non-streamed answer: decode's body as is, or the parts' answers merged."""
+        try:
+            body = opened[0].head if len(opened) == 1 else encode_body(
+                merge_answers(parts, [_answer_json(part, o) for part, o in zip(parts, opened)]))
+        finally:
+            for o in opened:
+                o.close()
+        for o in opened:
+            self._decode_succeeded(o)
+        outcome.ok()
+        return web.Response(body=body, content_type="application/json", headers={REQUEST_ID_HEADER: request_id})
+
+    async def _relay(self, request: web.Request, parts: list[ClientRequest], opened: list[Opened], request_id: str,
+                     outcome: RequestOutcome) -> web.StreamResponse:
+        """Stream the answer; a stream that breaks after the first byte ends with an SSE error, no [DONE]."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               REQUEST_ID_HEADER: request_id})
+        try:
+            await response.prepare(request)
+            if len(opened) == 1:
+                error_event = await self._relay_one(response, opened[0], request_id)
+            else:
+                error_event = await self._relay_merged(response, parts, opened, request_id)
+            if error_event is None:
+                outcome.ok()
+            else:
+                outcome.error(ErrorCause.STREAM_INTERRUPTED)
+                await response.write(error_event)
+            await response.write_eof()
+        except ConnectionResetError:
+            outcome.error(ErrorCause.CLIENT_DISCONNECTED)
+        finally:
+            for o in opened:
+                o.close()
+        return response
+
+    async def _relay_one(self, response: web.StreamResponse, opened: Opened, request_id: str) -> bytes | None:
+        """Relay one decode stream byte for byte; the SSE error to end with if it broke, else None."""
+        await response.write(opened.head)
+        tail = opened.head[-len(_DONE_EVENT):]
+        while True:
+            try:
+                chunk = await opened.upstream.content.readany()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                reason = f"decode {opened.instance.url} stream broke: {exc!r}"
+                break
+            if not chunk:
+                reason = None if tail.endswith(_DONE_EVENT) else f"decode {opened.instance.url} ended without [DONE]"
+                break
+            tail = (tail + chunk)[-len(_DONE_EVENT):]
+            await response.write(chunk)
+        if reason is None:
+            self._decode_succeeded(opened)
+            return None
+        self._stream_broke(opened, reason, request_id)
+        return (b"" if tail.endswith(b"\n\n") else b"\n\n") + _sse_error(502, reason)
+
+    async def _relay_merged(self, response: web.StreamResponse, parts: list[ClientRequest], opened: list[Opened],
+                            request_id: str) -> bytes | None:
+        """Relay the parts' streams as vLLM streams a batch: chunks as they come with their choice
+        index, one merged usage chunk, one ``[DONE]``. Returns the SSE error if a part broke."""
+        first = _first_chunk(opened[0].head)
+        queue: asyncio.Queue[tuple[int, dict[str, Any] | str | None]] = asyncio.Queue(_MERGE_QUEUE_CHUNKS)
+        readers = [asyncio.ensure_future(_read_part(o, i, queue)) for i, o in enumerate(opened)]
+        usage_chunks: list[dict[str, Any] | None] = [None] * len(parts)
+        try:
+            remaining = len(parts)
+            while remaining:
+                index, item = await queue.get()
+                if isinstance(item, dict):
+                    if is_usage_chunk(item):
+                        usage_chunks[index] = item
+                    else:
+                        await response.write(_sse_data(relabel_chunk(item, index, first)))
+                elif item is None:
+                    remaining -= 1
+                    self._decode_succeeded(opened[index])
+                else:
+                    self._stream_broke(opened[index], item, request_id)
+                    return _sse_error(502, f"{parts[index].part_label}: {item}")
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        template = next((chunk for chunk in usage_chunks if chunk is not None), None)
+        if template is not None:
+            usage = merge_usage(parts, [chunk and chunk["usage"] for chunk in usage_chunks])
+            await response.write(_sse_data({**relabel_chunk(template, 0, first), "usage": usage}))
+        await response.write(_DONE_EVENT)
+        return None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -428,21 +620,80 @@ class Router:
 
 def _check_status(response: aiohttp.ClientResponse, raw: bytes, who: str) -> None:
     if response.status >= 500:
-        raise UpstreamFailure(f"{who} answered HTTP {response.status}: {raw[:300]!r}")
+        raise UpstreamFailure(f"{who} answered HTTP {response.status}: {raw[:300]!r}", status=response.status)
     if response.status >= 400:
         raise UpstreamRejection(response.status, raw, response.content_type)
 
 
-def _is_error_event(head: bytes) -> bool:
-    """True if the first SSE event is ``data: {"error": ...}`` (vLLM's in-stream error)."""
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    """``raw`` as a JSON object, or None if it is anything else (including JSON nested too deep)."""
+    try:
+        value = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _is_error(event: dict[str, Any]) -> bool:
+    """vLLM's in-stream error: ``{"error": {...}}`` (or the older ``{"object": "error", ...}``)."""
+    return "error" in event or event.get("object") == "error"
+
+
+def _error_event_status(head: bytes) -> int | None:
+    """The code of the first SSE event if it is an error (500 when it names none), else None."""
     event = head.split(b"\n\n", 1)[0]
     if not event.startswith(b"data:") or b"error" not in event:
-        return False
-    try:
-        data = msgspec.json.decode(event[5:].strip())
-    except msgspec.DecodeError:
-        return False
-    return isinstance(data, dict) and ("error" in data or data.get("object") == "error")
+        return None
+    data = _json_object(event[5:].strip())
+    if data is None or not _is_error(data):
+        return None
+    code = data["error"].get("code") if isinstance(data.get("error"), dict) else data.get("code")
+    return code if isinstance(code, int) else 500
+
+
+def _first_chunk(head: bytes) -> dict[str, Any]:
+    """The first SSE event of a stream as a JSON object ({} if it is none)."""
+    event = head.split(b"\n\n", 1)[0]
+    return (_json_object(event[5:].strip()) if event.startswith(b"data:") else None) or {}
+
+
+def _answer_json(part: ClientRequest, opened: Opened) -> dict[str, Any]:
+    """A part's non-streamed answer, which must be a completion object to be merged."""
+    answer = _json_object(opened.head)
+    if answer is None or not isinstance(answer.get("choices"), list):
+        raise RouteError(502, ErrorCause.DECODE_FAILED, f"{part.part_label}: decode {opened.instance.url} answered "
+                         "with a body that is not a completion object")
+    return answer
+
+
+async def _read_part(opened: Opened, index: int, queue: asyncio.Queue) -> None:
+    """Put ``(index, chunk)`` for each chunk of one part's stream, then ``(index, None)`` after its
+    ``[DONE]``, or ``(index, reason)`` when it broke."""
+    await queue.put((index, await _pump_part(opened, index, queue)))
+
+
+async def _pump_part(opened: Opened, index: int, queue: asyncio.Queue) -> str | None:
+    url = opened.instance.url
+    buffer = opened.head
+    while True:
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            if not event.startswith(b"data:"):
+                continue  # an SSE comment or keep-alive
+            data = event[5:].strip()
+            if data == b"[DONE]":
+                return None
+            chunk = _json_object(data)
+            if chunk is None or _is_error(chunk):
+                return f"decode {url} streamed {data[:300]!r} instead of a completion chunk"
+            await queue.put((index, chunk))
+        try:
+            more = await opened.upstream.content.readany()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return f"decode {url} stream broke: {exc!r}"
+        if not more:
+            return f"decode {url} ended without [DONE]"
+        buffer += more
 
 
 def _bearer_matches(request: web.Request, secret: str | None) -> bool:
@@ -468,8 +719,12 @@ def error_response(status: int, message: str, request_id: str | None) -> web.Res
     return web.json_response(_error_json(status, message), status=status, headers=headers)
 
 
+def _sse_data(event: dict[str, Any]) -> bytes:
+    return b"data: " + msgspec.json.encode(event) + b"\n\n"
+
+
 def _sse_error(status: int, message: str) -> bytes:
-    return b"data: " + msgspec.json.encode(_error_json(status, message)) + b"\n\n"
+    return _sse_data(_error_json(status, message))
 
 
 ROUTER_KEY = web.AppKey("router", Router)
@@ -518,7 +773,7 @@ class RunningRouter:
 
 async def start_router(config: RouterConfig, port: int | None = None) -> RunningRouter:
     """Serve ``config`` on ``config.host`` and ``port`` (default ``config.port``; 0 picks a free port)."""
-    runner = web.AppRunner(build_app(config), access_log=None, handle_signals=False)
+    runner = web.AppRunner(build_app(config), access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port if port is None else port, reuse_address=True)
     await site.start()

@@ -3,8 +3,8 @@
 Baseline ("direct"): the client does the P/D hand-off itself, prefill with ``max_tokens=1`` and
 then decode with prefill's ``kv_transfer_params``, exactly the two calls the router makes. The
 router path sends one request to ``vllm-hetero-pd proxy``. The difference is what the router adds.
-Backends are fake vLLM instances (``fake_backend``) that answer at once, so the numbers isolate the
-router's own cost. Processes: fakes in one, the router (its real CLI) in another, the load
+Backends are fake vLLM instances (``testing.fake_backend``) that answer at once, so the numbers
+isolate the router's own cost. Processes: fakes in one, the router (its real CLI) in another, the load
 generator here, each on uvloop when installed.
 
 * latency: requests one at a time, alternating direct/router, p50 and p99 of each and the added
@@ -33,8 +33,8 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from vllm_hetero_pd.launch.cluster import free_ports
-from vllm_hetero_pd.router.protocol import REMOTE_DECODE_PARAMS
+from vllm_hetero_pd.ports import free_ports
+from vllm_hetero_pd.router.protocol import prefill_body
 
 
 class ModeResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,9 +98,7 @@ async def _measure(args: argparse.Namespace, prefill_port: int, decode_port: int
             await _wait_ready(session, url)
 
         async def direct(body: dict[str, Any]) -> None:
-            prefill = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": REMOTE_DECODE_PARAMS}
-            prefill.pop("stream_options", None)
-            async with session.post(prefill_url + "/v1/completions", json=prefill) as response:
+            async with session.post(prefill_url + "/v1/completions", json=prefill_body(body)) as response:
                 params = (await response.json())["kv_transfer_params"]
             await _expect_ok(session, decode_url, {**body, "kv_transfer_params": params})
 
@@ -197,7 +195,7 @@ def _print_table(results: list[ModeResult], args: argparse.Namespace) -> None:
 
 
 def _serve_fakes(prefill_port: int, decode_port: int) -> None:
-    from vllm_hetero_pd.router.fake_backend import FakeVllm
+    from vllm_hetero_pd.testing.fake_backend import FakeVllm
 
     async def serve() -> None:
         prefill = FakeVllm("prefill", record=False)
@@ -208,8 +206,6 @@ def _serve_fakes(prefill_port: int, decode_port: int) -> None:
 
     _use_uvloop()
     asyncio.run(serve())
-
-
 
 
 def _use_uvloop() -> None:

@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         dest="local_prefill_fallback",
                         help="fail requests instead of prefilling on decode when no prefill instance can serve")
     parser.add_argument("--max-attempts", type=int, help="instances a request may try per pool (default 3)")
+    parser.add_argument("--max-fan-out", type=int,
+                        help="P/D exchanges one batch or n>1 request may fan out into (default 64)")
     parser.add_argument("--max-failures", type=int, help="consecutive failures that eject an instance (default 3)")
     parser.add_argument("--health-interval-s", type=float, help="seconds between health probes (default 2)")
     parser.add_argument("--prefill-timeout-s", type=float, help="bound on one prefill call (default 120)")
@@ -67,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="environment variable holding the admin token (admin endpoints are off without it)")
 
 
-_TOP_LEVEL = ("min_disagg_tokens", "local_prefill_fallback", "max_attempts")
+_TOP_LEVEL = ("min_disagg_tokens", "local_prefill_fallback", "max_attempts", "max_fan_out")
 _HEALTH = {"max_failures": "max_failures", "health_interval_s": "interval_s"}
 _TIMEOUTS = {"prefill_timeout_s": "prefill_s", "decode_first_byte_timeout_s": "decode_first_byte_s",
              "decode_idle_timeout_s": "decode_idle_s"}

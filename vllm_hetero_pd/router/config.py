@@ -102,6 +102,8 @@ class RouterConfig(msgspec.Struct, **_USER):
     prefilled by the decode instance itself (0 disables). ``local_prefill_fallback``: when no
     prefill instance can serve a request, let decode prefill locally instead of failing.
     ``max_attempts``: how many instances of one pool a request may try (each at most once).
+    ``max_fan_out``: the most P/D exchanges one request may fan out into (prompts of a batch times
+    ``n``); each runs concurrently, so this bounds what one request can load the pools with.
     ``api_key``: what clients must send as ``Authorization: Bearer``; ``upstream_api_key``: what the
     router sends to instances started with ``--api-key`` (the client's header is never forwarded).
     ``admin_token``: what admin endpoints require; without it they are disabled.
@@ -118,6 +120,7 @@ class RouterConfig(msgspec.Struct, **_USER):
     min_disagg_tokens: int = 0
     local_prefill_fallback: bool = True
     max_attempts: int = 3
+    max_fan_out: int = 64
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     timeouts: TimeoutConfig = msgspec.field(default_factory=TimeoutConfig)
 
@@ -132,6 +135,8 @@ class RouterConfig(msgspec.Struct, **_USER):
             raise ConfigError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.max_attempts < 1:
             raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.max_fan_out < 1:
+            raise ConfigError(f"max_fan_out must be >= 1, got {self.max_fan_out}")
         if self.min_disagg_tokens < 0:
             raise ConfigError(f"min_disagg_tokens must be >= 0, got {self.min_disagg_tokens}")
         if self.api_key is not None and self.api_key == self.admin_token:

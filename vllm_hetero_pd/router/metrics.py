@@ -2,7 +2,8 @@
 
 Accounting invariant (checked by the load test): every proxied request ends in exactly one
 ``requests_total`` outcome, ``ok`` or ``error``, and every ``error`` has exactly one
-``errors_total`` cause. Retries and ejections are counted separately and never end a request.
+``errors_total`` cause (``RequestOutcome`` records it once, whatever ends the request). Retries,
+recoveries and ejections are counted separately and never end a request.
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ class ErrorCause(str, enum.Enum):
     STREAM_INTERRUPTED = "stream_interrupted"
     CLIENT_DISCONNECTED = "client_disconnected"
     INTERNAL = "internal"
+
+
+class RecoveryAction(str, enum.Enum):
+    """What the router tried after a decode failed (the ``action`` label), in the order it tries them."""
+
+    OTHER_DECODE_SAME_PARAMS = "other_decode_same_params"  # the failed decode never got the request
+    OTHER_DECODE_FRESH_PREFILL = "other_decode_fresh_prefill"
+    SAME_DECODE_FRESH_PREFILL = "same_decode_fresh_prefill"  # no other decode left; it answered 5xx
+    LOCAL_PREFILL = "local_prefill"  # that failed too: the decode prefills the prompt itself
 
 
 class RouterMetrics:
@@ -67,6 +77,10 @@ class RouterMetrics:
                                  ["role"], registry=r)
         self.readmissions = Counter("hetero_pd_router_readmissions", "Ejected instances re-admitted by a probe",
                                     ["role"], registry=r)
+        self.recoveries = Counter(
+            "hetero_pd_router_decode_recoveries", "Attempts to recover a request from a failed decode, by action",
+            ["action"], registry=r,
+        )
         self.local_prefill = Counter(
             "hetero_pd_router_local_prefill", "Requests prefilled by the decode instance itself", ["reason"],
             registry=r,
@@ -84,3 +98,28 @@ class RouterMetrics:
 
     def ok(self, endpoint: str) -> None:
         self._ok_counters[endpoint].inc()
+
+
+class RequestOutcome:
+    """The one outcome of one client request: the first ``ok``/``error`` counts, later ones are ignored.
+
+    A request can end in several ways at once (its stream completes just as the client leaves and
+    the handler is cancelled); the accounting invariant needs exactly one of them counted.
+    """
+
+    __slots__ = ("metrics", "endpoint", "recorded")
+
+    def __init__(self, metrics: RouterMetrics, endpoint: Endpoint) -> None:
+        self.metrics = metrics
+        self.endpoint = endpoint.value
+        self.recorded = False
+
+    def ok(self) -> None:
+        if not self.recorded:
+            self.recorded = True
+            self.metrics.ok(self.endpoint)
+
+    def error(self, cause: ErrorCause) -> None:
+        if not self.recorded:
+            self.recorded = True
+            self.metrics.error(self.endpoint, cause)

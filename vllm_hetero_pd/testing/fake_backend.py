@@ -4,35 +4,46 @@ It speaks the parts of vLLM's protocol the router depends on, and checks them:
 
 * a ``prefill`` instance insists on ``max_tokens=1``, ``stream=false`` and
   ``kv_transfer_params.do_remote_decode=true`` (HTTP 400 otherwise) and answers with
-  ``kv_transfer_params`` in NixlConnector's pull-mode shape, naming itself as
-  ``remote_engine_id`` and the ``X-Request-Id`` as ``remote_request_id``;
-* a ``decode`` instance accepts ``kv_transfer_params`` only if they name a prefill engine it was
-  told about and the same request id (HTTP 400 otherwise), so a test sees any params that were
-  forged, stale or mixed up; without params it prefills "locally" if ``allow_local_prefill``;
-* answers stream as vLLM streams them: one SSE event per token, an optional usage event
-  (``stream_options.include_usage``), then ``data: [DONE]``.
+  ``kv_transfer_params`` shaped like our connector's (``kv_params.TransferParams``): itself as
+  ``remote_engine_id``, the ``X-Request-Id`` as ``remote_request_id``, a ``lease_token`` and the
+  ``prompt_digest`` of the prompt. Like vLLM, it answers a batch with prompt 0's params only;
+* a ``decode`` instance accepts ``kv_transfer_params`` only if they parse as ``TransferParams``,
+  name a prefill engine it was told about and the same request id, carry a lease token that
+  engine issued, and match the digest of every prompt it got (HTTP 400 otherwise, as our decode
+  refuses a prompt with another digest). It refuses params with ``n > 1`` (the children would
+  share one lease). So a test sees any params that were forged, altered, stale or mixed up.
+  Without params it prefills "locally" if ``allow_local_prefill``;
+* answers come as vLLM gives them, also for batches and ``n > 1``: choices prompt-major, child
+  ``i`` seeded ``seed + i``, usage counting each prompt once; streams have one SSE event per
+  token and choice, an optional usage event (``stream_options.include_usage``), then
+  ``data: [DONE]``;
+* a client that disconnects cancels its request (``num_cancelled``), as vLLM aborts it.
 
-Output is deterministic: token ``i`` of a request is `` w<(hash(prompt) + i) % 1000>``, so a test
-can compare an answer through the router with a direct call. ``Faults`` injects failures.
+Output is deterministic: token ``i`` of a choice is `` w<(crc32(prompt, seed) + i) % 1000>``, so a
+test can compare an answer through the router with a direct call (``choice_tokens``).
+``Faults`` injects failures.
 
 ``FakeCluster`` starts fake prefill and decode pools plus a router on loopback ports in the
 current event loop. Run one instance standalone:
-``python -m vllm_hetero_pd.router.fake_backend --role decode --port 8200``.
+``python -m vllm_hetero_pd.testing.fake_backend --role decode --port 8200``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import secrets
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import aiohttp
 import msgspec
 from aiohttp import web
 
+from vllm_hetero_pd import kv_params
 from vllm_hetero_pd.router.app import RunningRouter, start_router
 from vllm_hetero_pd.router.config import InstanceConfig, Policy, PoolConfig, RouterConfig
 
@@ -43,6 +54,9 @@ class Faults:
     """Failure knobs, changed by tests while the server runs.
 
     ``fail_status``: answer the next ``fail_count`` generate requests with this status.
+    ``fail_kv_loads``: fail the next this many decode requests that carry ``kv_transfer_params``
+    the way vLLM reports a failed KV load: HTTP 500, or under HTTP 200 an error event first when
+    streamed (requests without params still succeed, as a local prefill does).
     ``error_event_first``: under HTTP 200, stream an error event first (vLLM reports in-stream errors so).
     ``break_after_events``: drop the connection after this many SSE events.
     ``omit_kv_params``: a prefill instance answers without ``kv_transfer_params`` (misconfigured).
@@ -53,6 +67,7 @@ class Faults:
     def __init__(self) -> None:
         self.fail_status = 500
         self.fail_count = 0
+        self.fail_kv_loads = 0
         self.error_event_first = False
         self.break_after_events: int | None = None
         self.omit_kv_params = False
@@ -87,6 +102,7 @@ class FakeVllm:
         self.faults = Faults()
         self.received: list[Received] = []
         self.num_requests = 0
+        self.num_cancelled = 0
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._open_transports: set[asyncio.Transport] = set()
@@ -105,7 +121,8 @@ class FakeVllm:
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1,
+                                     handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port or self.port, reuse_address=True)
         await site.start()
@@ -132,6 +149,9 @@ class FakeVllm:
         self._open_transports.add(transport)
         try:
             return await self._answer(request)
+        except asyncio.CancelledError:  # the client went away: vLLM aborts the request
+            self.num_cancelled += 1
+            raise
         finally:
             self._open_transports.discard(transport)
 
@@ -153,6 +173,9 @@ class FakeVllm:
         chat = request.path.endswith("/chat/completions")
         if self.role == "prefill":
             return web.json_response(self._prefill_answer(body, request_id, chat))
+        if self.faults.fail_kv_loads > 0 and "kv_transfer_params" in body:
+            self.faults.fail_kv_loads -= 1
+            return await self._kv_load_failure(request, body)
         if body.get("stream"):
             return await self._stream(request, body, chat)
         return web.json_response(_completion(body, chat, self.model, request_id))
@@ -167,31 +190,56 @@ class FakeVllm:
             return None
         if params is None:
             return None if self.allow_local_prefill else "decode got no kv_transfer_params"
-        if params.get("do_remote_prefill") is not True or params.get("remote_engine_id") not in self.prefill_engine_ids:
-            return f"decode got kv_transfer_params not issued by a known prefill engine: {params!r}"
-        if params.get("remote_request_id") != request_id:
-            return f"kv_transfer_params are for request {params.get('remote_request_id')!r}, not {request_id!r}"
+        return self._check_transfer_params(params, body, request_id)
+
+    def _check_transfer_params(self, raw: Any, body: dict[str, Any], request_id: str | None) -> str | None:
+        """What our decode checks in the params it is handed (see the module docstring)."""
+        try:
+            params = kv_params.parse_transfer_params(raw)
+        except ValueError as exc:
+            return str(exc)
+        if not params.do_remote_prefill or params.remote_engine_id not in self.prefill_engine_ids:
+            return f"decode got kv_transfer_params not issued by a known prefill engine: {raw!r}"
+        if params.remote_request_id != (request_id or ""):  # "": a client that sends no X-Request-Id
+            return f"kv_transfer_params are for request {params.remote_request_id!r}, not {request_id!r}"
+        if not _lease_token_valid(params):
+            return f"lease_token {params.lease_token!r} was not issued by {params.remote_engine_id}"
+        if (body.get("n") or 1) > 1:
+            return "kv_transfer_params with n > 1: the children would share one lease"
+        for i, prompt in enumerate(_prompts(body)):
+            if kv_params.prompt_digest(_token_ids(prompt)) != params.prompt_digest:
+                return f"prompt {i} does not match the prompt_digest of its kv_transfer_params"
         return None
 
     def _prefill_answer(self, body: dict[str, Any], request_id: str | None, chat: bool) -> dict[str, Any]:
         answer = _completion(body, chat, self.model, request_id)
-        num_tokens = answer["usage"]["prompt_tokens"]
-        answer["kv_transfer_params"] = None if self.faults.omit_kv_params else {
-            "do_remote_prefill": True, "do_remote_decode": False,
-            "remote_block_ids": [list(range((num_tokens + 15) // 16))], "remote_engine_id": self.engine_id,
-            "remote_request_id": request_id, "remote_host": "127.0.0.1", "remote_port": self.port,
-            "tp_size": 1, "dcp_size": 1, "pp_size": 1, "remote_num_tokens": num_tokens,
-            "remote_blocks_expiry_time": None, "transfer_mode": "pull",
-        }
+        first = _prompts(body)[0]  # vLLM returns final_res_batch[0].kv_transfer_params
+        num_tokens = _num_prompt_tokens(first)
+        nonce, remote_request_id = secrets.token_hex(8), request_id or ""
+        answer["kv_transfer_params"] = None if self.faults.omit_kv_params else kv_params.to_dict(
+            kv_params.TransferParams(
+                do_remote_prefill=True, remote_engine_id=self.engine_id, remote_request_id=remote_request_id,
+                remote_host="127.0.0.1", remote_port=self.port, remote_block_ids=list(range((num_tokens + 15) // 16)),
+                remote_num_tokens=num_tokens,
+                lease_token=f"{nonce}.{_lease_mac(self.engine_id, remote_request_id, nonce)}",
+                prompt_digest=kv_params.prompt_digest(_token_ids(first))))
         return answer
 
+    async def _kv_load_failure(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        message = f"injected KV load failure on {self.engine_id}"
+        if not body.get("stream"):
+            return _error(500, message)
+        return await self._send_events(request, [_error_body(500, message)])
+
     async def _stream(self, request: web.Request, body: dict[str, Any], chat: bool) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
         events = list(_stream_events(body, chat, self.model, request.headers.get(REQUEST_ID_HEADER)))
         if self.faults.error_event_first:
-            message = f"injected in-stream error on {self.engine_id}"
-            events = [{"error": {"message": message, "type": "InternalServerError", "code": 500}}]
+            events = [_error_body(500, f"injected in-stream error on {self.engine_id}")]
+        return await self._send_events(request, events)
+
+    async def _send_events(self, request: web.Request, events: list[dict[str, Any]]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
         try:
             for i, event in enumerate(events):
                 if self.faults.break_after_events is not None and i >= self.faults.break_after_events:
@@ -256,59 +304,111 @@ class FakeCluster:
             await fake.stop()
 
 
-def output_tokens(body: dict[str, Any]) -> list[str]:
-    """The deterministic answer of any fake instance to ``body``."""
-    prompt = body.get("prompt", body.get("messages"))
-    seed = zlib.crc32(msgspec.json.encode(prompt))
+def choice_tokens(body: dict[str, Any]) -> list[list[str]]:
+    """The tokens of every choice any fake instance answers ``body`` with, in vLLM's choice order:
+    prompt-major, and with ``seed`` set child ``i`` of ``n`` seeded ``seed + i``."""
     num_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 16
-    return [f" w{(seed + i) % 1000}" for i in range(num_tokens)]
+    return [[f" w{(zlib.crc32(msgspec.json.encode([prompt, seed])) + i) % 1000}" for i in range(num_tokens)]
+            for prompt, seed in _choices(body)]
 
 
-def _num_prompt_tokens(body: dict[str, Any]) -> int:
+def output_tokens(body: dict[str, Any]) -> list[str]:
+    """The tokens of the first (for a one-prompt, ``n=1`` request: the only) choice of ``body``."""
+    return choice_tokens(body)[0]
+
+
+def _choices(body: dict[str, Any]) -> Iterator[tuple[Any, int | None]]:
+    seed = body.get("seed")
+    n = body.get("n") or 1
+    for prompt in _prompts(body):
+        for i in range(n):
+            yield prompt, None if seed is None else seed + i
+
+
+def _prompts(body: dict[str, Any]) -> list[Any]:
+    """The separate prompts of a request (chat: its messages are one prompt)."""
     prompt = body.get("prompt")
+    if prompt is None:
+        return [body.get("messages")]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return prompt
+    return [prompt]
+
+
+def _token_ids(prompt: Any) -> list[int]:
+    """Token-id prompts as they are; anything else as the bytes of its JSON (the fake has no tokenizer)."""
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return prompt
+    return list(msgspec.json.encode(prompt))
+
+
+def _num_prompt_tokens(prompt: Any) -> int:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         return len(prompt)
-    return max(1, len(msgspec.json.encode(prompt if prompt is not None else body.get("messages"))) // 4)
+    return max(1, len(msgspec.json.encode(prompt)) // 4)
+
+
+def _lease_mac(engine_id: str, request_id: str, nonce: str) -> str:
+    """A fake lease token's check value: a decode can verify it knowing only the engine id."""
+    return hashlib.blake2b(f"{request_id}/{nonce}".encode(), key=engine_id.encode(), digest_size=8).hexdigest()
+
+
+def _lease_token_valid(params: kv_params.TransferParams) -> bool:
+    nonce, _, mac = params.lease_token.partition(".")
+    return mac == _lease_mac(params.remote_engine_id, params.remote_request_id, nonce)
+
+
+def _usage(body: dict[str, Any], choices: list[list[str]]) -> dict[str, int]:
+    """vLLM's usage: each prompt's tokens once (not once per sample), every choice's tokens."""
+    num_prompt = sum(_num_prompt_tokens(p) for p in _prompts(body))
+    num_completion = sum(len(tokens) for tokens in choices)
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion,
+            "total_tokens": num_prompt + num_completion}
 
 
 def _completion(body: dict[str, Any], chat: bool, model: str, request_id: str | None) -> dict[str, Any]:
-    tokens = output_tokens(body)
-    text = "".join(tokens)
-    choice: dict[str, Any] = (
-        {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": "length"}
-        if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None}
-    )
-    num_prompt = _num_prompt_tokens(body)
+    choices = choice_tokens(body)
     return {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
         "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()), "model": model, "choices": [choice],
-        "usage": {"prompt_tokens": num_prompt, "completion_tokens": len(tokens),
-                  "total_tokens": num_prompt + len(tokens)},
+        "created": int(time.time()), "model": model,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": "".join(tokens)}, "logprobs": None,
+             "finish_reason": "length"} if chat else
+            {"index": i, "text": "".join(tokens), "logprobs": None, "finish_reason": "length", "stop_reason": None}
+            for i, tokens in enumerate(choices)],
+        "usage": _usage(body, choices),
     }
 
 
-def _stream_events(body: dict[str, Any], chat: bool, model: str, request_id: str | None):
-    tokens = output_tokens(body)
+def _stream_events(body: dict[str, Any], chat: bool, model: str, request_id: str | None) -> Iterator[dict[str, Any]]:
+    """vLLM's chunks: (chat) a role chunk per choice, then token ``t`` of every choice in turn."""
+    choices = choice_tokens(body)
     base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
             "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": model}
     if chat:
-        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    for i, token in enumerate(tokens):
-        finish = "length" if i == len(tokens) - 1 else None
-        choice = ({"index": 0, "delta": {"content": token}, "logprobs": None, "finish_reason": finish} if chat
-                  else {"index": 0, "text": token, "logprobs": None, "finish_reason": finish, "stop_reason": None})
-        yield {**base, "choices": [choice]}
+        for i in range(len(choices)):
+            yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}]}
+    for t in range(len(choices[0])):
+        for i, tokens in enumerate(choices):
+            finish = "length" if t == len(tokens) - 1 else None
+            choice = ({"index": i, "delta": {"content": tokens[t]}, "logprobs": None, "finish_reason": finish} if chat
+                      else {"index": i, "text": tokens[t], "logprobs": None, "finish_reason": finish,
+                            "stop_reason": None})
+            yield {**base, "choices": [choice]}
     if (body.get("stream_options") or {}).get("include_usage"):
-        num_prompt = _num_prompt_tokens(body)
-        yield {**base, "choices": [], "usage": {"prompt_tokens": num_prompt, "completion_tokens": len(tokens),
-                                                "total_tokens": num_prompt + len(tokens)}}
+        yield {**base, "choices": [], "usage": _usage(body, choices)}
+
+
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "BadRequestError" if status < 500 else "InternalServerError",
+                      "code": status}}
 
 
 def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": "BadRequestError" if status < 500
-                                         else "InternalServerError", "code": status}}, status=status)
+    return web.json_response(_error_body(status, message), status=status)
 
 
 def main(argv: list[str] | None = None) -> int:
