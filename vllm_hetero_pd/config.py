@@ -34,9 +34,17 @@ class ConnectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     transfer_timeout_s: float = 30.0
     """A READ not finished after this long fails the request (vLLM's kv_load_failure_policy applies)."""
     handshake_timeout_s: float = 5.0
-    """Per side-channel request (handshake, lease pin, release)."""
+    """Per side-channel request (handshake, lease pin, release); these run off the engine's step."""
+    side_channel_secret_env: str = ""
+    """Name of an environment variable holding a shared secret (>= 16 chars); set it on both sides to
+    authenticate handshakes (only peers holding the secret can handshake). Empty: no authentication."""
     staging_mib: int = 256
     """Decode-side staging pool for translated transfers, per remote engine; larger requests go in chunks."""
+    max_remote_engines: int = 8
+    """Decode side: prefill engines kept connected at once (each may hold a staging pool); the least
+    recently used idle one is dropped to make room, and a request beyond that fails with a clear error."""
+    remote_idle_s: float = 600.0
+    """Decode side: a prefill engine with no transfer for this long is disconnected and its staging freed."""
     export_format: str = ""
     """Prefill only: expose KV in this preset's format (e.g. "cuda/flash_attn/C/LBNHC") instead of the native one."""
     export_block_size: int = 0
@@ -50,7 +58,7 @@ class ConnectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     def __post_init__(self) -> None:
         positive = ("lease_s", "heartbeat_s", "transfer_timeout_s", "handshake_timeout_s", "staging_mib",
-                    "progress_delay_us")
+                    "progress_delay_us", "max_remote_engines", "remote_idle_s")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"kv_connector_extra_config.{name} must be > 0, got {getattr(self, name)!r}")
@@ -64,7 +72,8 @@ class ConnectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         if self.export_tp_size < 1:
             raise ConfigError(f"kv_connector_extra_config.export_tp_size must be >= 1, got {self.export_tp_size}")
         if self.export_tp_size > 1 and not self.export_format:
-            raise ConfigError("kv_connector_extra_config.export_tp_size needs export_format (the shards are export areas)")
+            raise ConfigError("kv_connector_extra_config.export_tp_size needs export_format "
+                              "(the shards are export areas)")
         if self.export_block_size < 0:
             raise ConfigError("kv_connector_extra_config.export_block_size must be >= 0")
 

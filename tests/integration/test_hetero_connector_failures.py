@@ -11,9 +11,12 @@ import time
 
 import pytest
 
-from vllm_hetero_pd.launch.request import RequestFailed, post_json, prefill_body
-from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare, greedy_body, run_disaggregated
+from vllm_hetero_pd.launch.greedy import run_disaggregated
+from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare
 from vllm_hetero_pd.testing.metrics import metric_sum, scrape
+
+from pd_helpers import decode_fails, kv_usage, log_of, prefilled, wait_until
+
 
 @pytest.fixture
 def cluster(hetero_cluster):
@@ -23,35 +26,6 @@ def cluster(hetero_cluster):
 @pytest.fixture
 def lease_s(hetero_cluster) -> float:
     return hetero_cluster.instances[0].spec.kv_transfer_config["kv_connector_extra_config"]["lease_s"]
-
-
-def kv_usage(url: str) -> float:
-    return metric_sum(scrape(url), "vllm:kv_cache_usage_perc")
-
-
-def prefilled(prefill_url: str, prompt: list[int], request_id: str) -> dict:
-    answer = post_json(prefill_url + "/v1/completions", prefill_body(greedy_body(prompt)), request_id, 120)
-    return answer["kv_transfer_params"]
-
-
-def decode_fails(decode_url: str, prompt: list[int], params: dict) -> str:
-    """Send a decode request that must fail; return what the client was told."""
-    with pytest.raises(RequestFailed) as err:
-        post_json(decode_url + "/v1/completions", {**greedy_body(prompt), "kv_transfer_params": params}, "bad", 60)
-    return err.value.body
-
-
-def wait_until(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return predicate()
-
-
-def log_of(cluster, index: int) -> str:
-    return cluster.instances[index].log_path.read_text(errors="replace")
 
 
 BAD_PARAMS = {
@@ -79,7 +53,7 @@ def test_bad_transfer_params_fail_cleanly(case, cluster, prompts, lease_s):
     start = time.monotonic()
     decode_fails(decode.url, prompts[0], BAD_PARAMS[case](params))
     assert time.monotonic() - start < 30, "a bad request must fail fast"
-    assert EXPECTED_LOG[case] in log_of(cluster, 1)
+    assert EXPECTED_LOG[case] in log_of(cluster.instances[1])
     assert decode.is_healthy()
     # nothing leaks: the decode's blocks are free again; the prefill's after release or lease expiry
     assert wait_until(lambda: kv_usage(decode.url) == 0.0, 10), kv_usage(decode.url)
@@ -93,7 +67,7 @@ def test_expired_lease_is_refused_and_blocks_are_freed(cluster, prompts, lease_s
     assert kv_usage(prefill.url) > 0
     assert wait_until(lambda: kv_usage(prefill.url) == 0.0, lease_s + 10), "prefill kept blocks past the lease"
     decode_fails(decode.url, prompts[1], params)
-    assert "lease expired" in log_of(cluster, 1)
+    assert "lease expired" in log_of(cluster.instances[1])
     assert wait_until(lambda: kv_usage(decode.url) == 0.0, 10)
 
 
@@ -101,7 +75,7 @@ def test_incompatible_peer_names_the_field(cluster, prompts, lease_s):
     prefill, _, other = cluster.instances
     params = prefilled(prefill.url, prompts[0], "incompatible")
     decode_fails(other.url, prompts[0], params)
-    assert "head_size differs: source 32 vs destination 64" in log_of(cluster, 2)
+    assert "head_size differs: source 32 vs destination 64" in log_of(cluster.instances[2])
     assert metric_sum(scrape(other.url), "vllm:hetero_pd_handshake_failures_total") >= 1
     assert other.is_healthy()
     assert wait_until(lambda: kv_usage(prefill.url) == 0.0, lease_s + 10)

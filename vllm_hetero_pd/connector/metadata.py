@@ -6,15 +6,16 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorHandshakeMetadata, KVConnectorMetadata
 
-from vllm_hetero_pd.transport.wire import TransferParams
+from vllm_hetero_pd.kv_params import TransferParams
 
 
 @dataclass(frozen=True)
 class RecvJob:
     """Decode side: read prompt positions ``[start, stop)`` of a remote request into local blocks.
 
-    ``error`` is set when the scheduler already knows the job cannot run (malformed
-    ``kv_transfer_params``); the worker then reports the load as failed without touching NIXL.
+    ``error`` is set when the scheduler already knows the job cannot run (malformed params, or
+    params of another prompt); the worker then reports the load as failed without touching NIXL
+    or the prefill: the lease may belong to another request.
     """
 
     request_id: str
@@ -23,6 +24,15 @@ class RecvJob:
     stop: int
     params: TransferParams | None
     error: str = ""
+
+
+@dataclass(frozen=True)
+class ReleaseJob:
+    """Decode side: a request that will not read its prefill's lease (vLLM skips the prefix cache
+    for it, or it was aborted before it was scheduled); each rank releases it, unreported."""
+
+    request_id: str
+    params: TransferParams
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class ExportJob:
 @dataclass
 class HeteroConnectorMetadata(KVConnectorMetadata):
     recvs: list[RecvJob] = field(default_factory=list)
+    releases: list[ReleaseJob] = field(default_factory=list)
     exports: list[ExportJob] = field(default_factory=list)
     freed: list[str] = field(default_factory=list)  # prefill: released or expired; report finished_sending
 

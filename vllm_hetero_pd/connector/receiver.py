@@ -3,33 +3,47 @@
 Per remote engine, one handshake fixes everything that does not change per request: which
 remote ranks hold the heads this rank needs, whether their format equals ours (then blocks are
 READ straight into the KV cache: the fast path), and otherwise a compiled translation plan and
-a registered staging pool (READ into staging, then ``translate`` into the KV cache). A request
-moves through: pin its lease -> post READs chunk by chunk as staging allows (back-pressure:
-it waits, never drops) -> translate -> release the lease. Any failure reports the request as
-failed, with its blocks, so vLLM's ``kv_load_failure_policy`` applies; the lease is released.
+a registered staging pool (READ into staging, then ``translate`` into the KV cache).
+
+A request moves through: handshake (once per engine) -> first pin of its lease -> READs chunk by
+chunk as staging allows, pinning again every heartbeat while any READ runs -> translate ->
+release. All side-channel I/O runs on the ``ControlPlane``'s threads; ``poll`` only looks at
+futures and NIXL states, so it never blocks the engine step.
+
+Guarantees, whatever the peer does:
+- a load succeeds only if every READ finished while the prefill still held the lease;
+- a failed request is reported only when NIXL holds no handle into its blocks or staging slots
+  (in-flight READs are cancelled or waited out first), and its slots go back to the pool;
+- any error fails that request only (reported with its blocks, so vLLM's
+  ``kv_load_failure_policy`` applies), and a Release goes only to a handshaken prefill;
+- pins and releases go only to the address an engine id was handshaken at.
 """
 
 from __future__ import annotations
 
+import enum
+import hashlib
 import math
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import msgspec
-import numpy as np
 import torch
-from vllm_hetero_pd.log import get_logger
 
 from vllm_hetero_pd.config import ConnectorConfig
-from vllm_hetero_pd.connector.metadata import RecvJob
+from vllm_hetero_pd.connector.control import MAX_PENDING_HANDSHAKES, ControlPlane
+from vllm_hetero_pd.connector.metadata import RecvJob, ReleaseJob
 from vllm_hetero_pd.connector.stats import TransferStats
 from vllm_hetero_pd.formats.format import KVFormat, LayoutError
+from vllm_hetero_pd.kv_params import TransferParams
+from vllm_hetero_pd.log import get_logger
 from vllm_hetero_pd.shim.plan import TranslationPlan, plan
 from vllm_hetero_pd.shim.translate import allocate, translate
-from vllm_hetero_pd.transport import side_channel, wire
+from vllm_hetero_pd.transport import auth, side_channel, wire
 from vllm_hetero_pd.transport.block_layout import BlockLayout, block_descs, block_layout, whole_cache_layer_addrs
-from vllm_hetero_pd.transport.nixl_agent import NixlAgent, Read, TransferError
+from vllm_hetero_pd.transport.nixl_agent import NixlAgent, Read
 
 logger = get_logger(__name__)
 
@@ -48,6 +62,11 @@ class LocalCache:
     layer_addrs: list[list[int]]
     mem_type: str
 
+    @property
+    def device(self) -> torch.device:
+        first = next(iter(self.kv_caches.values()))
+        return (first[0] if isinstance(first, tuple) else first).device
+
 
 @dataclass
 class Staging:
@@ -58,6 +77,7 @@ class Staging:
     layouts: list[BlockLayout]
     layer_addrs: list[list[list[int]]]
     free: list[int]
+    registration: object
 
     def take(self, n: int) -> list[int] | None:
         if len(self.free) < n:
@@ -79,30 +99,71 @@ class RemoteEngine:
     layouts: list[BlockLayout]
     plan: TranslationPlan | None  # None: identical formats, READ straight into the KV cache
     staging: Staging | None
+    users: int = 0  # transfers and releases using this engine now
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Handshake:
+    """One handshake in flight with ``host:port``; ``outcome`` is set once processed."""
+
+    future: Future
+    nonce: bytes
+    target: str
+    outcome: RemoteEngine | str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class Phase(enum.Enum):
+    CONNECT = "waiting for the handshake"
+    PIN = "waiting for the first pin"
+    READ = "reading"
+    DRAIN = "cancelling READs after a failure"
 
 
 @dataclass
 class Transfer:
     job: RecvJob
-    remote: RemoteEngine
-    remote_block_ids: list[int]
-    next_block: int  # first remote block (index into the prompt's blocks) not yet posted
-    end_block: int
+    reader: str
+    phase: Phase = Phase.CONNECT
+    remote: RemoteEngine | None = None
+    next_block: int = 0  # first remote block (index into the prompt's blocks) not yet posted
+    end_block: int = 0
     reads: list[Read] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
     chunk: tuple[int, int] = (0, 0)
     started: float = field(default_factory=time.monotonic)
-    last_pin: float = field(default_factory=time.monotonic)
     posted: float = 0.0
+    pin: Future | None = None
+    pin_sent: float = 0.0
+    pinned: bool = False  # a pin reached the prefill: this reader must release
+    lease_deadline: float = 0.0  # local time before which the prefill is known to hold the blocks
+    next_pin: float = 0.0
+    failure: str = ""
     stats: TransferStats = field(default_factory=TransferStats)
+
+    @property
+    def params(self) -> TransferParams:
+        return self.job.params
+
+
+@dataclass
+class PendingRelease:
+    job: ReleaseJob
+    reader: str
+    started: float = field(default_factory=time.monotonic)
 
 
 class Receiver:
-    def __init__(self, agent: NixlAgent, config: ConnectorConfig, local: LocalCache, num_ranks: int):
-        self.agent, self.config, self.local = agent, config, local
+    def __init__(self, agent: NixlAgent, config: ConnectorConfig, local: LocalCache, num_ranks: int,
+                 control: ControlPlane):
+        self.agent, self.config, self.local, self.control = agent, config, local, control
+        self.secret = auth.load_secret(config.side_channel_secret_env)
         self.num_ranks = num_ranks  # every decode rank reads and releases each request
         self.remotes: dict[str, RemoteEngine] = {}
+        self.handshakes: dict[tuple[str, int], Handshake] = {}
         self.active: dict[str, Transfer] = {}
+        self.releases: list[PendingRelease] = []
         self.done: set[str] = set()
         self.failed: dict[str, str] = {}
         self.bad_blocks: set[int] = set()
@@ -111,132 +172,304 @@ class Receiver:
 
     # ------------------------------------------------------------------ admission
     def add(self, job: RecvJob) -> None:
-        try:
-            if job.error:
-                raise RecvError(job.error)
-            transfer = self._start(job)
-        except (RecvError, side_channel.SideChannelError, TransferError, LayoutError) as e:
-            self._fail_job(job, str(e))
-            if job.params is not None:
-                self._release(job.params)
+        transfer = Transfer(job=job, reader=self._reader(job.request_id))
+        if job.error:  # malformed or misapplied params: touch nothing, release nothing
+            self._report_failure(job, job.error)
             return
         self.active[job.request_id] = transfer
-        self._step(transfer)
+        self._advance(transfer)
 
-    def _start(self, job: RecvJob) -> Transfer:
-        params = job.params
-        remote = self._remote(params)
-        bs = remote.sources[0].format.block_size
-        first, end = job.start // bs, math.ceil(job.stop / bs)
-        if len(params.remote_block_ids) < end:
-            raise RecvError(f"kv_transfer_params.remote_block_ids has {len(params.remote_block_ids)} blocks but "
-                            f"{job.stop} prompt tokens need {end} of size {bs}; forward the prefill's params unchanged")
-        num_remote = remote.sources[0].format.num_blocks
-        bad = [b for b in params.remote_block_ids[first:end] if b >= num_remote]
-        if bad:
-            raise RecvError(f"remote block ids {bad[:8]} are outside the prefill's {num_remote} blocks")
-        side_channel.call(params.remote_host, params.remote_port,
-                          wire.PinRequest(request_id=params.remote_request_id,
-                                          block_ids=params.remote_block_ids[first:end]),
-                          self.config.handshake_timeout_s)
-        return Transfer(job=job, remote=remote, remote_block_ids=params.remote_block_ids, next_block=first,
-                        end_block=end)
+    def add_release(self, job: ReleaseJob) -> None:
+        """A request that will not read its lease: tell its prefill, once the prefill is verified."""
+        self.releases.append(PendingRelease(job, self._reader(job.request_id)))
 
-    def _remote(self, params: wire.TransferParams) -> RemoteEngine:
-        known = self.remotes.get(params.remote_engine_id)
-        if known is not None:
-            return known
-        start = time.perf_counter()
-        try:
-            reply = side_channel.call(params.remote_host, params.remote_port, wire.HandshakeRequest(),
-                                      self.config.handshake_timeout_s)
-            if reply.engine_id != params.remote_engine_id:
-                raise RecvError(f"the side channel at {params.remote_host}:{params.remote_port} belongs to engine "
-                                f"{reply.engine_id!r}, not {params.remote_engine_id!r} named in kv_transfer_params")
-            remote = self._connect(params, reply.ranks)
-        except (RecvError, side_channel.SideChannelError, TransferError, LayoutError):
-            self.handshake_failures += 1
-            raise
-        self.remotes[params.remote_engine_id] = remote
-        logger.info("handshake with prefill %s (%s:%d) in %.1f ms: %d source rank(s), format %s -> %s, %s",
-                    reply.engine_id, params.remote_host, params.remote_port, 1000 * (time.perf_counter() - start),
-                    len(remote.sources), remote.sources[0].format.name, self.local.format.name or "local",
-                    "direct READ (same format)" if remote.plan is None else "staged READ + translate")
-        return remote
-
-    def _connect(self, params: wire.TransferParams, ranks: list[wire.RankInfo]) -> RemoteEngine:
-        sources = choose_sources(ranks, self.local.format)
-        try:
-            identical = len(sources) == 1 and plan([sources[0].format], self.local.format).is_identity
-            layouts = [block_layout(r.format) for r in sources]
-        except LayoutError as e:
-            raise RecvError(f"prefill engine {params.remote_engine_id!r} is incompatible with this decode: {e}") from None
-        added: dict[str, str] = {}  # export shards of one prefill rank share its NIXL agent
-        for r in sources:
-            if r.agent_name not in added:
-                added[r.agent_name] = self.agent.add_remote(r.agent_metadata)
-        names = [added[r.agent_name] for r in sources]
-        if identical:
-            return RemoteEngine(params.remote_engine_id, params.remote_host, params.remote_port, sources, names,
-                                layouts, None, None)
-        staging = self._staging([r.format for r in sources])
-        compiled = plan(staging.formats, self.local.format)
-        return RemoteEngine(params.remote_engine_id, params.remote_host, params.remote_port, sources, names, layouts,
-                            compiled, staging)
-
-    def _staging(self, formats: list[KVFormat]) -> Staging:
-        per_slot = sum(f.nbytes_per_block * f.num_layers for f in formats)
-        capacity = max(1, self.config.staging_mib * 2**20 // per_slot)
-        formats = [msgspec.structs.replace(f, num_blocks=capacity, num_pad_blocks=0) for f in formats]
-        device = next(iter(self.local.kv_caches.values()))
-        device = (device[0] if isinstance(device, tuple) else device).device
-        buffers = [allocate(f, device) for f in formats]
-        tensors = [t for b in buffers for t in (b if isinstance(b, tuple) else (b,))]
-        self.agent.register([(t.data_ptr(), t.nbytes) for t in tensors], self.local.mem_type)
-        addrs = [whole_cache_layer_addrs(f, [t.data_ptr() for t in (b if isinstance(b, tuple) else (b,))])
-                 for f, b in zip(formats, buffers)]
-        logger.info("staging pool: %d blocks x %d source rank(s) (%.1f MiB)", capacity, len(formats),
-                    capacity * per_slot / 2**20)
-        return Staging(formats, buffers, [block_layout(f) for f in formats], addrs, list(range(capacity)))
+    def _reader(self, request_id: str) -> str:
+        """This rank reading one decode request (a digest: request ids may be long or client-chosen)."""
+        return f"{self.agent.name}/{hashlib.blake2b(request_id.encode(), digest_size=8).hexdigest()}"
 
     # ------------------------------------------------------------------ progress
     def poll(self) -> tuple[set[str], dict[str, str]]:
         """Advance every transfer; return (loaded, failed -> reason) since the last call."""
         for transfer in list(self.active.values()):
-            try:
-                self._step(transfer)
-            except (RecvError, side_channel.SideChannelError, TransferError, LayoutError) as e:
-                self._fail(transfer, str(e))
+            self._advance(transfer)
+        self._send_releases()
+        self._forget_handshakes()
+        self._evict_idle()
         done, failed = self.done, self.failed
         self.done, self.failed = set(), {}
         return done, failed
 
-    def _step(self, t: Transfer) -> None:
-        """Move one transfer as far as it can go without blocking."""
+    def _advance(self, t: Transfer) -> None:
+        """Move one transfer as far as it can go without blocking; any error fails it alone."""
+        try:
+            if t.phase is Phase.DRAIN:
+                self._drain(t)
+            elif t.phase is Phase.CONNECT:
+                self._connect_step(t)
+            elif t.phase is Phase.PIN:
+                self._first_pin_step(t)
+            else:
+                self._read_step(t)
+        except RecvError as e:
+            self._fail(t, str(e))
+        except Exception as e:  # a peer or NIXL error we did not foresee must not reach the engine
+            logger.exception("unexpected error while loading request %s", t.job.request_id)
+            self._fail(t, f"{type(e).__name__}: {e}")
+
+    def _connect_step(self, t: Transfer) -> None:
+        remote = self._resolve(t.params)
+        if remote is None:
+            if time.monotonic() - t.started > 3 * self.config.handshake_timeout_s + 1:
+                raise RecvError(f"no handshake with prefill {t.params.remote_host}:{t.params.remote_port} within "
+                                f"{3 * self.config.handshake_timeout_s + 1:g} s")
+            return
+        t.remote, remote.users = remote, remote.users + 1
+        bs = remote.sources[0].format.block_size
+        t.next_block, t.end_block = t.job.start // bs, math.ceil(t.job.stop / bs)
+        ids = t.params.remote_block_ids
+        if len(ids) < t.end_block:
+            raise RecvError(f"kv_transfer_params.remote_block_ids has {len(ids)} blocks but {t.job.stop} prompt "
+                            f"tokens need {t.end_block} of size {bs}; forward the prefill's params unchanged")
+        num_remote = remote.sources[0].format.num_blocks
+        bad = [b for b in ids[t.next_block:t.end_block] if b >= num_remote]
+        if bad:
+            raise RecvError(f"remote block ids {bad[:8]} are outside the prefill's {num_remote} blocks")
+        t.phase = Phase.PIN
+        self._send_pin(t)
+
+    def _first_pin_step(self, t: Transfer) -> None:
+        if not self._pin_answered(t):
+            return
+        t.phase = Phase.READ
+        self._read_step(t)
+
+    def _read_step(self, t: Transfer) -> None:
+        self._pin_answered(t)
         while True:
+            now = time.monotonic()
+            if now >= t.lease_deadline:
+                raise RecvError(f"the lease on request {t.params.remote_request_id} at prefill "
+                                f"{t.remote.engine_id} ran out before its READ finished (no pin confirmed it in "
+                                f"time); the blocks may have been reused, so the load fails")
             if t.reads:
                 states = [self.agent.poll(r) for r in t.reads]
                 if "ERR" in states:
                     raise RecvError(f"NIXL READ from prefill {t.remote.engine_id} failed (peer gone or "
                                     f"memory deregistered)")
                 if "PROC" in states:
-                    if time.monotonic() - t.posted > self.config.transfer_timeout_s:
+                    if now - t.posted > self.config.transfer_timeout_s:
                         raise RecvError(f"READ from prefill {t.remote.engine_id} did not finish within "
                                         f"transfer_timeout_s={self.config.transfer_timeout_s:g}")
+                    self._maybe_pin(t)
                     return
-                t.stats.transfer_s += time.monotonic() - t.posted
+                t.stats.transfer_s += now - t.posted
                 t.reads = []
                 self._land_chunk(t)
             if t.next_block >= t.end_block:
                 self._finish(t)
                 return
             if not self._post_chunk(t):
-                self._heartbeat(t)
+                self._maybe_pin(t)
                 return
 
+    # ------------------------------------------------------------------ handshake
+    def _resolve(self, params: TransferParams) -> RemoteEngine | None:
+        """The verified engine ``params`` name, or None while its handshake runs."""
+        remote = self.remotes.get(params.remote_engine_id)
+        if remote is not None:
+            if (remote.host, remote.port) != (params.remote_host, params.remote_port):
+                raise RecvError(f"kv_transfer_params place engine {params.remote_engine_id!r} at "
+                                f"{params.remote_host}:{params.remote_port}, but it was handshaken at "
+                                f"{remote.host}:{remote.port}; refusing forged or stale params")
+            remote.last_used = time.monotonic()
+            return remote
+        key = (params.remote_host, params.remote_port)
+        pending = self.handshakes.get(key) or self._start_handshake(*key)
+        if pending.outcome is None and pending.future.done():
+            pending.outcome = self._complete_handshake(pending, params)
+        if isinstance(pending.outcome, str):
+            raise RecvError(pending.outcome)
+        if pending.outcome is not None and pending.outcome.engine_id != params.remote_engine_id:
+            raise RecvError(f"the side channel at {params.remote_host}:{params.remote_port} belongs to engine "
+                            f"{pending.outcome.engine_id!r}, not {params.remote_engine_id!r} named in "
+                            f"kv_transfer_params")
+        return pending.outcome
+
+    def _start_handshake(self, host: str, port: int) -> Handshake:
+        if len(self.handshakes) >= MAX_PENDING_HANDSHAKES:
+            raise RecvError(f"{MAX_PENDING_HANDSHAKES} handshakes already in flight; refusing another "
+                            f"(prefill {host}:{port})")
+        nonce, target = auth.new_nonce(), f"{host}:{port}"
+        mac = auth.mac(self.secret, "hs-request", nonce, target) if self.secret else b""
+        request = wire.HandshakeRequest(nonce=nonce, target=target, mac=mac)
+        pending = Handshake(self.control.handshake(host, port, request), nonce, target)
+        self.handshakes[(host, port)] = pending
+        return pending
+
+    def _complete_handshake(self, pending: Handshake, params: TransferParams) -> RemoteEngine | str:
+        """Verify the reply and connect; a string is the reason it failed (counted once)."""
+        start = time.perf_counter()
+        try:
+            reply = pending.future.result()
+            remote = self._verified_remote(reply, pending, params)
+        except (RecvError, side_channel.SideChannelError, auth.AuthError, LayoutError, ValueError) as e:
+            self.handshake_failures += 1
+            return f"handshake with prefill {pending.target} failed: {e}"
+        except Exception as e:
+            logger.exception("handshake with prefill %s failed", pending.target)
+            self.handshake_failures += 1
+            return f"handshake with prefill {pending.target} failed: {type(e).__name__}: {e}"
+        logger.info("handshake with prefill %s (%s) in %.1f ms: %d source rank(s), format %s -> %s, %s",
+                    remote.engine_id, pending.target, 1000 * (time.perf_counter() - start), len(remote.sources),
+                    remote.sources[0].format.name, self.local.format.name or "local",
+                    "direct READ (same format)" if remote.plan is None else "staged READ + translate")
+        return remote
+
+    def _verified_remote(self, reply: wire.Reply, pending: Handshake, params: TransferParams) -> RemoteEngine:
+        if not isinstance(reply, wire.HandshakeReply):
+            raise RecvError(f"answered the handshake with {type(reply).__name__}")
+        if reply.version != wire.WIRE_VERSION:
+            raise RecvError(f"speaks wire version {reply.version}, this decode {wire.WIRE_VERSION}; run the same "
+                            f"vllm-hetero-pd release on both sides")
+        if self.secret:
+            auth.check(self.secret, "hs-reply", reply.mac, pending.nonce, pending.target, reply.engine_id,
+                       wire.encode_ranks(reply.ranks))
+        for r in reply.ranks:
+            if not r.agent_name.startswith(f"{reply.engine_id}-"):
+                raise RecvError(f"rank agent {r.agent_name!r} does not belong to engine {reply.engine_id!r}")
+        host, port = params.remote_host, params.remote_port
+        known = self.remotes.get(reply.engine_id)
+        if known is not None and (known.host, known.port) == (host, port):
+            return known  # the params named another engine id at this engine's address
+        if known is not None:
+            raise RecvError(f"{host}:{port} claims engine {reply.engine_id!r}, which is connected at "
+                            f"{known.host}:{known.port}; refusing an impostor or stale params")
+        for other in [r for r in self.remotes.values() if (r.host, r.port) == (host, port)]:
+            self._evict(other, "its address now serves another engine (the prefill restarted)")
+        self._make_room(reply.engine_id)
+        remote = self._connect(reply.engine_id, host, port, reply.ranks)
+        self.remotes[reply.engine_id] = remote
+        return remote
+
+    def _make_room(self, engine_id: str) -> None:
+        if len(self.remotes) < self.config.max_remote_engines:
+            return
+        idle = [r for r in self.remotes.values() if r.users == 0]
+        if not idle:
+            raise RecvError(f"this decode already reads from max_remote_engines={self.config.max_remote_engines} "
+                            f"busy prefill engines; raise max_remote_engines to add {engine_id!r}")
+        self._evict(min(idle, key=lambda r: r.last_used), "least recently used, to make room")
+
+    def _connect(self, engine_id: str, host: str, port: int, ranks: list[wire.RankInfo]) -> RemoteEngine:
+        sources = choose_sources(ranks, self.local.format)
+        try:
+            checked = plan([r.format for r in sources], self.local.format)  # before any agent or staging exists
+            identical = len(sources) == 1 and checked.is_identity
+            layouts = [block_layout(r.format) for r in sources]
+        except LayoutError as e:
+            raise RecvError(f"prefill engine {engine_id!r} is incompatible with this decode: {e}") from None
+        for r, layout in zip(sources, layouts):
+            if len(r.layer_addrs) != len(layout.block_len) or any(len(a) != r.format.num_layers
+                                                                 for a in r.layer_addrs):
+                raise RecvError(f"rank {r.tp_rank} of engine {engine_id!r} sent layer addresses that do not match "
+                                f"its format ({len(layout.block_len)} part(s) x {r.format.num_layers} layers)")
+        added: dict[str, str] = {}  # export shards of one prefill rank share its NIXL agent
+        try:
+            for r in sources:
+                if r.agent_name not in added:
+                    added[r.agent_name] = self._add_agent(r)
+            staging = None if identical else self._staging([r.format for r in sources])
+        except Exception:
+            for name in added.values():
+                self.agent.remove_remote(name)
+            raise
+        compiled = None if identical else plan(staging.formats, self.local.format)
+        return RemoteEngine(engine_id, host, port, sources, [added[r.agent_name] for r in sources], layouts,
+                            compiled, staging)
+
+    def _add_agent(self, rank: wire.RankInfo) -> str:
+        if any(rank.agent_name in r.agent_names for r in self.remotes.values()):
+            raise RecvError(f"NIXL agent {rank.agent_name!r} is already connected for another engine")
+        name = self.agent.add_remote(rank.agent_metadata)
+        if name != rank.agent_name:
+            self.agent.remove_remote(name)
+            raise RecvError(f"agent metadata names {name!r}, but the rank claims {rank.agent_name!r}")
+        return name
+
+    def _staging(self, formats: list[KVFormat]) -> Staging:
+        per_slot = sum(f.nbytes_per_block * f.num_layers for f in formats)
+        if per_slot > self.config.staging_mib * 2**20:  # the peer picks its block size: bound the pool anyway
+            raise RecvError(f"one staging slot for this prefill's blocks ({formats[0].block_size} tokens) needs "
+                            f"{per_slot / 2**20:.1f} MiB, more than staging_mib={self.config.staging_mib}; raise it")
+        capacity = max(1, self.config.staging_mib * 2**20 // per_slot)
+        formats = [msgspec.structs.replace(f, num_blocks=capacity, num_pad_blocks=0) for f in formats]
+        buffers = [allocate(f, self.local.device) for f in formats]
+        tensors = [t for b in buffers for t in (b if isinstance(b, tuple) else (b,))]
+        registration = self.agent.register([(t.data_ptr(), t.nbytes) for t in tensors], self.local.mem_type)
+        addrs = [whole_cache_layer_addrs(f, [t.data_ptr() for t in (b if isinstance(b, tuple) else (b,))])
+                 for f, b in zip(formats, buffers)]
+        logger.info("staging pool: %d blocks x %d source rank(s) (%.1f MiB)", capacity, len(formats),
+                    capacity * per_slot / 2**20)
+        return Staging(formats, buffers, [block_layout(f) for f in formats], addrs, list(range(capacity)),
+                       registration)
+
+    def _forget_handshakes(self) -> None:
+        """Processed handshakes served every waiter of this poll; the next request starts afresh.
+        An answer nobody waits for any more is dropped after a while, so the table stays bounded."""
+        stale = time.monotonic() - 4 * self.config.handshake_timeout_s - 1
+        self.handshakes = {k: h for k, h in self.handshakes.items()
+                           if h.outcome is None and not (h.future.done() and h.started < stale)}
+
+    def _evict(self, remote: RemoteEngine, why: str) -> None:
+        if remote.users:
+            return  # still in use: it goes once idle
+        logger.info("disconnecting prefill engine %s (%s:%d): %s", remote.engine_id, remote.host, remote.port, why)
+        self.remotes.pop(remote.engine_id, None)
+        for name in set(remote.agent_names):
+            self.agent.remove_remote(name)
+        if remote.staging is not None:
+            self.agent.deregister(remote.staging.registration)
+
+    def _evict_idle(self) -> None:
+        cutoff = time.monotonic() - self.config.remote_idle_s
+        for remote in [r for r in self.remotes.values() if r.users == 0 and r.last_used < cutoff]:
+            self._evict(remote, f"idle for remote_idle_s={self.config.remote_idle_s:g}")
+
+    # ------------------------------------------------------------------ lease
+    def _send_pin(self, t: Transfer) -> None:
+        p = t.params
+        request = wire.PinRequest(request_id=p.remote_request_id, lease_token=p.lease_token, reader=t.reader,
+                                  block_ids=p.remote_block_ids[t.next_block:t.end_block])
+        t.pin_sent, t.pin = time.monotonic(), self.control.lease(t.remote.host, t.remote.port, request)
+
+    def _pin_answered(self, t: Transfer) -> bool:
+        """Take a pin's answer if it came; True once the first pin confirmed the lease."""
+        if t.pin is not None and t.pin.done():
+            future, t.pin = t.pin, None
+            t.pinned = True  # it may have reached the prefill even if the answer did not come back
+            try:
+                remaining = future.result().remaining_s
+            except side_channel.PeerRefused as e:
+                raise RecvError(f"the prefill refused the lease: {e}") from None
+            except side_channel.SideChannelError as e:
+                if t.phase is Phase.PIN:
+                    raise RecvError(f"could not pin the lease: {e}") from None
+                logger.warning("heartbeat for request %s failed (will retry): %s", t.job.request_id, e)
+                t.next_pin = time.monotonic() + min(self.config.heartbeat_s, 1.0)
+            else:
+                t.lease_deadline = t.pin_sent + remaining
+                t.next_pin = time.monotonic() + min(self.config.heartbeat_s, remaining / 3)
+                return True
+        return t.lease_deadline > 0
+
+    def _maybe_pin(self, t: Transfer) -> None:
+        if t.pin is None and time.monotonic() >= t.next_pin:
+            self._send_pin(t)
+
+    # ------------------------------------------------------------------ chunks
     def _post_chunk(self, t: Transfer) -> bool:
         """Post READs for the next chunk; False when staging is full (the transfer waits its turn)."""
-        remote, ids = t.remote, t.remote_block_ids
+        remote, ids = t.remote, t.params.remote_block_ids
         if remote.staging is None:
             first, end = t.next_block, t.end_block
             dst = [block_descs(self.local.layout, self.local.layer_addrs, t.job.local_block_ids[first:end])]
@@ -250,16 +483,16 @@ class Receiver:
             dst = [block_descs(lay, addrs, slots)
                    for lay, addrs in zip(remote.staging.layouts, remote.staging.layer_addrs)]
         t.posted = time.monotonic()
+        t.chunk, t.next_block = (first, end), end
         for k, source in enumerate(remote.sources):
             src = block_descs(remote.layouts[k], source.layer_addrs, ids[first:end])
             local = dst[0] if remote.staging is None else dst[k]
-            t.reads.append(self.agent.read(remote.agent_names[k], local, src, self.local.mem_type))
+            t.reads.append(self.agent.read(remote.agent_names[k], local, src, self.local.mem_type, source.mem_type))
             t.stats.bytes += int(src[:, 1].sum())
-        t.chunk, t.next_block = (first, end), end
         return True
 
     def _land_chunk(self, t: Transfer) -> None:
-        """Translate a staged chunk into the KV cache and return its staging slots."""
+        """Translate a staged chunk into the KV cache, then return its staging slots."""
         staging = t.remote.staging
         if staging is None:
             return
@@ -269,52 +502,72 @@ class Receiver:
         translate(t.remote.plan, staging.buffers, self.local.kv_caches,
                   src_block_ids=[0] * first + t.slots, dst_block_ids=t.job.local_block_ids,
                   start=max(t.job.start, first * bs), stop=min(t.job.stop, end * bs))
+        wait_for_device(self.local.device)  # the next READ into these slots must not race the copy
         t.stats.translate_s += time.perf_counter() - start
         staging.give_back(t.slots)
         t.slots = []
-
-    def _heartbeat(self, t: Transfer) -> None:
-        if time.monotonic() - t.last_pin >= self.config.heartbeat_s:
-            p = t.job.params
-            side_channel.call(p.remote_host, p.remote_port,
-                              wire.PinRequest(request_id=p.remote_request_id,
-                                              block_ids=t.remote_block_ids[t.next_block:t.end_block]),
-                              self.config.handshake_timeout_s)
-            t.last_pin = time.monotonic()
 
     # ------------------------------------------------------------------ endings
     def _finish(self, t: Transfer) -> None:
         if self.config.debug_corrupt_transfers:
             corrupt_first_block(self.local.kv_caches, t.job)
-        del self.active[t.job.request_id]
-        self._release(t.job.params)
+        self._end(t)
         t.stats.total_s = time.monotonic() - t.started
         self.finished_stats.append(t.stats)
         self.done.add(t.job.request_id)
 
     def _fail(self, t: Transfer, reason: str) -> None:
-        if t.remote.staging is not None and t.slots and not t.reads:
-            t.remote.staging.give_back(t.slots)
-        # slots of a READ still in flight are not reused: NIXL may still write into them
-        self.active.pop(t.job.request_id, None)
-        self._release(t.job.params)
-        self._fail_job(t.job, reason)
+        if not t.failure:
+            logger.error("KV load for request %s failed: %s", t.job.request_id, reason)
+            t.failure, t.phase = reason, Phase.DRAIN
+        self._drain(t)
 
-    def _fail_job(self, job: RecvJob, reason: str) -> None:
-        logger.error("KV load for request %s failed: %s", job.request_id, reason)
+    def _drain(self, t: Transfer) -> None:
+        """Report the failure once NIXL can no longer write into the request's blocks or slots."""
+        t.reads = [r for r in t.reads if not self.agent.abort(r)]
+        if t.reads:
+            return
+        self._end(t)
+        self._report_failure(t.job, t.failure)
+
+    def _end(self, t: Transfer) -> None:
+        """Give back what the transfer holds and release its lease (only to a verified prefill)."""
+        self.active.pop(t.job.request_id, None)
+        remote = t.remote
+        if remote is None:
+            return
+        if remote.staging is not None and t.slots:
+            remote.staging.give_back(t.slots)
+            t.slots = []
+        if t.pinned or t.pin is not None:
+            self._release(remote, t.params, t.reader)
+        remote.users -= 1
+        remote.last_used = time.monotonic()
+
+    def _report_failure(self, job: RecvJob, reason: str) -> None:
         self.failed[job.request_id] = reason
         bs = self.local.format.block_size
         self.bad_blocks.update(job.local_block_ids[job.start // bs: math.ceil(job.stop / bs)])
 
-    def _release(self, params: wire.TransferParams) -> None:
-        try:
-            side_channel.call(params.remote_host, params.remote_port,
-                              wire.ReleaseRequest(request_id=params.remote_request_id, reader=self.agent.name,
-                                                  num_readers=self.num_ranks),
-                              self.config.handshake_timeout_s)
-        except side_channel.SideChannelError as e:
-            logger.warning("could not release request %s on its prefill (its lease will expire): %s",
-                           params.remote_request_id, e)
+    def _release(self, remote: RemoteEngine, params: TransferParams, reader: str) -> None:
+        request = wire.ReleaseRequest(request_id=params.remote_request_id, lease_token=params.lease_token,
+                                      reader=reader, num_readers=self.num_ranks)
+        self.control.lease(remote.host, remote.port, request).add_done_callback(_log_release_failure)
+
+    def _send_releases(self) -> None:
+        """Releases of requests that read nothing wait for their prefill's handshake like a READ does."""
+        waiting = []
+        for pending in self.releases:
+            try:
+                remote = self._resolve(pending.job.params)
+            except RecvError as e:
+                logger.warning("not releasing request %s on an unverified prefill: %s", pending.job.request_id, e)
+                continue
+            if remote is None:
+                waiting.append(pending)
+            else:
+                self._release(remote, pending.job.params, pending.reader)
+        self.releases = waiting
 
     def staging_occupancy(self) -> float:
         pools = [r.staging for r in self.remotes.values() if r.staging is not None]
@@ -324,6 +577,20 @@ class Receiver:
     def take_bad_blocks(self) -> set[int]:
         out, self.bad_blocks = self.bad_blocks, set()
         return out
+
+
+def _log_release_failure(future: Future) -> None:
+    error = future.exception()
+    if error is not None:
+        logger.warning("could not release a lease on its prefill (it will expire): %s", error)
+
+
+def wait_for_device(device: torch.device) -> None:
+    """Block until queued copies on ``device`` are done (CUDA/ROCm streams, HPU lazy graphs; CPU: no-op)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    elif device.type == "hpu":
+        torch.hpu.synchronize()
 
 
 def choose_sources(ranks: list[wire.RankInfo], local: KVFormat) -> list[wire.RankInfo]:

@@ -6,22 +6,26 @@ the workers which requests' blocks may be freed. With an export format, also tel
 which positions each step wrote, so they can mirror them into the export area.
 
 Decode (consumer): for a ``do_remote_prefill`` request, ask vLLM to allocate blocks for the
-whole prompt and to wait for an asynchronous load, and hand the workers a ``RecvJob``.
+whole prompt and to wait for an asynchronous load, and hand the workers a ``RecvJob``. A request
+that will read nothing (vLLM skips the prefix cache for ``prompt_logprobs`` and ``echo`` with
+``logprobs``, or it was aborted before it was scheduled) gets a ``ReleaseJob`` instead: it must
+never be reported as received (vLLM's scheduler asserts), and its prefill should not wait for
+the lease to expire. Params that name another prompt (by digest) are refused.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
-from vllm_hetero_pd.log import get_logger
 from vllm.v1.request import RequestStatus
 
+from vllm_hetero_pd import kv_params
 from vllm_hetero_pd.config import ConnectorConfig
 from vllm_hetero_pd.connector.leases import LeaseError, LeaseTable
-from vllm_hetero_pd.connector.metadata import ExportJob, HeteroConnectorMetadata, RankHandshake, RecvJob
-from vllm_hetero_pd.transport import wire
+from vllm_hetero_pd.connector.metadata import ExportJob, HeteroConnectorMetadata, RankHandshake, RecvJob, ReleaseJob
+from vllm_hetero_pd.log import get_logger
+from vllm_hetero_pd.transport import auth, wire
 from vllm_hetero_pd.transport.side_channel import SideChannelServer
 
 if TYPE_CHECKING:
@@ -44,8 +48,11 @@ class ConnectorScheduler:
         self.leases = LeaseTable(config.lease_s)
         self.ranks: list[wire.RankInfo] = []
         self.server: SideChannelServer | None = None
+        self.secret = auth.load_secret(config.side_channel_secret_env) if is_producer else None
         self._recvs: list[RecvJob] = []
+        self._releases: list[ReleaseJob] = []
         self._export_blocks: dict[str, list[int]] = {}  # producer requests being prefilled (export only)
+        self._malformed: dict[str, str] = {}  # consumer: why a request's params did not parse
 
     # ------------------------------------------------------------------ handshake
     def set_xfer_handshake_metadata(self, metadata: dict[int, RankHandshake]) -> None:
@@ -57,18 +64,32 @@ class ConnectorScheduler:
                         self.config.host, self.server.port, len(self.ranks), self.ranks[0].format.name)
 
     def _serve(self, request: wire.Request) -> wire.Reply:
-        if isinstance(request, wire.HandshakeRequest):
-            if request.version != wire.WIRE_VERSION:
-                return wire.Error(message=f"wire version {request.version} is not supported by this prefill "
-                                          f"(speaks {wire.WIRE_VERSION}); run the same vllm-hetero-pd on both sides")
-            return wire.HandshakeReply(version=wire.WIRE_VERSION, engine_id=self.engine_id, ranks=self.ranks)
         try:
+            if isinstance(request, wire.HandshakeRequest):
+                return self._handshake(request)
             if isinstance(request, wire.PinRequest):
-                return wire.PinReply(remaining_s=self.leases.pin(request.request_id, request.block_ids))
-            self.leases.release(request.request_id, request.reader, request.num_readers)
+                return wire.PinReply(remaining_s=self.leases.pin(request.request_id, request.lease_token,
+                                                                 request.reader, request.block_ids))
+            self.leases.release(request.request_id, request.lease_token, request.reader, request.num_readers)
             return wire.Ack()
-        except LeaseError as e:
+        except (LeaseError, auth.AuthError) as e:
             return wire.Error(message=str(e))
+
+    def _handshake(self, request: wire.HandshakeRequest) -> wire.Reply:
+        if request.version != wire.WIRE_VERSION:
+            return wire.Error(message=f"wire version {request.version} is not supported by this prefill "
+                                      f"(speaks {wire.WIRE_VERSION}); run the same vllm-hetero-pd on both sides")
+        reply = wire.HandshakeReply(version=wire.WIRE_VERSION, engine_id=self.engine_id, ranks=self.ranks)
+        if self.secret is None:
+            return reply
+        auth.check(self.secret, "hs-request", request.mac, request.nonce, request.target)
+        advertised = f"{self.config.host}:{self.server.port}"
+        if request.target != advertised:
+            raise auth.AuthError(f"handshake addressed to {request.target}, but this prefill is {advertised}: "
+                                 f"refusing a relayed handshake")
+        mac = auth.mac(self.secret, "hs-reply", request.nonce, request.target, self.engine_id,
+                       wire.encode_ranks(self.ranks))
+        return wire.HandshakeReply(version=wire.WIRE_VERSION, engine_id=self.engine_id, ranks=self.ranks, mac=mac)
 
     # ------------------------------------------------------------------ decode side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
@@ -87,37 +108,63 @@ class ConnectorScheduler:
             self._export_blocks.setdefault(request.request_id, [])
         if not (params.get("do_remote_prefill") and self.is_consumer):
             return
-        params["do_remote_prefill"] = False  # load once, even if vLLM calls us again for this request
+        typed = self._take_params(request)  # load once, even if vLLM calls us again for this request
+        if num_external_tokens == 0:
+            if typed is not None:
+                self._releases.append(ReleaseJob(request.request_id, typed))
+            return
         num_prompt = len(request.prompt_token_ids or ())
         job = RecvJob(request.request_id, list(blocks.get_block_ids()[0]), num_prompt - num_external_tokens,
-                      num_prompt, None)
-        try:
-            typed = wire.parse_transfer_params({**params, "do_remote_prefill": True})
-            if typed.remote_num_tokens < num_prompt:
-                raise ValueError(f"the prefill computed {typed.remote_num_tokens} tokens but the prompt has "
-                                 f"{num_prompt}: send the decode the same prompt as the prefill")
-            job = dataclasses.replace(job, params=typed)
-        except ValueError as e:
-            job = dataclasses.replace(job, error=str(e))
+                      num_prompt, typed, error=self._mismatch(request, typed))
         self._recvs.append(job)
+
+    def _take_params(self, request: Request) -> kv_params.TransferParams | None:
+        """Mark the request's params consumed and return them typed (None, logged, if malformed)."""
+        params = request.kv_transfer_params
+        params["do_remote_prefill"] = False
+        try:
+            return kv_params.parse_transfer_params({**params, "do_remote_prefill": True})
+        except ValueError as e:
+            self._malformed[request.request_id] = str(e)
+            logger.warning("request %s: %s", request.request_id, e)
+            return None
+
+    def _mismatch(self, request: Request, typed: kv_params.TransferParams | None) -> str:
+        """Why ``typed`` cannot be this request's KV ("" if it can)."""
+        if typed is None:
+            return self._malformed.pop(request.request_id, "malformed kv_transfer_params")
+        tokens = request.prompt_token_ids or ()
+        if typed.remote_num_tokens != len(tokens) or typed.prompt_digest != kv_params.prompt_digest(tokens):
+            return (f"kv_transfer_params belong to another prompt ({typed.remote_num_tokens} tokens, digest "
+                    f"{typed.prompt_digest[:8]}) than this request's ({len(tokens)} tokens); each prompt of a batch "
+                    f"and each of n samples needs its own prefill: send them one per request")
+        return ""
 
     # ------------------------------------------------------------------ prefill side
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         params = request.kv_transfer_params
         self._export_blocks.pop(request.request_id, None)
+        self._malformed.pop(request.request_id, None)
+        if self.is_consumer and params and params.get("do_remote_prefill"):
+            typed = self._take_params(request)  # finished before it was ever scheduled: nobody will read
+            self._malformed.pop(request.request_id, None)
+            if typed is not None:
+                self._releases.append(ReleaseJob(request.request_id, typed))
         if not (self.is_producer and params and params.get("do_remote_decode")):
             return False, None
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
             return False, None  # aborted or failed: nobody will read it
-        num_tokens = len(request.prompt_token_ids or ())
-        exposed = self.exposed_block_ids(block_ids, num_tokens)
-        self.leases.add(request.request_id, exposed)
-        return True, {
-            "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
-            "remote_request_id": request.request_id, "remote_host": self.config.host,
-            "remote_port": self.config.port(self.dp_rank), "remote_block_ids": exposed,
-            "remote_num_tokens": num_tokens, "tp_size": self.tp_size,
-        }
+        tokens = request.prompt_token_ids
+        if not tokens:
+            logger.warning("request %s has no prompt token ids (prompt embeddings?): its KV is not exported",
+                           request.request_id)
+            return False, None
+        exposed = self.exposed_block_ids(block_ids, len(tokens))
+        token = self.leases.add(request.request_id, exposed)
+        return True, kv_params.to_dict(kv_params.TransferParams(
+            do_remote_prefill=True, remote_engine_id=self.engine_id, remote_request_id=request.request_id,
+            remote_host=self.config.host, remote_port=self.config.port(self.dp_rank), remote_block_ids=exposed,
+            remote_num_tokens=len(tokens), lease_token=token, prompt_digest=kv_params.prompt_digest(tokens)))
 
     def exposed_block_ids(self, block_ids: list[int], num_tokens: int) -> list[int]:
         """Block ids a reader uses: native ones, or those of the export area (a fixed mapping)."""
@@ -128,29 +175,39 @@ class ConnectorScheduler:
         return [b * ratio + j for b in block_ids for j in range(ratio)][: math.ceil(num_tokens / exposed_bs)]
 
     def _export_jobs(self, out: SchedulerOutput) -> list[ExportJob]:
+        """Positions to mirror this step. New and resumed requests mirror from position 0: their
+        prefix-cache hits were computed by other requests, which may never have been mirrored, and
+        a resumed request's block list is replaced, not extended."""
         if not self._export_blocks or not self.config.export_format:
             return []
         jobs = []
         for req in out.scheduled_new_reqs:
             if req.req_id in self._export_blocks:
                 self._export_blocks[req.req_id] = list(req.block_ids[0])
-                jobs.append(self._export_job(req.req_id, req.num_computed_tokens, out))
+                jobs.append(self._export_job(req.req_id, 0, req.num_computed_tokens, out))
         cached = out.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
-            if req_id in self._export_blocks:
-                if cached.new_block_ids[i] is not None:
-                    self._export_blocks[req_id] += cached.new_block_ids[i][0]
-                jobs.append(self._export_job(req_id, cached.num_computed_tokens[i], out))
+            if req_id not in self._export_blocks:
+                continue
+            resumed = req_id in cached.resumed_req_ids
+            new_ids = cached.new_block_ids[i]
+            if resumed:
+                self._export_blocks[req_id] = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
+                self._export_blocks[req_id] += new_ids[0]
+            computed = cached.num_computed_tokens[i]
+            jobs.append(self._export_job(req_id, 0 if resumed else computed, computed, out))
         return jobs
 
-    def _export_job(self, req_id: str, start: int, out: SchedulerOutput) -> ExportJob:
-        return ExportJob(req_id, list(self._export_blocks[req_id]), start, start + out.num_scheduled_tokens[req_id])
+    def _export_job(self, req_id: str, start: int, computed: int, out: SchedulerOutput) -> ExportJob:
+        return ExportJob(req_id, list(self._export_blocks[req_id]), start, computed + out.num_scheduled_tokens[req_id])
 
     # ------------------------------------------------------------------ per step
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> HeteroConnectorMetadata:
-        meta = HeteroConnectorMetadata(recvs=self._recvs, exports=self._export_jobs(scheduler_output),
+        meta = HeteroConnectorMetadata(recvs=self._recvs, releases=self._releases,
+                                       exports=self._export_jobs(scheduler_output),
                                        freed=self.leases.take_freed() if self.is_producer else [])
-        self._recvs = []
+        self._recvs, self._releases = [], []
         return meta
 
     def has_pending_sends(self) -> bool:

@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
-from vllm_hetero_pd.log import get_logger
 
 from vllm_hetero_pd.config import ConnectorConfig
+from vllm_hetero_pd.connector.control import ControlPlane
+from vllm_hetero_pd.connector.detect import detect
 from vllm_hetero_pd.connector.metadata import HeteroConnectorMetadata, RankHandshake
 from vllm_hetero_pd.connector.receiver import LocalCache, Receiver
 from vllm_hetero_pd.connector.sender import ExportArea
 from vllm_hetero_pd.connector.stats import HeteroConnectorStats
-from vllm_hetero_pd.formats.detect import detect
+from vllm_hetero_pd.log import get_logger
 from vllm_hetero_pd.transport import wire
 from vllm_hetero_pd.transport.block_layout import block_layout
 from vllm_hetero_pd.transport.nixl_agent import NixlAgent
@@ -44,6 +45,7 @@ class ConnectorWorker:
         self.local: LocalCache | None = None
         self.export: ExportArea | None = None
         self.receiver: Receiver | None = None
+        self.control: ControlPlane | None = None
         self.rank_infos: list[wire.RankInfo] = []
         self._num_failed = 0
 
@@ -66,8 +68,9 @@ class ConnectorWorker:
                 block_layout(shard.format)  # refuse at start-up a format that NIXL cannot read per block
             exposed = [(shard.format, shard.layer_addrs) for shard in self.export.shards]
         if self.is_consumer:
+            self.control = ControlPlane(self.config.handshake_timeout_s)
             self.receiver = Receiver(self.agent, self.config, self.local,
-                                     self.vllm_config.parallel_config.tensor_parallel_size)
+                                     self.vllm_config.parallel_config.tensor_parallel_size, self.control)
         metadata = self.agent.metadata()
         self.rank_infos = [wire.RankInfo(tp_rank=self.tp_rank * len(exposed) + i, agent_name=self.agent.name,
                                          agent_metadata=metadata, format=f, layer_addrs=addrs, mem_type=mem_type)
@@ -83,6 +86,8 @@ class ConnectorWorker:
     def start_load_kv(self, meta: HeteroConnectorMetadata) -> None:
         for job in meta.recvs:
             self.receiver.add(job)
+        for release in meta.releases:
+            self.receiver.add_release(release)
 
     def wait_for_save(self, meta: HeteroConnectorMetadata) -> None:
         if self.export is not None:
@@ -111,4 +116,6 @@ class ConnectorWorker:
         return stats
 
     def shutdown(self) -> None:
+        if self.control is not None:
+            self.control.shutdown()
         self.agent.close()

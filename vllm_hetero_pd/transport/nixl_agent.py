@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vllm_hetero_pd.launch.nixl_progress import set_progress_delay
 from vllm_hetero_pd.log import get_logger
+from vllm_hetero_pd.transport.nixl_progress import set_progress_delay
 
 logger = get_logger(__name__)
 
@@ -27,7 +27,6 @@ class Read:
     """One posted READ: poll ``NixlAgent.poll`` until it is no longer running."""
 
     handle: object
-    num_bytes: int
     state: str = "PROC"
 
 
@@ -59,30 +58,51 @@ class NixlAgent:
     def metadata(self) -> bytes:
         return self._agent.get_agent_metadata()
 
-    def register(self, regions: list[tuple[int, int]], mem_type: str) -> None:
-        """Register ``(address, length)`` regions once; READs may then touch any byte inside them."""
-        descs = self._agent.get_reg_descs([(addr, length, 0, "") for addr, length in regions], mem_type)
-        self._registered.append(self._agent.register_memory(descs))
+    def register(self, regions: list[tuple[int, int]], mem_type: str) -> object:
+        """Register ``(address, length)`` regions; READs may then touch any byte inside them."""
+        try:
+            descs = self._agent.get_reg_descs([(addr, length, 0, "") for addr, length in regions], mem_type)
+            handle = self._agent.register_memory(descs)
+        except Exception as e:
+            raise TransferError(f"NIXL could not register {len(regions)} {mem_type} region(s): {e}") from e
+        self._registered.append(handle)
+        return handle
+
+    def deregister(self, handle: object) -> None:
+        self._registered.remove(handle)
+        self._agent.deregister_memory(handle)
 
     def add_remote(self, metadata: bytes) -> str:
-        name = self._agent.add_remote_agent(metadata)
+        try:
+            name = self._agent.add_remote_agent(metadata)
+        except Exception as e:
+            raise TransferError(f"NIXL refused the peer's agent metadata: {e}") from e
         name = name.decode() if isinstance(name, bytes) else name
         self._remotes.add(name)
         return name
 
-    def read(self, remote: str, local: np.ndarray, remote_descs: np.ndarray, mem_type: str) -> Read:
+    def remove_remote(self, name: str) -> None:
+        if name in self._remotes:
+            self._remotes.discard(name)
+            self._agent.remove_remote_agent(name)
+
+    def read(self, remote: str, local: np.ndarray, remote_descs: np.ndarray, local_mem: str, remote_mem: str) -> Read:
         """Post a READ of ``remote_descs`` (Nx2 address, length) into ``local`` (same lengths)."""
-        local_x = self._agent.get_xfer_descs(_with_device(local), mem_type)
-        remote_x = self._agent.get_xfer_descs(_with_device(remote_descs), mem_type)
         try:
+            local_x = self._agent.get_xfer_descs(_with_device(local), local_mem)
+            remote_x = self._agent.get_xfer_descs(_with_device(remote_descs), remote_mem)
             handle = self._agent.initialize_xfer("READ", local_x, remote_x, remote)
+        except Exception as e:
+            raise TransferError(f"NIXL READ from {remote} could not be prepared: {e}") from e
+        try:
             state = self._agent.transfer(handle)
         except Exception as e:
+            self._agent.release_xfer_handle(handle)
             raise TransferError(f"NIXL READ from {remote} could not be posted: {e}") from e
         if state == "ERR":
             self._agent.release_xfer_handle(handle)
             raise TransferError(f"NIXL READ from {remote} failed at post")
-        return Read(handle=handle, num_bytes=int(local[:, 1].sum()), state=state)
+        return Read(handle=handle, state=state)
 
     def poll(self, read: Read) -> str:
         """"PROC", "DONE" or "ERR"; releases the handle once the transfer is over."""
@@ -91,6 +111,21 @@ class NixlAgent:
             if read.state != "PROC":
                 self._agent.release_xfer_handle(read.handle)
         return read.state
+
+    def abort(self, read: Read) -> bool:
+        """Cancel a READ still in flight; True once NIXL holds no handle for it (it can write no more).
+
+        NIXL cancels an active transfer when its handle is released, and refuses (raises) when it
+        cannot; the caller then polls and tries again rather than reuse the destination memory.
+        """
+        if self.poll(read) != "PROC":
+            return True
+        try:
+            self._agent.release_xfer_handle(read.handle)
+        except Exception:
+            return False
+        read.state = "ERR"
+        return True
 
     def close(self) -> None:
         for name in self._remotes:

@@ -2,48 +2,67 @@
 
 Side-channel frames are one tagged union decoded with a strict msgpack decoder: a malformed or
 foreign frame raises ``msgspec`` errors that we turn into an ``Error`` reply; nothing is ever
-unpickled. ``TransferParams`` is the typed view of the ``kv_transfer_params`` a client (through
-the router) hands to the decode engine, so that wrong types fail before any transfer starts.
+unpickled. Every field has a bound (lengths, address ranges), so a hostile peer's reply fails
+validation instead of crashing or exhausting the reader. ``kv_transfer_params`` are typed in
+``vllm_hetero_pd.kv_params``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Literal
 
 import msgspec
 
 from vllm_hetero_pd.formats.format import KVFormat
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 # History: 1 = first version (handshake with KVFormat per rank, lease pin/release).
+#          2 = lease tokens on pin/release, reader identity per decode request, optional
+#              HMAC-authenticated handshake bound to the address the decode dialled.
+
+Address = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # NIXL takes uint64; user space is below 2**63
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+Token = Annotated[str, msgspec.Meta(max_length=128)]
+Mac = Annotated[bytes, msgspec.Meta(max_length=64)]
+BlockIds = Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]], msgspec.Meta(max_length=1 << 20)]
 
 
 class RankInfo(msgspec.Struct, frozen=True, kw_only=True):
     """One prefill rank as a reader needs it: who to READ from, where, and in which format."""
 
-    tp_rank: int
-    agent_name: str
-    agent_metadata: bytes
+    tp_rank: Annotated[int, msgspec.Meta(ge=0, lt=1 << 16)]
+    agent_name: Name
+    agent_metadata: Annotated[bytes, msgspec.Meta(max_length=1 << 22)]
     format: KVFormat
-    layer_addrs: list[list[int]]  # per buffer part (one for joint storage, K and V for split), per layer
-    mem_type: str  # "DRAM" or "VRAM"
+    layer_addrs: list[list[Address]]  # per buffer part (one for joint storage, K and V for split), per layer
+    mem_type: Literal["DRAM", "VRAM"]
 
 
 class HandshakeRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """``target`` is the ``host:port`` the decode dialled; with a shared secret, ``mac`` proves the
+    decode knows it (over ``nonce`` and ``target``), and the reply's ``mac`` proves the prefill does."""
+
     version: int = WIRE_VERSION
+    nonce: Mac = b""
+    target: Annotated[str, msgspec.Meta(max_length=300)] = ""
+    mac: Mac = b""
 
 
 class HandshakeReply(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     version: int
-    engine_id: str
-    ranks: list[RankInfo]
+    engine_id: Name
+    ranks: Annotated[list[RankInfo], msgspec.Meta(min_length=1, max_length=1024)]
+    mac: Mac = b""
 
 
 class PinRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """Extend the lease on a request's blocks; also proves the blocks are still held before a READ."""
+    """Extend the lease on a request's blocks and register ``reader`` as reading them; the lease
+    token proves the caller was handed this lease by the prefill's answer."""
 
-    request_id: str
-    block_ids: list[int]
+    request_id: Name
+    lease_token: Token
+    reader: Name
+    block_ids: BlockIds
 
 
 class PinReply(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -51,11 +70,13 @@ class PinReply(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class ReleaseRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """One reader is done (or gave up); the prefill frees the blocks when all readers are."""
+    """``reader`` is done (or gave up, or never needed the KV); the prefill frees the blocks once
+    ``num_readers`` distinct readers are done and none is still reading."""
 
-    request_id: str
-    reader: str = ""  # the decode rank's NIXL agent name
-    num_readers: int = 1  # decode ranks that read this request (the decode's TP size)
+    request_id: Name
+    lease_token: Token
+    reader: Name
+    num_readers: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1  # decode ranks that read (its TP size)
 
 
 class Ack(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -63,11 +84,11 @@ class Ack(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class Error(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    message: str
+    message: Annotated[str, msgspec.Meta(max_length=4096)]
 
 
-Request = Union[HandshakeRequest, PinRequest, ReleaseRequest]
-Reply = Union[HandshakeReply, PinReply, Ack, Error]
+Request = HandshakeRequest | PinRequest | ReleaseRequest
+Reply = HandshakeReply | PinReply | Ack | Error
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
@@ -87,44 +108,20 @@ def decode_reply(frame: bytes) -> Reply:
 
 
 def _decode(decoder: msgspec.msgpack.Decoder, frame: bytes):
-    """msgspec raises ``UnicodeDecodeError`` for a bad string inside a frame; report it like any bad frame."""
+    """msgspec raises ``UnicodeDecodeError`` for a bad string and ``RecursionError`` for deep nesting
+    inside a frame; report both like any bad frame."""
     try:
         return decoder.decode(frame)
     except UnicodeDecodeError as e:
         raise msgspec.DecodeError(f"invalid UTF-8 in frame: {e}") from None
+    except RecursionError:
+        raise msgspec.DecodeError("frame nests too deeply") from None
+
+
+def encode_ranks(ranks: list[RankInfo]) -> bytes:
+    """The bytes a handshake MAC covers: what the prefill sent is what the decode will use."""
+    return _encoder.encode(ranks)
 
 
 def decode_rank_info(frame: bytes) -> RankInfo:
     return msgspec.msgpack.decode(frame, type=RankInfo)
-
-
-class TransferParams(msgspec.Struct, frozen=True, kw_only=True):
-    """The ``kv_transfer_params`` a prefill returns and its decode receives (pull mode)."""
-
-    do_remote_prefill: bool
-    remote_engine_id: str
-    remote_request_id: str
-    remote_host: str
-    remote_port: int
-    remote_block_ids: list[int]
-    remote_num_tokens: int
-    tp_size: int = 1
-    do_remote_decode: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0 < self.remote_port < 65536:
-            raise ValueError(f"remote_port {self.remote_port} is not a TCP port")
-        if self.remote_num_tokens < 1:
-            raise ValueError(f"remote_num_tokens must be >= 1, got {self.remote_num_tokens}")
-        if any(b < 0 for b in self.remote_block_ids):
-            raise ValueError("remote_block_ids must be non-negative")
-        if self.tp_size < 1:
-            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
-
-
-def parse_transfer_params(params: dict[str, Any]) -> TransferParams:
-    """Typed ``kv_transfer_params``; raises ``ValueError`` naming the bad field."""
-    try:
-        return msgspec.convert(params, TransferParams)
-    except msgspec.ValidationError as e:
-        raise ValueError(f"malformed kv_transfer_params: {e}") from None
