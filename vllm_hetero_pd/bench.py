@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "shim": ("vllm_hetero_pd.shim.bench", "format translation GB/s per format pair vs torch copy"),
     "router": ("vllm_hetero_pd.router.bench", "router overhead vs calling the backends directly"),
     "planner": ("vllm_hetero_pd.planner.bench", "planner search time on a large catalog"),
+    "planner-nim": ("vllm_hetero_pd.planner.published", "planner colocated model vs NVIDIA's published NIM table"),
     "e2e": ("vllm_hetero_pd.launch.bench_e2e", "TTFT/TPOT: monolithic vs upstream NixlConnector vs ours"),
 }
 

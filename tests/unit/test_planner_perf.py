@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from vllm_hetero_pd.planner import perf
+from vllm_hetero_pd.planner import colocated, perf
 from vllm_hetero_pd.planner.catalog import CatalogError, load_catalog
 from vllm_hetero_pd.planner.model import ModelError, load_model
 from vllm_hetero_pd.planner.queueing import md1_wait_quantile, poisson_quantile
@@ -118,8 +118,8 @@ def test_capacity_meets_slo_at_capacity_and_misses_above():
     dev = CATALOG.device("H200")
     dec = perf.decode_capacity(LLAMA_70B_FP8, dev, 2, wl, slo)
     assert perf.decode_tpot_s(LLAMA_70B_FP8, dev, 2, wl, dec.rate, 0.9) <= slo.tpot_s * 1.001
-    col = perf.colocated_capacity(LLAMA_70B_FP8, dev, 4, wl, slo)
-    ttft, tpot = perf.colocated_latency(LLAMA_70B_FP8, dev, 4, wl, col.rate * 1.05, 0.9)
+    col = colocated.capacity(LLAMA_70B_FP8, dev, 4, wl, slo)
+    ttft, tpot = colocated.predict(LLAMA_70B_FP8, dev, 4, wl, col.rate * 1.05, 0.9)
     assert ttft > slo.ttft_s or tpot > slo.tpot_s
     pre = perf.prefill_capacity(LLAMA_70B_FP8, dev, 2, wl, slo, CATALOG.link(dev, dev), dev.kv_format)
     service = perf.prefill_s(LLAMA_70B_FP8, dev, 2, wl.isl)

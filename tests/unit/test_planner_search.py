@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from vllm_hetero_pd.planner import perf
+from vllm_hetero_pd.planner import colocated, perf
 from vllm_hetero_pd.planner.catalog import Catalog, Device, Link
 from vllm_hetero_pd.planner.model import load_model
 from vllm_hetero_pd.planner.search import Plan, SearchSpace, search
@@ -93,7 +93,7 @@ def brute_force(catalog, model, workload, slo, space) -> tuple[float, float]:
     dev = catalog.devices
     decode_rate = {s: perf.decode_capacity(model, dev[s[0]], s[1], workload, slo).rate
                    for s in itertools.product(dev, TPS)}
-    coloc_rate = {s: perf.colocated_capacity(model, dev[s[0]], s[1], workload, slo).rate
+    coloc_rate = {s: colocated.capacity(model, dev[s[0]], s[1], workload, slo).rate
                   for s in itertools.product(dev, TPS)}
 
     def prefill_rate(d: str, tp: int, decode_pool) -> float:  # worst hand-off to any decode device used

@@ -164,11 +164,15 @@ class StepModel(msgspec.Struct, frozen=True):
     kv_s: float  # per sequence
     compute_s: float  # per sequence
     fixed_s: float
-    per_seq_s: float
+    per_seq_s: float  # per-sequence overhead + its share of the all-reduces
+    comm_token_s: float = 0.0  # all-reduce time per token riding in the step
 
-    def time(self, batch: float) -> float:
-        memory = self.dense_s + self.expert_s * self.model.experts_touched(batch) + self.kv_s * batch
-        return max(memory, self.compute_s * batch) + self.fixed_s + self.per_seq_s * batch
+    def time(self, batch: float, chunk: float = 0.0, chunk_compute_s: float = 0.0) -> float:
+        """Step time with ``batch`` decodes, plus ``chunk`` prompt tokens of ``chunk_compute_s``
+        compute each (vLLM V1 mixes both in one forward; the chunk shares the weight read)."""
+        memory = self.dense_s + self.expert_s * self.model.experts_touched(batch + chunk) + self.kv_s * batch
+        compute = self.compute_s * batch + chunk_compute_s * chunk
+        return max(memory, compute) + self.fixed_s + self.per_seq_s * batch + self.comm_token_s * chunk
 
     @property
     def slope(self) -> float:
@@ -194,12 +198,12 @@ def step_model(model: ModelSpec, device: Device, tp: int, context: float, ep: bo
                          kv_s=sequence_kv_bytes(model, context, tp, ep) / bandwidth, compute_s=compute,
                          fixed_s=device.step_overhead_s + 2 * model.num_moe_layers * ALLREDUCE_LATENCY_S * (tp > 1),
                          per_seq_s=device.per_sequence_overhead_s + moe_bytes * (tp - 1) / tp / tp / link)
-    comm_per_seq = 2 * model.num_layers * 2 * (tp - 1) / tp * model.hidden_size * ACTIVATION_BYTES / link
+    comm_per_token = 2 * model.num_layers * 2 * (tp - 1) / tp * model.hidden_size * ACTIVATION_BYTES / link
     return StepModel(model=model, dense_s=model.dense_weight_bytes / bandwidth,
                      expert_s=model.num_moe_layers * model.expert_bytes / bandwidth,
                      kv_s=model.kv_bytes(context, tp) / bandwidth, compute_s=compute,
                      fixed_s=device.step_overhead_s + (2 * model.num_layers * ALLREDUCE_LATENCY_S if tp > 1 else 0.0),
-                     per_seq_s=device.per_sequence_overhead_s + comm_per_seq)
+                     per_seq_s=device.per_sequence_overhead_s + comm_per_token, comm_token_s=comm_per_token)
 
 
 def decode_step_s(model: ModelSpec, device: Device, tp: int, batch: float, context: float, ep: bool = False) -> float:
@@ -244,13 +248,13 @@ def prefill_capacity(model: ModelSpec, device: Device, tp: int, workload: Worklo
                         reason=f"TTFT floor {floor * 1e3:.0f} ms on {label(device, tp)} > SLO "
                                f"{slo.ttft_s * 1e3:.0f} ms (prefill {service * 1e3:.0f} ms + KV hand-off "
                                f"{handoff * 1e3:.0f} ms)")
-    rate = _bisect(lambda r: prefill_ttft_s(service, handoff, r, slo.quantile) <= slo.ttft_s,
+    rate = bisect(lambda r: prefill_ttft_s(service, handoff, r, slo.quantile) <= slo.ttft_s,
                          0.0, 1 / service)
     return Capacity(device=device.name, tp=tp, rate=rate, binding="TTFT",
                     max_num_seqs=serve_defaults(device, tp).max_num_seqs)
 
 
-def _bisect(predicate, lo: float, hi: float, steps: int = 60) -> float:
+def bisect(predicate, lo: float, hi: float, steps: int = 60) -> float:
     """Boundary of a predicate true on [lo, x) and false on [x, hi]."""
     for _ in range(steps):
         mid = (lo + hi) / 2
@@ -274,7 +278,7 @@ def decode_batch(model: ModelSpec, device: Device, tp: int, workload: Workload, 
     hi = max(1.0, c * step.time(0))
     while c * step.time(hi) > hi:
         hi *= 2
-    return _bisect(lambda b: c * step.time(b) > b, 0.0, hi)
+    return bisect(lambda b: c * step.time(b) > b, 0.0, hi)
 
 
 def decode_tpot_s(model: ModelSpec, device: Device, tp: int, workload: Workload, rate: float,
@@ -331,49 +335,3 @@ def decode_capacity(model: ModelSpec, device: Device, tp: int, workload: Workloa
     rate = mean_batch / (workload.osl * step)  # Little's law at the largest admissible mean batch
     return Capacity(device=device.name, tp=tp, rate=rate, binding=binding,
                     max_num_seqs=math.ceil(max_batch / engines))
-
-
-def colocated_latency(model: ModelSpec, device: Device, tp: int, workload: Workload, rate: float,
-                      q: float) -> tuple[float, float]:
-    """(TTFT, TPOT) quantiles of an instance that runs both phases at ``rate``.
-
-    Prefill goes first (vLLM schedules waiting prefills into every step's token budget), so it
-    sees an M/D/1 queue of its own. Decode progresses in the time prefill compute leaves: the
-    prefill tokens ride in the same forward passes as the decodes, so only their marginal time
-    (prefill minus its fixed per-forward overhead) stretches every step by ``1 / (1 - rho)``.
-    """
-    service = prefill_s(model, device, tp, workload.isl)
-    if rate * service >= 1:
-        return math.inf, math.inf
-    ttft = md1_wait_quantile(rate, service, q) + service
-    rho = rate * (service - device.prefill_overhead_s)
-    return ttft, decode_tpot_s(model, device, tp, workload, rate, q, slowdown=1 / (1 - rho))
-
-
-def colocated_capacity(model: ModelSpec, device: Device, tp: int, workload: Workload, slo: Slo) -> Capacity:
-    """Per-instance capacity when one instance serves both phases (no disaggregation)."""
-    problem = fit_problem(model, device, tp, workload.isl + workload.osl)
-    if problem:
-        return Capacity(device=device.name, tp=tp, rate=0.0, binding="memory", reason=problem)
-    ttft0, tpot0 = colocated_latency(model, device, tp, workload, 0.0, slo.quantile)
-    if ttft0 > slo.ttft_s or tpot0 > slo.tpot_s:
-        which = "TTFT" if ttft0 > slo.ttft_s else "TPOT"
-        floor, target = (ttft0, slo.ttft_s) if which == "TTFT" else (tpot0, slo.tpot_s)
-        return Capacity(device=device.name, tp=tp, rate=0.0, binding=which, floor_s=floor,
-                        reason=f"{which} floor {floor * 1e3:.1f} ms on {label(device, tp)} "
-                               f"(colocated) > SLO {target * 1e3:.1f} ms")
-    context = workload.mean_context
-    by_memory = int(max_sequences(model, device, tp, context))
-
-    def meets(rate: float) -> bool:
-        ttft, tpot = colocated_latency(model, device, tp, workload, rate, slo.quantile)
-        slowdown = 1 / (1 - rate * (service - device.prefill_overhead_s))
-        batch = decode_batch(model, device, tp, workload, rate, slowdown)
-        return ttft <= slo.ttft_s and tpot <= slo.tpot_s and poisson_quantile(batch, slo.quantile) <= by_memory
-
-    service = prefill_s(model, device, tp, workload.isl)
-    rate = _bisect(meets, 0.0, 1 / service)
-    ttft, tpot = colocated_latency(model, device, tp, workload, rate * 1.001, slo.quantile)
-    binding = "TTFT" if ttft > slo.ttft_s else "TPOT" if tpot > slo.tpot_s else "KV memory"
-    return Capacity(device=device.name, tp=tp, rate=rate, binding=binding,
-                    max_num_seqs=serve_defaults(device, tp).max_num_seqs)

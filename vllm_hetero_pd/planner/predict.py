@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from vllm_hetero_pd.planner import perf
+from vllm_hetero_pd.planner import colocated, perf
 from vllm_hetero_pd.planner.catalog import Catalog
 from vllm_hetero_pd.planner.model import ModelSpec
 from vllm_hetero_pd.planner.search import Entry, Plan
@@ -27,7 +27,7 @@ def predict(plan: Plan, model: ModelSpec, catalog: Catalog, workload: Workload, 
         loads = _load_per_instance(plan.colocated, plan.rate)
         entries = []
         for e, load in zip(plan.colocated, loads):
-            ttft, tpot = perf.colocated_latency(model, catalog.device(e.device), e.tp, workload, load, q)
+            ttft, tpot = colocated.predict(model, catalog.device(e.device), e.tp, workload, load, q)
             entries.append(msgspec.structs.replace(e, ttft_s=ttft, tpot_s=tpot))
         return msgspec.structs.replace(plan, colocated=tuple(entries))
 

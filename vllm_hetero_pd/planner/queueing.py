@@ -15,6 +15,12 @@ from __future__ import annotations
 import math
 
 
+def md1_mean_wait(rate: float, service_s: float) -> float:
+    """Mean M/D/1 waiting time, Pollaczek-Khinchine ``rho D / (2 (1 - rho))``; inf when unstable."""
+    rho = rate * service_s
+    return rho * service_s / (2 * (1 - rho)) if rho < 1 else math.inf
+
+
 def md1_wait_quantile(rate: float, service_s: float, q: float) -> float:
     """q-quantile of the M/D/1 waiting time (excluding service); inf when the queue is unstable."""
     rho = rate * service_s
@@ -22,8 +28,7 @@ def md1_wait_quantile(rate: float, service_s: float, q: float) -> float:
         return math.inf
     if rho <= 1 - q:
         return 0.0
-    mean_wait = rho * service_s / (2 * (1 - rho))
-    return (mean_wait / rho) * math.log(rho / (1 - q))
+    return (md1_mean_wait(rate, service_s) / rho) * math.log(rho / (1 - q))
 
 
 def poisson_quantile(mean: float, q: float) -> int:

@@ -24,6 +24,7 @@ import numpy as np
 
 from vllm_hetero_pd.planner import perf
 from vllm_hetero_pd.planner.catalog import Catalog, Device
+from vllm_hetero_pd.planner.colocated import capacity as colocated_capacity
 from vllm_hetero_pd.planner.model import ModelSpec
 from vllm_hetero_pd.planner.workload import Slo, Workload
 
@@ -259,7 +260,7 @@ def prepare(model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo, sp
                       lambda d, tp, ep: perf.decode_capacity(model, d, tp, workload, slo, ep),
                       expert_parallel=model.num_experts > 0)
     colocated = _options([devices[n] for n in sorted(set(space.colocated_devices))], space, type_index,
-                         lambda d, tp, _: perf.colocated_capacity(model, d, tp, workload, slo))
+                         lambda d, tp, _: colocated_capacity(model, d, tp, workload, slo))
     per_endpoint = [_options(prefill_devs, space, type_index,
                              lambda d, tp, _, end=end: perf.prefill_capacity(
                                  model, d, tp, workload, slo, catalog.link(d, sample[end]), end[1]))

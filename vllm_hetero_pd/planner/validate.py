@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
-from vllm_hetero_pd.planner import perf
+from vllm_hetero_pd.planner import colocated
 from vllm_hetero_pd.planner.calibrate import HTTP_TIMEOUT, calibrate, complete, random_prompt, served_model
 from vllm_hetero_pd.planner.catalog import CatalogFile, load_catalog
 from vllm_hetero_pd.planner.fit import fit_device
@@ -110,7 +110,7 @@ def validate(url: str, model_path: str, points: list[tuple[int, int, float]], nu
         for i, (isl, osl, rate) in enumerate(points):
             ttft, tpot = asyncio.run(measure_point(url, isl, osl, rate, num_requests, model.vocab_size,
                                                    seed=100 + i + 1000 * r))
-            pred_ttft, pred_tpot = perf.colocated_latency(model, device, 1, Workload(isl=isl, osl=osl, rate=rate),
+            pred_ttft, pred_tpot = colocated.predict(model, device, 1, Workload(isl=isl, osl=osl, rate=rate),
                                                           rate, 0.5)
             row = rows[(isl, osl, rate)]
             for key, value in (("mt", ttft), ("mp", tpot), ("pt", pred_ttft), ("pp", pred_tpot)):
@@ -123,7 +123,7 @@ def validate(url: str, model_path: str, points: list[tuple[int, int, float]], nu
     print(f"pooled fit RMS error prefill {report.prefill_rms_rel_error:.1%}, decode {report.decode_rms_rel_error:.1%}")
     out = []
     for (isl, osl, rate), row in rows.items():
-        ttft, tpot = perf.colocated_latency(model, pooled, 1, Workload(isl=isl, osl=osl, rate=rate), rate, 0.5)
+        ttft, tpot = colocated.predict(model, pooled, 1, Workload(isl=isl, osl=osl, rate=rate), rate, 0.5)
         out.append(Point(isl=isl, osl=osl, rate=rate, num_requests=num_requests, measured_ttft_p50_s=row["mt"],
                          measured_tpot_p50_s=row["mp"], predicted_ttft_p50_s=row["pt"], predicted_tpot_p50_s=row["pp"],
                          pooled_predicted_ttft_p50_s=ttft, pooled_predicted_tpot_p50_s=tpot))
@@ -161,8 +161,8 @@ def repredict(out_dir: Path) -> list[Point]:
     out = []
     for p in points:
         workload = Workload(isl=p.isl, osl=p.osl, rate=p.rate)
-        per_round = [perf.colocated_latency(model, d, 1, workload, p.rate, 0.5) for d in rounds]
-        ttft, tpot = perf.colocated_latency(model, pooled, 1, workload, p.rate, 0.5)
+        per_round = [colocated.predict(model, d, 1, workload, p.rate, 0.5) for d in rounds]
+        ttft, tpot = colocated.predict(model, pooled, 1, workload, p.rate, 0.5)
         out.append(msgspec.structs.replace(p, predicted_ttft_p50_s=[x for x, _ in per_round],
                                            predicted_tpot_p50_s=[y for _, y in per_round],
                                            pooled_predicted_ttft_p50_s=ttft, pooled_predicted_tpot_p50_s=tpot))
