@@ -107,9 +107,10 @@ class NixlAgent:
     def poll(self, read: Read) -> str:
         """"PROC", "DONE" or "ERR"; releases the handle once the transfer is over."""
         if read.state == "PROC":
-            read.state = self._agent.check_xfer_state(read.handle)
-            if read.state != "PROC":
-                self._agent.release_xfer_handle(read.handle)
+            state = self._agent.check_xfer_state(read.handle)
+            if state != "PROC":
+                self._agent.release_xfer_handle(read.handle)  # if this raises, NIXL still holds it: stay PROC
+            read.state = state
         return read.state
 
     def abort(self, read: Read) -> bool:
@@ -118,8 +119,11 @@ class NixlAgent:
         NIXL cancels an active transfer when its handle is released, and refuses (raises) when it
         cannot; the caller then polls and tries again rather than reuse the destination memory.
         """
-        if self.poll(read) != "PROC":
-            return True
+        try:
+            if self.poll(read) != "PROC":
+                return True
+        except Exception:  # state unknown or its release failed: cancelling by releasing is all that is left
+            logger.debug("NIXL could not poll or release a READ before aborting it", exc_info=True)
         try:
             self._agent.release_xfer_handle(read.handle)
         except Exception:
