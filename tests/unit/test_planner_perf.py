@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -121,9 +122,10 @@ def test_capacity_meets_slo_at_capacity_and_misses_above():
     col = colocated.capacity(LLAMA_70B_FP8, dev, 4, wl, slo)
     ttft, tpot = colocated.predict(LLAMA_70B_FP8, dev, 4, wl, col.rate * 1.05, 0.9)
     assert ttft > slo.ttft_s or tpot > slo.tpot_s
-    pre = perf.prefill_capacity(LLAMA_70B_FP8, dev, 2, wl, slo, CATALOG.link(dev, dev), dev.kv_format)
+    pre = perf.prefill_capacity(LLAMA_70B_FP8, dev, 2, wl, slo, CATALOG.link(dev, dev), perf.endpoint(dev, 2))
     service = perf.prefill_s(LLAMA_70B_FP8, dev, 2, wl.isl)
-    handoff = perf.kv_transfer_s(LLAMA_70B_FP8, dev, 2, CATALOG.link(dev, dev), dev.kv_format, wl.isl) + slo.tpot_s
+    kv = perf.kv_transfer_s(LLAMA_70B_FP8, dev, 2, perf.endpoint(dev, 2), CATALOG.link(dev, dev), wl.isl)
+    handoff = kv + slo.tpot_s
     assert perf.prefill_ttft_s(service, handoff, pre.rate, 0.9) <= slo.ttft_s * 1.001
     assert perf.prefill_ttft_s(service, handoff, pre.rate * 1.05, 0.9) > slo.ttft_s
 
@@ -131,14 +133,15 @@ def test_capacity_meets_slo_at_capacity_and_misses_above():
 def test_infeasible_slo_reports_the_floor():
     dev = CATALOG.device("Gaudi2")
     cap = perf.prefill_capacity(LLAMA_70B_FP8, dev, 8, Workload(isl=4096, osl=16, rate=1),
-                                Slo(ttft_s=0.1, tpot_s=0.05), CATALOG.link(dev, dev), dev.kv_format)
+                                Slo(ttft_s=0.1, tpot_s=0.05), CATALOG.link(dev, dev), perf.endpoint(dev, 8))
     assert cap.rate == 0 and cap.reason.startswith("TTFT floor") and "Gaudi2 TP8 > SLO 100 ms" in cap.reason
 
 
 def test_cross_format_transfer_pays_for_the_shim():
     h100, mi300x = CATALOG.device("H100"), CATALOG.device("MI300X")
-    same = perf.kv_transfer_s(LLAMA_70B_FP8, h100, 1, CATALOG.link(h100, mi300x), h100.kv_format, 4096)
-    cross = perf.kv_transfer_s(LLAMA_70B_FP8, h100, 1, CATALOG.link(h100, mi300x), mi300x.kv_format, 4096)
+    same = perf.kv_transfer_s(LLAMA_70B_FP8, h100, 1, perf.endpoint(h100, 1), CATALOG.link(h100, mi300x), 4096)
+    cross = perf.kv_transfer_s(LLAMA_70B_FP8, h100, 1, msgspec.structs.replace(perf.endpoint(h100, 1),
+                               kv_format=mi300x.kv_format), CATALOG.link(h100, mi300x), 4096)
     link = CATALOG.link(h100, mi300x)
     assert cross - same == pytest.approx(LLAMA_70B_FP8.kv_bytes(4096, 1) / (link.shim_gb_s * 1e9))
 

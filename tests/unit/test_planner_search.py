@@ -1,8 +1,10 @@
 """The joint search is exact: it matches a literal brute force over the whole plan space.
 
-The brute force shares only the per-instance capacity functions (``perf``) with the search; it
-enumerates every pool of every count, computes each prefill option's capacity against the actual
-decode devices of the pool, and checks coverage, inventory and budget directly.
+The brute force shares only the per-instance capacity functions (``perf``, ``colocated``) with the
+search; it enumerates every pool of up to ``max_entries`` entries and every count, computes each
+prefill option's capacity against the actual decode instances of the pool (endpoint: vendor, KV
+format, NIC, lanes), and checks coverage after losing ``redundancy`` of the largest instances,
+headroom, inventory, node-rounded cost and budget directly.
 """
 
 from __future__ import annotations
@@ -60,32 +62,41 @@ def random_case(seed: int):
     if inventory is not None and sum(inventory.values()) == 0:
         inventory[names[0]] = 4
     budget = rng.uniform(5, 60) if rng.random() < 0.3 else None
+    entries = rng.choice([2, 3])
     space = SearchSpace(prefill_devices=names, decode_devices=names, colocated_devices=names, tp_degrees=TPS,
-                        max_instances=MAX_N, max_entries=2, inventory=inventory, budget_per_hour=budget)
+                        max_instances=MAX_N if entries == 2 else 3, max_entries=entries, inventory=inventory,
+                        budget_per_hour=budget, redundancy=rng.choice([0, 0, 1]), headroom=rng.choice([0.0, 0.2]),
+                        granularity={n: rng.choice([1, 2]) for n in names if rng.random() < 0.5})
     return catalog, model, workload, slo, space
 
 
-def all_pools(names: tuple[str, ...]):
+def all_pools(names: tuple[str, ...], space: SearchSpace):
     shapes = [(n, tp) for n in names for tp in TPS]
-    for k in (1, 2):
+    for k in range(1, space.max_entries + 1):
         for combo in itertools.combinations(shapes, k):
-            for counts in itertools.product(range(1, MAX_N + 1), repeat=k):
+            for counts in itertools.product(range(1, space.max_instances + 1), repeat=k):
                 yield tuple(zip(combo, counts))
 
 
 def within_limits(pools, catalog: Catalog, space: SearchSpace) -> tuple[bool, float]:
-    cost = sum(n * tp * catalog.devices[d].price_per_hour for pool in pools for (d, tp), n in pool)
     used: dict[str, int] = {}
     for pool in pools:
         for (d, tp), n in pool:
             used[d] = used.get(d, 0) + n * tp
+    cost = 0.0
+    for d, n in used.items():
+        unit = space.granularity.get(d, 1)
+        cost += math.ceil(n / unit) * unit * catalog.devices[d].price_per_hour  # whole units are paid
     ok = space.inventory is None or all(u <= space.inventory.get(d, 0) for d, u in used.items())
     ok &= space.budget_per_hour is None or cost <= space.budget_per_hour * (1 + 1e-9)
     return ok, cost
 
 
-def covers(pool, capacity, rate: float) -> bool:
-    return sum(n * capacity(d, tp) for (d, tp), n in pool) >= rate * (1 - 1e-9)
+def covers(pool, capacity, rate: float, space: SearchSpace) -> bool:
+    """Capacity minus ``redundancy`` copies of the largest instance covers the rate with headroom."""
+    rates = [capacity(d, tp) for (d, tp), _ in pool]
+    total = sum(n * r for ((_, _), n), r in zip(pool, rates))
+    return total - space.redundancy * max(rates) >= rate / (1 - space.headroom) * (1 - 1e-9)
 
 
 def brute_force(catalog, model, workload, slo, space) -> tuple[float, float]:
@@ -96,24 +107,25 @@ def brute_force(catalog, model, workload, slo, space) -> tuple[float, float]:
     coloc_rate = {s: colocated.capacity(model, dev[s[0]], s[1], workload, slo).rate
                   for s in itertools.product(dev, TPS)}
 
-    def prefill_rate(d: str, tp: int, decode_pool) -> float:  # worst hand-off to any decode device used
+    @functools.cache
+    def prefill_rate(d: str, tp: int, decode_shapes: frozenset) -> float:  # worst hand-off to any decode used
         return min(perf.prefill_capacity(model, dev[d], tp, workload, slo, catalog.link(dev[d], dev[x]),
-                                         dev[x].kv_format).rate for (x, _), _ in decode_pool)
+                                         perf.endpoint(dev[x], xtp)).rate for x, xtp in decode_shapes)
 
-    prefill_pools = list(all_pools(space.prefill_devices))
+    prefill_pools = list(all_pools(space.prefill_devices, space))
     best_disagg = math.inf
-    for dpool in all_pools(space.decode_devices):
-        if not covers(dpool, lambda d, tp: decode_rate[(d, tp)], workload.rate):
+    for dpool in all_pools(space.decode_devices, space):
+        if not covers(dpool, lambda d, tp: decode_rate[(d, tp)], workload.rate, space):
             continue
+        rate = functools.partial(prefill_rate, decode_shapes=frozenset(shape for shape, _ in dpool))
         for ppool in prefill_pools:
             ok, cost = within_limits((ppool, dpool), catalog, space)
-            rate = functools.partial(prefill_rate, decode_pool=dpool)
-            if ok and cost < best_disagg and covers(ppool, rate, workload.rate):
+            if ok and cost < best_disagg and covers(ppool, rate, workload.rate, space):
                 best_disagg = cost
     best_coloc = math.inf
-    for pool in all_pools(space.colocated_devices):
+    for pool in all_pools(space.colocated_devices, space):
         ok, cost = within_limits((pool,), catalog, space)
-        if ok and cost < best_coloc and covers(pool, lambda d, tp: coloc_rate[(d, tp)], workload.rate):
+        if ok and cost < best_coloc and covers(pool, lambda d, tp: coloc_rate[(d, tp)], workload.rate, space):
             best_coloc = cost
     return best_disagg, best_coloc
 
@@ -164,7 +176,9 @@ def test_returned_plan_is_feasible_and_priced_consistently():
         assert ok and cost == pytest.approx(plan.cost_per_hour)
         for pool in (plan.prefill, plan.decode, plan.colocated):
             if pool:
-                assert sum(e.count * e.capacity_per_instance for e in pool) >= workload.rate * (1 - 1e-9)
+                capacity = {(e.device, e.tp): e.capacity_per_instance for e in pool}
+                shapes = tuple(((e.device, e.tp), e.count) for e in pool)
+                assert covers(shapes, lambda d, tp, c=capacity: c[(d, tp)], workload.rate, space)
         assert plan.cost_per_mtok == pytest.approx(plan.cost_per_hour / (workload.rate * workload.osl * 3600) * 1e6)
 
 
@@ -185,9 +199,9 @@ def test_mixed_vendor_decode_pool_charges_the_slowest_kv_hand_off():
     space = SearchSpace(prefill_devices=("nvA",), decode_devices=("nvA", "amdB"), colocated_devices=(),
                         tp_degrees=TPS, max_instances=MAX_N, inventory={"nvA": 6, "amdB": 2})
     same = perf.prefill_capacity(model, devices["nvA"], 1, workload, slo, catalog.link(devices["nvA"], devices["nvA"]),
-                                 "fmt-a").rate
+                                 perf.endpoint(devices["nvA"], 1)).rate
     cross = perf.prefill_capacity(model, devices["nvA"], 1, workload, slo,
-                                  catalog.link(devices["nvA"], devices["amdB"]), "fmt-b").rate
+                                  catalog.link(devices["nvA"], devices["amdB"]), perf.endpoint(devices["amdB"], 1)).rate
     assert cross < same  # the scenario only tests something if the slow link costs capacity
     result = search(model, catalog, workload, slo, space)
     want, _ = brute_force(catalog, model, workload, slo, space)

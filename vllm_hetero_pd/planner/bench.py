@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -21,7 +22,7 @@ import msgspec
 
 from vllm_hetero_pd.planner.catalog import load_catalog
 from vllm_hetero_pd.planner.model import load_model
-from vllm_hetero_pd.planner.search import SearchSpace, prepare, solve
+from vllm_hetero_pd.planner.search import MAX_ENTRIES, SearchSpace, prepare, solve
 from vllm_hetero_pd.planner.workload import Slo, Workload
 
 ACCELERATORS = ("A100", "L40S", "H100", "H200", "B200", "MI300X", "MI325X", "MI355X", "Gaudi2", "Gaudi3")
@@ -68,44 +69,45 @@ def _cpu_ms(fn, repeats: int) -> float:
 def _per_phase_baseline(prepared, workload: Workload) -> tuple[float, bool]:
     """DistServe Alg. 1 with cost: best capacity per $ in each phase, replicated by ceil()."""
     def best(options, rates):
-        scored = [(o.price_per_hour / r, o, r) for o, r in zip(options, rates) if r > 0]
-        return min(scored, key=lambda x: x[0])[1:] if scored else (None, 0.0)
+        scored = [(o.price_per_hour / r, i) for i, (o, r) in enumerate(zip(options, rates)) if r > 0]
+        return min(scored)[1] if scored else None
 
-    decode_rates = [o.capacity.rate for o in prepared.decode.options]
-    dec, dec_rate = best(prepared.decode.options, decode_rates)
-    if dec is None:
+    decode_rates = prepared.decode.numeric.rates
+    d = best(prepared.decode.options, decode_rates)
+    if d is None:
         return math.inf, False
-    pre_rates = prepared.prefill_rates[prepared.endpoint_of[dec.device]]
-    pre, pre_rate = best(prepared.prefill.options, pre_rates)
-    if pre is None:
+    pre_rates = prepared.prefill_rates[prepared.decode_endpoint[d]]
+    p = best(prepared.prefill.options, pre_rates)
+    if p is None:
         return math.inf, False
-    n_dec, n_pre = math.ceil(workload.rate / dec_rate), math.ceil(workload.rate / pre_rate)
+    dec, pre = prepared.decode.options[d], prepared.prefill.options[p]
+    n_dec, n_pre = math.ceil(workload.rate / decode_rates[d]), math.ceil(workload.rate / pre_rates[p])
     used = {dec.device: n_dec * dec.tp}
     used[pre.device] = used.get(pre.device, 0) + n_pre * pre.tp
     inventory = prepared.space.inventory
-    ok = inventory is None or all(n <= inventory.get(d, 0) for d, n in used.items())
+    ok = inventory is None or all(n <= inventory.get(dev, 0) for dev, n in used.items())
     return n_dec * dec.price_per_hour + n_pre * pre.price_per_hour, ok
 
 
 def measure(repeats: int) -> list[Row]:
     catalog = load_catalog()
     model = load_model("llama-3.1-70b", weight_dtype="fp8")
-    rows = []
-    for name, (workload, slo) in SCENARIOS.items():
-        for inventory in (None, INVENTORY):
-            space = SearchSpace(prefill_devices=ACCELERATORS, decode_devices=ACCELERATORS,
-                                colocated_devices=ACCELERATORS, max_instances=64, inventory=inventory)
-            prepare_ms, prepared = _median_ms(lambda: prepare(model, catalog, workload, slo, space), repeats)
-            solve_ms, result = _median_ms(lambda: solve(prepared, workload), repeats)
-            cpu_ms = _cpu_ms(lambda: solve(prepare(model, catalog, workload, slo, space), workload), repeats)
-            baseline_ms, (base_cost, base_ok) = _median_ms(lambda: _per_phase_baseline(prepared, workload),
-                                                           repeats)
-            rows.append(Row(scenario=name, inventory=inventory is not None, prepare_ms=prepare_ms,
-                            solve_ms=solve_ms, total_ms=prepare_ms + solve_ms, total_cpu_ms=cpu_ms,
-                            baseline_ms=baseline_ms,
-                            cost_per_hour=result.best.cost_per_hour if result.best else math.inf,
-                            baseline_cost_per_hour=base_cost, baseline_within_inventory=base_ok))
-    return rows
+    return [_row(name, workload, slo, inventory, catalog, model, repeats)
+            for name, (workload, slo) in SCENARIOS.items() for inventory in (None, INVENTORY)]
+
+
+def _row(name: str, workload: Workload, slo: Slo, inventory, catalog, model, repeats: int) -> Row:
+    """Time one scenario: prepare, solve, both under process CPU time, and the per-phase baseline."""
+    space = SearchSpace(prefill_devices=ACCELERATORS, decode_devices=ACCELERATORS,
+                        colocated_devices=ACCELERATORS, max_instances=64, inventory=inventory)
+    prepare_ms, prepared = _median_ms(lambda: prepare(model, catalog, workload, slo, space), repeats)
+    solve_ms, result = _median_ms(lambda: solve(prepared, workload), repeats)
+    cpu_ms = _cpu_ms(lambda: solve(prepare(model, catalog, workload, slo, space), workload), repeats)
+    baseline_ms, (base_cost, base_ok) = _median_ms(lambda: _per_phase_baseline(prepared, workload), repeats)
+    return Row(scenario=name, inventory=inventory is not None, prepare_ms=prepare_ms, solve_ms=solve_ms,
+               total_ms=prepare_ms + solve_ms, total_cpu_ms=cpu_ms, baseline_ms=baseline_ms,
+               cost_per_hour=result.best.cost_per_hour if result.best else math.inf,
+               baseline_cost_per_hour=base_cost, baseline_within_inventory=base_ok)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,18 +116,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    before = os.getloadavg()
     rows = measure(args.repeats)
+    after = os.getloadavg()
     if args.json:
         print(msgspec.json.format(msgspec.json.encode(rows), indent=2).decode())
         return 0
     print(f"planner search time: {len(ACCELERATORS)} device types x TP {{1,2,4,8}} x <= 64 instances per entry, "
-          f"<= 2 entries per pool, Llama-3.1-70B FP8 (median of {args.repeats})")
+          f"<= {MAX_ENTRIES} entries "
+          f"per pool, Llama-3.1-70B FP8 (median of {args.repeats}); load average before "
+          f"{before[0]:.2f}, after {after[0]:.2f}")
     print(f"{'scenario':24} {'inventory':9} {'prepare':>9} {'solve':>9} {'total':>9} {'CPU':>9} "
           f"{'baseline':>9} {'$/h exact':>10} {'$/h base':>9} {'base/exact':>10}")
     for r in rows:
         flag = "" if r.baseline_within_inventory else " (over inventory)"
         print(f"{r.scenario:24} {'yes' if r.inventory else 'no':9} {r.prepare_ms:8.1f}ms {r.solve_ms:8.1f}ms "
-              f"{r.total_ms:8.1f}ms {r.total_cpu_ms:8.1f}ms {r.baseline_ms:8.3f}ms {r.cost_per_hour:10.2f} {r.baseline_cost_per_hour:9.2f} "
+              f"{r.total_ms:8.1f}ms {r.total_cpu_ms:8.1f}ms {r.baseline_ms:8.3f}ms {r.cost_per_hour:10.2f} "
+              f"{r.baseline_cost_per_hour:9.2f} "
               f"{r.baseline_cost_per_hour / r.cost_per_hour:9.2f}x{flag}")
     return 0
 

@@ -19,9 +19,17 @@ from vllm_hetero_pd.planner.catalog import Catalog, CatalogError, Device, load_c
 from vllm_hetero_pd.planner.model import ModelError, ModelSpec, load_model, serve_name
 from vllm_hetero_pd.planner.perf import TP_DEGREES
 from vllm_hetero_pd.planner.predict import predict
-from vllm_hetero_pd.planner.search import SearchError, SearchSpace, alternatives, diagnose, prepare, search, solve
+from vllm_hetero_pd.planner.search import (
+    MAX_ENTRIES,
+    SearchError,
+    SearchSpace,
+    alternatives,
+    diagnose,
+    prepare,
+    search,
+    solve,
+)
 from vllm_hetero_pd.planner.workload import Slo, Workload, WorkloadError
-
 
 
 class CliError(ValueError):
@@ -85,7 +93,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", default=None,
                         help="TP degrees to try (default: those of 1,2,4,8 the model's heads allow)")
     parser.add_argument("--max-instances", type=int, default=64, help="instances per pool entry")
-    parser.add_argument("--max-entries", type=int, default=2, help="(device, TP) entries per pool: 1 or 2")
+    parser.add_argument("--max-entries", type=int, default=MAX_ENTRIES, help="(device, TP) entries per pool")
+    parser.add_argument("--granularity", default="device", metavar="device|node|NAME=N,...",
+                        help="devices rented together: device (1), node (each device's max_tp), or per-device counts")
+    parser.add_argument("--redundancy", type=int, default=0, metavar="K",
+                        help="N+K: each pool still covers the rate after losing K of its largest instances")
+    parser.add_argument("--headroom", type=float, default=0.0, metavar="FRACTION",
+                        help="plan each pool at most (1 - FRACTION) of its SLO capacity, e.g. 0.2")
+    parser.add_argument("--kv-overlap", choices=("none", "layerwise"), default="none",
+                        help="none: KV pulled after the prefill (vLLM NIXL); layerwise: sent during it")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--explain", action="store_true", help="show why each alternative lost")
     parser.add_argument("--emit-launch", type=Path, metavar="DIR", help="write launch scripts for the plan")
@@ -155,7 +171,18 @@ def _space(args: argparse.Namespace, catalog: Catalog, model: ModelSpec) -> Sear
     searched = [catalog.device(n) for n in {*prefill, *decode, *colocated}] or [catalog.device(n) for n in every]
     return SearchSpace(prefill_devices=prefill, decode_devices=decode, colocated_devices=colocated,
                        tp_degrees=_tp_degrees(args.tp, model, searched), max_instances=args.max_instances,
-                       max_entries=args.max_entries, inventory=inventory, budget_per_hour=args.budget)
+                       max_entries=args.max_entries, inventory=inventory, budget_per_hour=args.budget,
+                       granularity=_granularity(args.granularity, catalog), redundancy=args.redundancy,
+                       headroom=args.headroom, layerwise_kv=args.kv_overlap == "layerwise")
+
+
+def _granularity(text: str, catalog: Catalog) -> dict[str, int]:
+    """Devices per rented unit: ``device`` (1 each), ``node`` (max_tp, the devices of one node) or NAME=N."""
+    if text == "device":
+        return {}
+    if text == "node":
+        return {n: d.max_tp for n, d in catalog.devices.items()}
+    return {catalog.device(n).name: int(v) for n, v in _pairs([text], "--granularity", int).items()}
 
 
 def _writable_dir(flag: str, path: Path) -> None:
@@ -233,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     except _INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    best = predict(result.best, model, catalog, workload, slo)
+    best = predict(result.best, model, catalog, workload, slo, space.layerwise_kv)
     result = msgspec.structs.replace(result, best=best)
     alts = alternatives(model, catalog, workload, slo, space) if (args.explain or args.plot) else []
     if args.json:

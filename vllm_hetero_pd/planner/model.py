@@ -105,7 +105,8 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
         """Projection weights of one attention block (norms and biases are < 0.1 % and left out)."""
         h, n = self.hidden_size, self.num_heads
         if self.is_mla:
-            q = h * self.q_lora_rank + self.q_lora_rank * n * self.head_dim if self.q_lora_rank else h * n * self.head_dim
+            q = (h * self.q_lora_rank + self.q_lora_rank * n * self.head_dim if self.q_lora_rank
+                 else h * n * self.head_dim)
             kv = h * (self.kv_lora_rank + self.rope_head_dim) + self.kv_lora_rank * n * (
                 self.head_dim - self.rope_head_dim + self.v_head_dim)
             return q + kv + n * self.v_head_dim * h

@@ -211,18 +211,38 @@ def decode_step_s(model: ModelSpec, device: Device, tp: int, batch: float, conte
     return step_model(model, device, tp, context, ep).time(batch)
 
 
-def kv_transfer_s(model: ModelSpec, prefill: Device, tp: int, link: Link, decode_format: str,
-                  num_tokens: int) -> float:
-    """Pull of one prompt's KV after its prefill, plus the shim when the two formats differ.
+class Endpoint(msgspec.Struct, frozen=True, order=True):
+    """The decode side of a KV transfer as a prefill sees it: vendor (link), KV format (shim), NIC
+    rate and lanes, the decode ranks that each pull their shard over their own NIC."""
 
-    The TP ranks of the prefill instance send their shards in parallel, one NIC lane each; vLLM's
-    NIXL connector transfers after the prefill completes, so none of it overlaps compute.
+    vendor: str
+    kv_format: str
+    nic_gb_s: float
+    lanes: int
+
+
+def endpoint(device: Device, tp: int, ep: bool = False) -> Endpoint:
+    """A TP-``tp`` decode pulls over ``tp`` NICs; a data-parallel (EP) rank holds a request alone."""
+    return Endpoint(vendor=device.vendor, kv_format=device.kv_format, nic_gb_s=device.scale_out_gb_s,
+                    lanes=1 if ep else tp)
+
+
+def kv_transfer_s(model: ModelSpec, prefill: Device, tp: int, decode: Endpoint, link: Link, num_tokens: int,
+                  overlap_s: float = 0.0) -> float:
+    """Exposed time of one prompt's KV pull, plus the shim when the two formats differ.
+
+    ``min(tp, decode.lanes)`` shards move in parallel, each at the slowest of the link, the prefill
+    NIC and the decode NIC. vLLM's NIXL connector pulls after the prefill ends (``overlap_s`` 0);
+    a layer-wise transfer sent while ``overlap_s`` of prefill compute remains hides all of it
+    but the last layer's share.
     """
     unique_bytes = model.kv_bytes(num_tokens, 1)
-    lane_gb_s = min(link.gb_s, prefill.scale_out_gb_s)
-    transfer = link.latency_s + unique_bytes / (tp * lane_gb_s * 1e9)
-    shim = unique_bytes / (link.shim_gb_s * 1e9) if prefill.kv_format != decode_format else 0.0
-    return transfer + shim
+    lane_gb_s = min(link.gb_s, prefill.scale_out_gb_s, decode.nic_gb_s)
+    wire = unique_bytes / (min(tp, decode.lanes) * lane_gb_s * 1e9)
+    if overlap_s:
+        wire = max(wire / model.num_layers, wire - overlap_s * (1 - 1 / model.num_layers))
+    shim = unique_bytes / (link.shim_gb_s * 1e9) if prefill.kv_format != decode.kv_format else 0.0
+    return link.latency_s + wire + shim
 
 
 def prefill_ttft_s(service_s: float, handoff_s: float, rate: float, q: float) -> float:
@@ -231,8 +251,8 @@ def prefill_ttft_s(service_s: float, handoff_s: float, rate: float, q: float) ->
 
 
 def prefill_capacity(model: ModelSpec, device: Device, tp: int, workload: Workload, slo: Slo,
-                     link: Link, decode_format: str) -> Capacity:
-    """Per-instance prefill capacity when the KV goes to decode devices of ``decode_format``.
+                     link: Link, decode: Endpoint, layerwise: bool = False) -> Capacity:
+    """Per-instance prefill capacity when the KV goes to ``decode`` endpoints.
 
     The first decode step is budgeted at the TPOT SLO, the slowest step any feasible decode
     instance may take, so the bound holds whichever decode instance the router picks.
@@ -241,7 +261,8 @@ def prefill_capacity(model: ModelSpec, device: Device, tp: int, workload: Worklo
     if problem:
         return Capacity(device=device.name, tp=tp, rate=0.0, binding="memory", reason=problem)
     service = prefill_s(model, device, tp, workload.isl)
-    handoff = kv_transfer_s(model, device, tp, link, decode_format, workload.isl) + slo.tpot_s
+    overlap = service - device.prefill_overhead_s if layerwise else 0.0
+    handoff = kv_transfer_s(model, device, tp, decode, link, workload.isl, overlap) + slo.tpot_s
     floor = service + handoff
     if floor > slo.ttft_s:
         return Capacity(device=device.name, tp=tp, rate=0.0, binding="TTFT", floor_s=floor,

@@ -20,8 +20,18 @@ def _load_per_instance(entries: tuple[Entry, ...], rate: float) -> list[float]:
     return [rate * e.capacity_per_instance / total for e in entries]
 
 
-def predict(plan: Plan, model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo) -> Plan:
-    """The plan with ``ttft_s`` / ``tpot_s`` filled in for every entry (quantile ``slo.quantile``)."""
+def _transfer(model: ModelSpec, catalog: Catalog, workload: Workload, prefill: Entry, decode: Entry,
+              overlap_s: float) -> float:
+    """KV hand-off from a ``prefill`` entry's instance to a ``decode`` entry's."""
+    src, dst = catalog.device(prefill.device), catalog.device(decode.device)
+    return perf.kv_transfer_s(model, src, prefill.tp, perf.endpoint(dst, decode.tp, decode.ep),
+                              catalog.link(src, dst), workload.isl, overlap_s)
+
+
+def predict(plan: Plan, model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo,
+            layerwise: bool = False) -> Plan:
+    """The plan with ``ttft_s`` / ``tpot_s`` filled in for every entry (quantile ``slo.quantile``),
+    and for prefill entries the worst KV hand-off, as run and if it were sent layer by layer."""
     q = slo.quantile
     if plan.mode == "colocated":
         loads = _load_per_instance(plan.colocated, plan.rate)
@@ -38,9 +48,12 @@ def predict(plan: Plan, model: ModelSpec, catalog: Catalog, workload: Workload, 
     prefill = []
     for e, load in zip(plan.prefill, _load_per_instance(plan.prefill, plan.rate)):
         dev = catalog.device(e.device)
-        handoff = max(perf.kv_transfer_s(model, dev, e.tp, catalog.link(dev, catalog.device(d.device)),
-                                         catalog.device(d.device).kv_format, workload.isl) + d.tpot_s
-                      for d in decode)  # the slowest decode instance the router may pick
         service = perf.prefill_s(model, dev, e.tp, workload.isl)
-        prefill.append(msgspec.structs.replace(e, ttft_s=perf.prefill_ttft_s(service, handoff, load, q)))
+        overlap = service - dev.prefill_overhead_s
+        planned = overlap if layerwise else 0.0
+        handoffs = [(_transfer(model, catalog, workload, e, d, planned) + d.tpot_s, d) for d in decode]
+        handoff, worst = max(handoffs, key=lambda h: h[0])  # the slowest decode instance the router may pick
+        prefill.append(msgspec.structs.replace(e, ttft_s=perf.prefill_ttft_s(service, handoff, load, q),
+                                               kv_s=handoff - worst.tpot_s,
+                                               kv_layerwise_s=_transfer(model, catalog, workload, e, worst, overlap)))
     return msgspec.structs.replace(plan, prefill=tuple(prefill), decode=tuple(decode))

@@ -23,7 +23,8 @@ from vllm_hetero_pd.planner.catalog import Device, load_catalog
 from vllm_hetero_pd.planner.model import ModelSpec, load_model
 from vllm_hetero_pd.planner.workload import Workload
 
-SOURCE = "docs.nvidia.com/nim/benchmarking/llm/1.0.0/performance (NIM 1.8.0, Llama-3.3-70b-instruct, 2x H100 80G, fp8 TP2)"
+SOURCE = ("docs.nvidia.com/nim/benchmarking/llm/1.0.0/performance (NIM 1.8.0, Llama-3.3-70b-instruct, "
+          "2x H100 80G, fp8 TP2)")
 TP = 2
 VALIDATED = Workload(isl=5000, osl=500, rate=1)
 PUBLISHED = {1: (0.40677, 0.01858), 5: (0.5467, 0.02183), 25: (0.68869, 0.03875), 50: (0.83451, 0.05973)}
@@ -66,7 +67,8 @@ def calibrated(model: ModelSpec, device: Device) -> Device:
         return msgspec.structs.replace(device, fp8_efficiency=device.fp8_efficiency * k,
                                        attention_efficiency=device.attention_efficiency * k)
 
-    k = perf.bisect(lambda k: closed_loop(model, scaled(k), workload, concurrency)[1] > ttft, 0.05, 1.0 / device.fp8_efficiency)
+    k = perf.bisect(lambda k: closed_loop(model, scaled(k), workload, concurrency)[1] > ttft, 0.05,
+                    1.0 / device.fp8_efficiency)
     return msgspec.structs.replace(scaled(k), sources={
         **device.sources, "fp8_efficiency": f"fitted to {SOURCE}, 500/2000 at concurrency 1 (TTFT 47.77 ms)"})
 
@@ -76,7 +78,8 @@ def compare(device: Device, model: ModelSpec) -> list[Row]:
     rows = []
     for c, (ttft, itl) in PUBLISHED.items():
         rate, p_ttft, p_itl = closed_loop(model, device, VALIDATED, c)
-        rows.append(Row(concurrency=c, rate=rate, ttft_s=p_ttft, itl_s=p_itl, published_ttft_s=ttft, published_itl_s=itl))
+        rows.append(Row(concurrency=c, rate=rate, ttft_s=p_ttft, itl_s=p_itl, published_ttft_s=ttft,
+                        published_itl_s=itl))
     return rows
 
 
@@ -106,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_hetero_pd.planner.published", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m vllm_hetero_pd.planner.published",
+                                     description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args())
 

@@ -11,8 +11,8 @@ from vllm_hetero_pd.planner.catalog import Catalog, Device, Link
 from vllm_hetero_pd.planner.search import Alternative, Entry, Option, Plan, SearchResult, SearchSpace
 from vllm_hetero_pd.planner.workload import Slo, Workload
 
-_COLUMNS = ("role", "device", "TP", "count", "req/s/inst", "TTFT p{q}", "TPOT p{q}", "out tok/s",
-            "$/h", "binding")
+_COLUMNS = ("role", "device", "TP", "count", "req/s/inst", "TTFT p{q}", "TPOT p{q}", "KV hand-off (layer-wise)",
+            "max_num_seqs", "out tok/s", "$/h", "binding")
 
 
 def _ms(seconds: float | None) -> str:
@@ -23,8 +23,9 @@ def _ms(seconds: float | None) -> str:
 
 def _entry_row(role: str, e: Entry, plan: Plan, pool: tuple[Entry, ...], workload: Workload) -> list[str]:
     share = e.count * e.capacity_per_instance / sum(x.count * x.capacity_per_instance for x in pool)
-    return [role, e.device, f"{e.tp} (EP)" if e.ep else str(e.tp), str(e.count), f"{e.capacity_per_instance:.3g}", _ms(e.ttft_s),
-            _ms(e.tpot_s), f"{plan.rate * share * workload.osl:.0f}", f"{e.price_per_hour:.2f}", e.binding]
+    return [role, e.device, f"{e.tp} (EP)" if e.ep else str(e.tp), str(e.count), f"{e.capacity_per_instance:.3g}",
+            _ms(e.ttft_s), _ms(e.tpot_s), f"{_ms(e.kv_s)} ({_ms(e.kv_layerwise_s)})" if e.kv_s is not None else "-",
+            str(e.max_num_seqs), f"{plan.rate * share * workload.osl:.0f}", f"{e.price_per_hour:.2f}", e.binding]
 
 
 def _format(rows: list[list[str]]) -> str:
@@ -39,7 +40,8 @@ def plan_table(plan: Plan, workload: Workload, slo: Slo) -> str:
     for role, pool in (("prefill", plan.prefill), ("decode", plan.decode), ("colocated", plan.colocated)):
         rows += [_entry_row(role, e, plan, pool, workload) for e in pool]
     devices = sum(e.num_devices for e in plan.entries)
-    rows.append(["total", f"{devices} devices", "", "", "", "", "", f"{plan.output_tokens_per_s:.0f}",
+    paid = f" ({plan.idle_devices} idle in paid nodes)" if plan.idle_devices else ""
+    rows.append(["total", f"{devices} devices{paid}", "", "", "", "", "", "", "", f"{plan.output_tokens_per_s:.0f}",
                  f"{plan.cost_per_hour:.2f}",
                  f"${plan.cost_per_mtok:.3f}/Mtok out, ${plan.cost_per_mtok_all:.3f}/Mtok in+out"])
     return _format(rows)
@@ -152,7 +154,8 @@ def plot_pareto(path: Path, points: list[PlanPoint], title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     cheapest = {p.label for p in sorted(points, key=lambda p: p.cost_per_mtok)[:5]}
-    for ax, name, latency in ((axes[0], "TTFT", lambda p: p.ttft_s or 0.0), (axes[1], "TPOT", lambda p: p.tpot_s or 0.0)):
+    panels = ((axes[0], "TTFT", lambda p: p.ttft_s or 0.0), (axes[1], "TPOT", lambda p: p.tpot_s or 0.0))
+    for ax, name, latency in panels:
         ax.scatter([latency(p) * 1e3 for p in points], [p.cost_per_mtok for p in points], s=12, alpha=0.5)
         front = pareto_front(points, latency)
         ax.plot([latency(p) * 1e3 for p in front], [p.cost_per_mtok for p in front], marker="o", color="C3",

@@ -3,20 +3,20 @@
 The search space: a prefill pool and a decode pool (or one colocated pool), each of 1 to
 ``max_entries`` entries (device, TP, count), count <= ``max_instances``; mixing device types and TP
 degrees inside a pool is allowed. A plan is feasible when each pool's summed per-instance capacity
-(``perf``) covers the rate, the devices fit the inventory and the $/h fits the budget. We minimise
-$/h, which at a fixed rate is the same as minimising $/Mtok.
+(``perf``), less ``redundancy`` of its largest instances, covers the rate with ``headroom`` to
+spare, the devices fit the inventory and the $/h fits the budget. Devices are paid per
+``granularity`` (whole nodes, say): the cost is each type's devices rounded up to its granule.
 
-Why enumeration is exact and small: with positive prices, lowering any count lowers cost and
-device use, so some optimum consists of *minimal* pools (no count can drop without losing
-coverage). A minimal pool is fixed by its entries and the count of all but its last entry,
-so there are O(options^2 x max_instances) of them per phase. Prefill capacity depends on the
-decode pool only through the decode KV formats (transfer, shim), so we group decode pools by
-their set of KV endpoints and pair each group with the prefill pools valid for it, cheapest first.
+Why enumeration is exact: cost and device use only grow with counts, so some optimum consists of
+*minimal* pools (``pools``). Prefill capacity depends on the decode pool only through the decode
+endpoints (``perf.Endpoint``: vendor, KV format, NIC, lanes), so decode pools are grouped by their
+endpoint set and each group is paired with the prefill pools valid for it, cheapest first, with
+raw instance cost (a lower bound of the rounded cost) as the bound. Pools of more than two entries
+are searched after the best plan of at most two is known, whose cost bounds their enumeration.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import msgspec
@@ -26,9 +26,10 @@ from vllm_hetero_pd.planner import perf
 from vllm_hetero_pd.planner.catalog import Catalog, Device
 from vllm_hetero_pd.planner.colocated import capacity as colocated_capacity
 from vllm_hetero_pd.planner.model import ModelSpec
+from vllm_hetero_pd.planner.pools import TOLERANCE, Limits, Options, Pools, minimal_pools
 from vllm_hetero_pd.planner.workload import Slo, Workload
 
-COVER_TOLERANCE = 1e-9  # relative slack when checking that capacity covers the rate
+MAX_ENTRIES = 4  # default (device, TP) entries per pool
 
 
 class SearchError(ValueError):
@@ -43,13 +44,22 @@ class SearchSpace(msgspec.Struct, frozen=True, kw_only=True):
     colocated_devices: tuple[str, ...]
     tp_degrees: tuple[int, ...] = perf.TP_DEGREES
     max_instances: int = 64
-    max_entries: int = 2
+    max_entries: int = MAX_ENTRIES
     inventory: dict[str, int] | None = None  # devices per type; None = unlimited
     budget_per_hour: float | None = None
+    granularity: dict[str, int] = {}  # devices per rented unit (a node); unlisted types: 1
+    redundancy: int = 0  # instances each pool may lose (N+k)
+    headroom: float = 0.0  # planned load <= (1 - headroom) x capacity
+    layerwise_kv: bool = False  # KV sent layer by layer during the prefill (vLLM's NIXL sends after)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_entries <= 2:
-            raise SearchError(f"--max-entries must be 1 or 2, got {self.max_entries}")
+        if self.max_entries < 1:
+            raise SearchError(f"--max-entries must be >= 1, got {self.max_entries}")
+        if self.redundancy < 0 or not 0 <= self.headroom < 1:
+            raise SearchError(f"--redundancy must be >= 0 and --headroom in [0, 1), got {self.redundancy} "
+                              f"and {self.headroom}")
+        if any(g < 1 for g in self.granularity.values()):
+            raise SearchError(f"--granularity values must be >= 1 device, got {self.granularity}")
         if self.max_instances < 1:
             raise SearchError(f"--max-instances must be >= 1, got {self.max_instances}")
         if self.inventory is not None and sum(self.inventory.values()) <= 0:
@@ -83,6 +93,8 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     ep: bool = False  # data-parallel attention + expert parallelism over the tp ranks
     ttft_s: float | None = None
     tpot_s: float | None = None
+    kv_s: float | None = None  # prefill entries: worst KV hand-off as planned
+    kv_layerwise_s: float | None = None  # the same if sent layer by layer during the prefill
 
     @property
     def num_devices(self) -> int:
@@ -101,6 +113,14 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     prefill: tuple[Entry, ...] = ()
     decode: tuple[Entry, ...] = ()
     colocated: tuple[Entry, ...] = ()
+    paid_devices: dict[str, int] = {}  # per type, rounded up to whole rented units
+    redundancy: int = 0
+    headroom: float = 0.0
+
+    @property
+    def idle_devices(self) -> int:
+        """Devices paid for (whole units) that no instance uses: spares in the plan's nodes."""
+        return sum(self.paid_devices.values()) - sum(e.num_devices for e in self.entries)
 
     @property
     def entries(self) -> tuple[Entry, ...]:
@@ -140,60 +160,11 @@ class SearchResult(msgspec.Struct, frozen=True, kw_only=True):
     colocated_options: tuple[Option, ...]
 
 
-class _Candidates(msgspec.Struct, frozen=True):
-    """Minimal pools of one role as parallel arrays, sorted by cost (entry 2 = -1 when absent)."""
-
-    opt1: np.ndarray
-    n1: np.ndarray
-    opt2: np.ndarray
-    n2: np.ndarray
-    cost: np.ndarray
-    usage: np.ndarray  # (num_candidates, num_device_types) devices used
-
-
-def _minimal_pools(rates: np.ndarray, prices: np.ndarray, type_ids: np.ndarray, tps: np.ndarray,
-                   rate: float, space: SearchSpace, num_types: int) -> _Candidates:
-    """All minimal pools of at most ``max_entries`` options covering ``rate``, cheapest first."""
-    need = rate * (1 - COVER_TOLERANCE)
-    max_n = space.max_instances
-    usable = np.flatnonzero(rates > 0)
-    parts: list[tuple[np.ndarray, ...]] = []
-    # single entries: the fewest instances that cover the rate
-    n = np.ceil(need / rates[usable]).astype(np.int64)
-    keep = n <= max_n
-    parts.append((usable[keep], n[keep], np.full(keep.sum(), -1), np.zeros(keep.sum(), np.int64)))
-    if space.max_entries >= 2 and len(usable) >= 2:
-        i, j = (np.array(x) for x in zip(*itertools.combinations(usable, 2)))
-        counts = np.arange(1, max_n + 1)
-        ii, nn = np.repeat(i, max_n), np.tile(counts, len(i))
-        jj = np.repeat(j, max_n)
-        rest = need - nn * rates[ii]
-        nj = np.ceil(rest / rates[jj]).astype(np.int64)
-        # minimal: the second entry is needed, fits the cap, and the first cannot drop one instance
-        keep = (rest > 0) & (nj <= max_n) & ((nn - 1) * rates[ii] + nj * rates[jj] < need)
-        parts.append((ii[keep], nn[keep], jj[keep], nj[keep]))
-    opt1, n1, opt2, n2 = (np.concatenate(x) for x in zip(*parts))
-    has2 = opt2 >= 0
-    o2 = np.where(has2, opt2, 0)
-    cost = n1 * prices[opt1] + np.where(has2, n2 * prices[o2], 0.0)
-    usage = np.zeros((len(opt1), num_types))
-    np.add.at(usage, (np.arange(len(opt1)), type_ids[opt1]), n1 * tps[opt1])
-    np.add.at(usage, (np.arange(len(opt1)), type_ids[o2]), np.where(has2, n2 * tps[o2], 0))
-    order = np.lexsort((usage.sum(axis=1), cost))  # cheapest, then fewest devices
-    return _Candidates(opt1[order], n1[order], opt2[order], n2[order], cost[order], usage[order])
-
-
-def _within_limits(cands: _Candidates, inventory: np.ndarray, budget: float) -> np.ndarray:
-    return (cands.usage <= inventory).all(axis=1) & (cands.cost <= budget * (1 + COVER_TOLERANCE))
-
-
 class _Catalogued(msgspec.Struct, frozen=True):
-    """Options of one role as numpy arrays for ``_minimal_pools``."""
+    """Options of one role, and their numeric view for ``pools``."""
 
     options: tuple[Option, ...]
-    prices: np.ndarray
-    type_ids: np.ndarray
-    tps: np.ndarray
+    numeric: Options
 
 
 def _options(devices: list[Device], space: SearchSpace, type_index: dict[str, int],
@@ -204,27 +175,18 @@ def _options(devices: list[Device], space: SearchSpace, type_index: dict[str, in
                                                          if expert_parallel and tp > 1]
     options = tuple(Option(device=d.name, tp=tp, ep=ep, price_per_hour=tp * d.price_per_hour,
                            capacity=capacity(d, tp, ep)) for d in devices for tp, ep in shapes)
-    return _Catalogued(options, np.array([o.price_per_hour for o in options]),
-                       np.array([type_index[o.device] for o in options], dtype=np.int64),
-                       np.array([o.tp for o in options], dtype=np.int64))
+    return _Catalogued(options, Options(rates=np.array([o.capacity.rate for o in options]),
+                                        prices=np.array([o.price_per_hour for o in options]),
+                                        type_ids=np.array([type_index[o.device] for o in options], dtype=np.int64),
+                                        devices=np.array([o.tp for o in options], dtype=np.int64)))
 
 
-def _entries(cat: _Catalogued, opt1: int, n1: int, opt2: int, n2: int,
-             rates: np.ndarray) -> tuple[Entry, ...]:
-    picks = [(opt1, n1)] + ([(opt2, n2)] if opt2 >= 0 else [])
+def _entries(cat: _Catalogued, rates: np.ndarray, opts: np.ndarray, counts: np.ndarray) -> tuple[Entry, ...]:
     return tuple(Entry(device=cat.options[o].device, tp=cat.options[o].tp, count=int(n),
                        capacity_per_instance=float(rates[o]), binding=cat.options[o].capacity.binding,
                        price_per_hour=int(n) * cat.options[o].price_per_hour,
-                       max_num_seqs=cat.options[o].capacity.max_num_seqs, ep=cat.options[o].ep) for o, n in picks)
-
-
-def _make_plan(mode: str, workload: Workload, pools: dict[str, tuple[Entry, ...]]) -> Plan:
-    cost = sum(e.price_per_hour for entries in pools.values() for e in entries)
-    tokens_s = workload.rate * workload.osl
-    all_tokens_s = workload.rate * (workload.isl + workload.osl)
-    return Plan(mode=mode, rate=workload.rate, output_tokens_per_s=tokens_s, cost_per_hour=cost,
-                cost_per_mtok=cost / (tokens_s * 3600) * 1e6, cost_per_mtok_all=cost / (all_tokens_s * 3600) * 1e6,
-                **pools)
+                       max_num_seqs=cat.options[o].capacity.max_num_seqs, ep=cat.options[o].ep)
+                 for o, n in zip(opts, counts) if o >= 0)
 
 
 class Prepared(msgspec.Struct, frozen=True):
@@ -233,12 +195,22 @@ class Prepared(msgspec.Struct, frozen=True):
     space: SearchSpace
     type_index: dict[str, int]
     inventory: np.ndarray
+    granule: np.ndarray  # devices per rented unit, per type
+    device_price: np.ndarray  # $/h per device, per type
     budget: float
     prefill: _Catalogued  # reported per option: the worst KV hand-off
     prefill_rates: np.ndarray  # (decode KV endpoints, prefill options)
     decode: _Catalogued
+    decode_endpoint: np.ndarray  # endpoint index of each decode option
     colocated: _Catalogued
-    endpoint_of: dict[str, int]
+
+    def paid_cost(self, usage: np.ndarray) -> np.ndarray:
+        """$/h of device use ``usage`` (rows of devices per type), each type rounded up to its granule."""
+        return (np.ceil(usage / self.granule - TOLERANCE) * self.granule * self.device_price).sum(axis=-1)
+
+    def limits(self, max_entries: int) -> Limits:
+        return Limits(max_entries=max_entries, max_count=self.space.max_instances, spare=self.space.redundancy,
+                      inventory=self.inventory)
 
 
 def prepare(model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo, space: SearchSpace) -> Prepared:
@@ -253,34 +225,35 @@ def prepare(model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo, sp
 
     decode_devs = [devices[n] for n in sorted(set(space.decode_devices))]
     prefill_devs = [devices[n] for n in sorted(set(space.prefill_devices))]
-    endpoints = sorted({(d.vendor, d.kv_format) for d in decode_devs}) if prefill_devs else []
-    sample = {ep: next(d for d in decode_devs if (d.vendor, d.kv_format) == ep) for ep in endpoints}
-
-    decode = _options(decode_devs if endpoints else [], space, type_index,
+    decode = _options(decode_devs if prefill_devs else [], space, type_index,
                       lambda d, tp, ep: perf.decode_capacity(model, d, tp, workload, slo, ep),
                       expert_parallel=model.num_experts > 0)
+    ends = [perf.endpoint(devices[o.device], o.tp, o.ep) for o in decode.options]
+    endpoints = sorted(set(ends))
     colocated = _options([devices[n] for n in sorted(set(space.colocated_devices))], space, type_index,
                          lambda d, tp, _: colocated_capacity(model, d, tp, workload, slo))
     per_endpoint = [_options(prefill_devs, space, type_index,
                              lambda d, tp, _, end=end: perf.prefill_capacity(
-                                 model, d, tp, workload, slo, catalog.link(d, sample[end]), end[1]))
+                                 model, d, tp, workload, slo, catalog.link(d, end), end, space.layerwise_kv))
                     for end in endpoints]
-    prefill_rates = np.array([[o.capacity.rate for o in c.options] for c in per_endpoint])
-    prefill = (min(per_endpoint, key=lambda c: sum(o.capacity.rate for o in c.options)) if per_endpoint
+    prefill_rates = np.array([c.numeric.rates for c in per_endpoint])
+    prefill = (min(per_endpoint, key=lambda c: c.numeric.rates.sum()) if per_endpoint
                else _options([], space, type_index, None))
     return Prepared(space=space, type_index=type_index, inventory=inventory,
+                    granule=np.array([space.granularity.get(n, 1) for n in type_index], dtype=float),
+                    device_price=np.array([devices[n].price_per_hour for n in type_index]),
                     budget=math.inf if space.budget_per_hour is None else space.budget_per_hour,
-                    prefill=prefill, prefill_rates=prefill_rates, decode=decode, colocated=colocated,
-                    endpoint_of={d.name: endpoints.index((d.vendor, d.kv_format))
-                                 for d in decode_devs if endpoints})
+                    prefill=prefill, prefill_rates=prefill_rates, decode=decode,
+                    decode_endpoint=np.array([endpoints.index(e) for e in ends], dtype=np.int64), colocated=colocated)
 
 
 def solve(prepared: Prepared, workload: Workload) -> SearchResult:
-    """Cheapest disaggregated and colocated plans at ``workload.rate`` (None where infeasible)."""
+    """Cheapest disaggregated and colocated plans at ``workload.rate`` (None where infeasible);
+    on a cost tie the colocated plan wins: it is the simpler one to run."""
     best_disagg = _search_disaggregated(prepared, workload) if prepared.decode.options else None
     best_coloc = _search_colocated(prepared, workload)
-    plans = [p for p in (best_disagg, best_coloc) if p is not None]
-    best = min(plans, key=lambda p: (p.cost_per_hour, p.mode != "disaggregated")) if plans else None
+    plans = [p for p in (best_coloc, best_disagg) if p is not None]
+    best = min(plans, key=lambda p: p.cost_per_hour * (1 + TOLERANCE * (p.mode != "colocated"))) if plans else None
     return SearchResult(best=best, best_disaggregated=best_disagg, best_colocated=best_coloc,
                         prefill_options=prepared.prefill.options, decode_options=prepared.decode.options,
                         colocated_options=prepared.colocated.options)
@@ -292,61 +265,84 @@ def search(model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo,
     return solve(prepare(model, catalog, workload, slo, space), workload)
 
 
+def _need(prep: Prepared, workload: Workload) -> float:
+    """Capacity each pool must provide: the rate plus the headroom left free."""
+    return workload.rate / (1 - prep.space.headroom)
+
+
+def _phases(prep: Prepared):
+    """Entry limits to search in turn: up to two entries first, whose best plan bounds the rest."""
+    k = prep.space.max_entries
+    return [k] if k <= 2 else [2, k]
+
+
+def _make_plan(prep: Prepared, mode: str, workload: Workload, usage: np.ndarray,
+               pools: dict[str, tuple[Entry, ...]]) -> Plan:
+    cost = float(prep.paid_cost(usage))
+    tokens_s = workload.rate * workload.osl
+    all_tokens_s = workload.rate * (workload.isl + workload.osl)
+    paid = np.ceil(usage / prep.granule - TOLERANCE) * prep.granule
+    return Plan(mode=mode, rate=workload.rate, output_tokens_per_s=tokens_s, cost_per_hour=cost,
+                cost_per_mtok=cost / (tokens_s * 3600) * 1e6, cost_per_mtok_all=cost / (all_tokens_s * 3600) * 1e6,
+                paid_devices={n: int(paid[i]) for n, i in prep.type_index.items() if paid[i] > 0},
+                redundancy=prep.space.redundancy, headroom=prep.space.headroom, **pools)
+
+
 def _search_colocated(prep: Prepared, workload: Workload) -> Plan | None:
-    colocated, inventory, budget = prep.colocated, prep.inventory, prep.budget
-    if not colocated.options:
+    cat = prep.colocated
+    if not cat.options:
         return None
-    rates = np.array([o.capacity.rate for o in colocated.options])
-    cands = _minimal_pools(rates, colocated.prices, colocated.type_ids, colocated.tps, workload.rate,
-                           prep.space, len(prep.type_index))
-    ok = np.flatnonzero(_within_limits(cands, inventory, budget))
-    if not len(ok):
+    best_cost, best = prep.budget * (1 + TOLERANCE), None
+    for k in _phases(prep):
+        cands = minimal_pools(cat.numeric, _need(prep, workload), prep.limits(k), limit=best_cost)
+        if not len(cands):
+            continue
+        paid = prep.paid_cost(cands.usage)
+        i = int(np.argmin(paid))
+        if paid[i] < best_cost:
+            best_cost, best = float(paid[i]), cands.take(np.array([i]))
+    if best is None:
         return None
-    k = ok[0]
-    entries = _entries(colocated, cands.opt1[k], cands.n1[k], cands.opt2[k], cands.n2[k], rates)
-    return _make_plan("colocated", workload, {"colocated": entries})
+    entries = _entries(cat, cat.numeric.rates, best.opts[0], best.counts[0])
+    return _make_plan(prep, "colocated", workload, best.usage[0], {"colocated": entries})
+
+
+def _groups(prep: Prepared, dec: Pools) -> dict[tuple[int, ...], np.ndarray]:
+    """Decode pools by the set of KV endpoints their entries pull from (pool indices, cheapest first)."""
+    ends = np.where(dec.opts >= 0, prep.decode_endpoint[np.maximum(dec.opts, 0)], -1)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, row in enumerate(ends):
+        groups.setdefault(tuple(sorted(set(row[row >= 0].tolist()))), []).append(i)
+    return {g: np.array(ix) for g, ix in groups.items()}
 
 
 def _search_disaggregated(prep: Prepared, workload: Workload) -> Plan | None:
-    space, inventory, budget = prep.space, prep.inventory, prep.budget
-    decode, prefill, prefill_rates, endpoint_of = prep.decode, prep.prefill, prep.prefill_rates, prep.endpoint_of
-    num_types = len(prep.type_index)
-    decode_rates = np.array([o.capacity.rate for o in decode.options])
-    dec = _minimal_pools(decode_rates, decode.prices, decode.type_ids, decode.tps, workload.rate,
-                         space, num_types)
-    dec_ok = _within_limits(dec, inventory, budget)
-    ep = np.array([endpoint_of[o.device] for o in decode.options], dtype=np.int64)
-    ep1 = ep[dec.opt1]
-    ep2 = np.where(dec.opt2 >= 0, ep[np.maximum(dec.opt2, 0)], ep1)
-    best_cost, best = math.inf, None
-    for group in sorted({(min(a, b), max(a, b)) for a, b in zip(ep1, ep2)}):
-        in_group = np.flatnonzero(dec_ok & (np.minimum(ep1, ep2) == group[0])
-                                  & (np.maximum(ep1, ep2) == group[1]))
-        if not len(in_group):
-            continue
-        rates = prefill_rates[list(set(group))].min(axis=0)  # worst KV hand-off of the group
-        pre = _minimal_pools(rates, prefill.prices, prefill.type_ids, prefill.tps, workload.rate,
-                             space, num_types)
-        pre_ok = np.flatnonzero(_within_limits(pre, inventory, budget))
-        if not len(pre_ok):
-            continue
-        pre_cost, pre_usage = pre.cost[pre_ok], pre.usage[pre_ok]
-        for k in in_group:  # decode pools cheapest first
-            if dec.cost[k] + pre_cost[0] >= best_cost:
-                break
-            total = dec.cost[k] + pre_cost
-            fits = (total < best_cost) & (total <= budget * (1 + COVER_TOLERANCE))
-            for t in np.flatnonzero(dec.usage[k] > 0):
-                fits &= pre_usage[:, t] + dec.usage[k, t] <= inventory[t]
-            hit = np.flatnonzero(fits)
-            if len(hit):
-                p = pre_ok[hit[0]]
-                best_cost = float(total[hit[0]])
-                best = (_entries(prefill, pre.opt1[p], pre.n1[p], pre.opt2[p], pre.n2[p], rates),
-                        _entries(decode, dec.opt1[k], dec.n1[k], dec.opt2[k], dec.n2[k], decode_rates))
+    need = _need(prep, workload)
+    pre_cat, dec_cat = prep.prefill, prep.decode
+    best_cost, best = prep.budget * (1 + TOLERANCE), None
+    for k in _phases(prep):
+        limits = prep.limits(k)
+        pre_floor = need * min((p / r for p, r in zip(pre_cat.numeric.prices, prep.prefill_rates.max(axis=0)) if r > 0),
+                               default=math.inf)  # no prefill pool costs less, whatever the endpoints
+        dec = minimal_pools(dec_cat.numeric, need, limits, limit=best_cost - pre_floor)
+        for group, members in sorted(_groups(prep, dec).items(), key=lambda g: dec.cost[g[1][0]]):
+            rates = prep.prefill_rates[list(group)].min(axis=0)  # worst KV hand-off of the group
+            pre_opts = msgspec.structs.replace(pre_cat.numeric, rates=rates)
+            pre = minimal_pools(pre_opts, need, limits, limit=best_cost - dec.cost[members[0]])
+            for i in members:  # decode pools cheapest first
+                if not len(pre) or dec.cost[i] + pre.cost[0] >= best_cost:
+                    break
+                usage = pre.usage + dec.usage[i]
+                paid = prep.paid_cost(usage)
+                paid[(usage > prep.inventory).any(axis=1) | (paid >= best_cost)] = math.inf
+                j = int(np.argmin(paid))
+                if paid[j] < best_cost:
+                    best_cost = float(paid[j])
+                    best = (_entries(pre_cat, rates, pre.opts[j], pre.counts[j]),
+                            _entries(dec_cat, dec_cat.numeric.rates, dec.opts[i], dec.counts[i]), usage[j])
     if best is None:
         return None
-    return _make_plan("disaggregated", workload, {"prefill": best[0], "decode": best[1]})
+    return _make_plan(prep, "disaggregated", workload, best[2], {"prefill": best[0], "decode": best[1]})
 
 
 def _closest_miss(options: tuple[Option, ...]) -> str:
@@ -369,7 +365,7 @@ def diagnose(model: ModelSpec, catalog: Catalog, workload: Workload, slo: Slo, s
         return "; ".join(reasons)
     # single-entry pools keep this cheap at any count; the point is to show which limit binds
     loose = msgspec.structs.replace(space, inventory=None, budget_per_hour=None, max_instances=1 << 20,
-                                    max_entries=1)
+                                    max_entries=1, granularity={})
     free = search(model, catalog, workload, slo, loose).best
     if free is None:
         return "no plan found even without inventory, budget and instance limits"
