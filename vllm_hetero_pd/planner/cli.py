@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from vllm_hetero_pd.planner import emit, report
+from vllm_hetero_pd.planner import emit, k8s, report
 from vllm_hetero_pd.planner.catalog import Catalog, CatalogError, Device, load_catalog
 from vllm_hetero_pd.planner.model import ModelError, ModelSpec, load_model, serve_name
 from vllm_hetero_pd.planner.perf import TP_DEGREES
@@ -105,6 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--explain", action="store_true", help="show why each alternative lost")
     parser.add_argument("--emit-launch", type=Path, metavar="DIR", help="write launch scripts for the plan")
+    parser.add_argument("--emit", nargs=2, metavar=("KIND", "DIR"),
+                        help="write deployment files for the plan; KIND k8s: Kubernetes manifests "
+                             "(Deployments/LeaderWorkerSets, Services, router, ConfigMap)")
+    parser.add_argument("--image", default="vllm-hetero-pd:latest",
+                        help="container image with vLLM and this plugin, for --emit k8s")
     parser.add_argument("--served-model", default=None, metavar="ID_OR_DIR",
                         help="what the emitted scripts serve (default: the preset's HF id or the model dir)")
     parser.add_argument("--plot", type=Path, metavar="PNG",
@@ -204,6 +209,11 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise CliError(f"--plot {args.plot}: folder {folder} does not exist or is not writable")
     if args.emit_launch:
         _writable_dir("--emit-launch", args.emit_launch)
+    if args.emit:
+        kind, folder = args.emit
+        if kind != "k8s":
+            raise CliError(f"--emit {kind}: unknown kind; use --emit k8s DIR (launch scripts: --emit-launch DIR)")
+        _writable_dir("--emit k8s", Path(folder))
 
 
 def _max_goodput(model, catalog, workload, slo, space) -> Workload:
@@ -245,7 +255,7 @@ def _plan(args: argparse.Namespace):
     model.check_context(workload.isl + workload.osl)
     slo = Slo(ttft_s=args.ttft_p90 / 1e3, tpot_s=args.tpot_p90 / 1e3, quantile=args.quantile)
     space = _space(args, catalog, model)
-    served = (args.served_model or serve_name(args.model)) if args.emit_launch else ""
+    served = (args.served_model or serve_name(args.model)) if (args.emit_launch or args.emit) else ""
     if args.objective == "goodput":
         workload = _max_goodput(model, catalog, workload, slo, space)
     result = search(model, catalog, workload, slo, space)
@@ -276,6 +286,11 @@ def run(args: argparse.Namespace) -> int:
     if args.emit_launch:
         written = emit.write_launch(best, catalog, model, served, workload.isl + workload.osl, args.emit_launch)
         print(f"wrote {len(written)} files to {args.emit_launch}", file=sys.stderr)
+    if args.emit:
+        objects = k8s.manifests(best, catalog, model, served, workload.isl + workload.osl, args.image,
+                                space.granularity)
+        written = k8s.write_k8s(objects, Path(args.emit[1]))
+        print(f"wrote {len(written)} manifests to {args.emit[1]}", file=sys.stderr)
     if args.plot:
         report.plot_pareto(args.plot, _pareto_points(model, catalog, workload, slo, alts),
                            f"{args.model} ISL {workload.isl} OSL {workload.osl} at {workload.rate:g} req/s")

@@ -94,11 +94,12 @@ def instances(plan: Plan, catalog: Catalog, max_model_len: int) -> list[Instance
     return out
 
 
-def serve_args(model: ModelSpec, model_name: str, inst: Instance) -> list[str]:
-    """``vllm serve`` arguments for one instance (host and port are filled in by the script).
+def serve_args(model: ModelSpec, model_name: str, inst: Instance, kv_config: str | None = None) -> list[str]:
+    """``vllm serve`` arguments for one instance (host and port are filled in by the caller).
 
     The engine limits the plan assumed are set explicitly (context, batch cap, memory share), so
     the instance cannot drift from the plan through a vLLM default that differs per device.
+    ``kv_config`` replaces the inline connector config (Kubernetes passes it from a ConfigMap).
     """
     vendor = VENDOR_LAUNCH[inst.vendor]
     parallel = (["--data-parallel-size", str(inst.tp), "--enable-expert-parallel"] if inst.ep
@@ -111,7 +112,7 @@ def serve_args(model: ModelSpec, model_name: str, inst: Instance) -> list[str]:
     if model.kv_dtype == "fp8":
         args += ["--kv-cache-dtype", vendor.fp8_kv_dtype]
     if inst.role != "monolithic":
-        args += ["--kv-transfer-config", json.dumps(kv_transfer_config(inst), separators=(",", ":"))]
+        args += ["--kv-transfer-config", kv_config or json.dumps(kv_transfer_config(inst), separators=(",", ":"))]
     return args
 
 
