@@ -200,7 +200,8 @@ def test_default_search_leaves_out_the_cpu_host(capsys):
 
 def test_planner_imports_neither_torch_nor_vllm():
     code = ("import sys, vllm_hetero_pd.cli, vllm_hetero_pd.planner.cli, vllm_hetero_pd.planner.calibrate, "
-            "vllm_hetero_pd.planner.bench; "
+            "vllm_hetero_pd.planner.bench, vllm_hetero_pd.planner.published, vllm_hetero_pd.planner.pd_validate, "
+            "vllm_hetero_pd.planner.reproduce; "
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm')); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

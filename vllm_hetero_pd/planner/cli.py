@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 from pathlib import Path
 
 import msgspec
 
-from vllm_hetero_pd.planner import emit, k8s, report
+from vllm_hetero_pd.planner import emit, k8s, report, sensitivity
 from vllm_hetero_pd.planner.catalog import Catalog, CatalogError, Device, load_catalog
 from vllm_hetero_pd.planner.model import ModelError, ModelSpec, load_model, serve_name
 from vllm_hetero_pd.planner.perf import TP_DEGREES
@@ -104,6 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="none: KV pulled after the prefill (vLLM NIXL); layerwise: sent during it")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--explain", action="store_true", help="show why each alternative lost")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="band of the disaggregated/colocated cost ratio over every [inferred]/[assumption] "
+                             "input of the devices the two plans use, and the inputs that move it most")
     parser.add_argument("--emit-launch", type=Path, metavar="DIR", help="write launch scripts for the plan")
     parser.add_argument("--emit", nargs=2, metavar=("KIND", "DIR"),
                         help="write deployment files for the plan; KIND k8s: Kubernetes manifests "
@@ -264,6 +268,23 @@ def _plan(args: argparse.Namespace):
     return catalog, model, workload, slo, space, served, result
 
 
+def _mode_ratio(model, workload, slo, space, catalog: Catalog) -> float:
+    """Cost of the best colocated plan over the best disaggregated one (inf/0 when one is infeasible)."""
+    result = search(model, catalog, workload, slo, space)
+    d, c = result.best_disaggregated, result.best_colocated
+    if d is None or c is None:
+        return math.inf if c is not None else 0.0
+    return c.cost_per_hour / d.cost_per_hour
+
+
+def _sensitivity(model, catalog, workload, slo, space, result) -> sensitivity.Band | None:
+    plans = [p for p in (result.best_disaggregated, result.best_colocated) if p is not None]
+    if len(plans) < 2:
+        return None
+    used = {e.device for p in plans for e in p.entries}
+    return sensitivity.band(lambda c: _mode_ratio(model, workload, slo, space, c), catalog, used)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         catalog, model, workload, slo, space, served, result = _plan(args)
@@ -273,11 +294,15 @@ def run(args: argparse.Namespace) -> int:
     best = predict(result.best, model, catalog, workload, slo, space.layerwise_kv)
     result = msgspec.structs.replace(result, best=best)
     alts = alternatives(model, catalog, workload, slo, space) if (args.explain or args.plot) else []
+    band = _sensitivity(model, catalog, workload, slo, space, result) if args.sensitivity else None
     if args.json:
         print(report.to_json(report.Report(model=args.model, workload=workload, slo=slo, result=result,
-                                           alternatives=alts, catalog=report.snapshot(catalog, space))).decode())
+                                           alternatives=alts, catalog=report.snapshot(catalog, space),
+                                           sensitivity=band)).decode())
     else:
         print(report.headline(result, workload, slo))
+        if band is not None:
+            print(f"colocated / disaggregated cost: {band.describe()}")
         print()
         print(report.plan_table(best, workload, slo))
         if args.explain:

@@ -9,6 +9,7 @@ import msgspec
 
 from vllm_hetero_pd.planner.catalog import Catalog, Device, Link
 from vllm_hetero_pd.planner.search import Alternative, Entry, Option, Plan, SearchResult, SearchSpace
+from vllm_hetero_pd.planner.sensitivity import Band
 from vllm_hetero_pd.planner.workload import Slo, Workload
 
 _COLUMNS = ("role", "device", "TP", "count", "req/s/inst", "TTFT p{q}", "TPOT p{q}", "KV hand-off (layer-wise)",
@@ -119,6 +120,7 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     result: SearchResult
     catalog: CatalogSnapshot
     alternatives: list[Alternative] = []
+    sensitivity: Band | None = None  # colocated / disaggregated cost ratio and its band
 
 
 def to_json(report: Report) -> bytes:

@@ -11,31 +11,78 @@ from __future__ import annotations
 import argparse
 import sys
 
+import msgspec
+
+from vllm_hetero_pd.planner import sensitivity
 from vllm_hetero_pd.planner.catalog import Catalog, load_catalog
 from vllm_hetero_pd.planner.model import ModelSpec, load_model
+from vllm_hetero_pd.planner.perf import TP_DEGREES
 from vllm_hetero_pd.planner.search import Plan, SearchSpace, search
 from vllm_hetero_pd.planner.workload import Slo, Workload
 
-CONFIGS = {  # label -> (prefill devices, decode devices, colocated devices)
-    "H100:H100": (("H100",), ("H100",), ()),
-    "B200:B200": (("B200",), ("B200",), ()),
-    "B200:Gaudi3": (("B200",), ("Gaudi3",), ()),
-    "B200:MI300X": (("B200",), ("MI300X",), ()),
-    "colocated H100": ((), (), ("H100",)),
-    "best NVIDIA-only (disagg.)": (("A100", "L40S", "H100", "H200", "B200"),) * 2 + ((),),
-    "best AMD-only (disagg.)": (("MI300X", "MI325X", "MI355X"),) * 2 + ((),),
-    "best Intel-only (disagg.)": (("Gaudi2", "Gaudi3"),) * 2 + ((),),
-    "best of all (planner)": (("A100", "L40S", "H100", "H200", "B200", "MI300X", "MI325X", "MI355X", "Gaudi2",
-                               "Gaudi3"),) * 3,
+NVIDIA = ("A100", "L40S", "H100", "H200", "B200")
+AMD = ("MI300X", "MI325X", "MI355X")
+INTEL = ("Gaudi2", "Gaudi3")
+
+
+class Config(msgspec.Struct, frozen=True):
+    """One row: the devices each role may use, and the TP degrees searched."""
+
+    prefill: tuple[str, ...]
+    decode: tuple[str, ...]
+    colocated: tuple[str, ...] = ()
+    tp: tuple[int, ...] = TP_DEGREES
+
+    def space(self) -> SearchSpace:
+        return SearchSpace(prefill_devices=self.prefill, decode_devices=self.decode, colocated_devices=self.colocated,
+                           tp_degrees=self.tp)
+
+
+CONFIGS = {
+    "H100:H100": Config(("H100",), ("H100",)),
+    "H100:H100, TP8 only": Config(("H100",), ("H100",), tp=(8,)),
+    "B200:B200": Config(("B200",), ("B200",)),
+    "B200:Gaudi3": Config(("B200",), ("Gaudi3",)),
+    "B200:MI300X": Config(("B200",), ("MI300X",)),
+    "colocated H100": Config((), (), ("H100",)),
+    "best NVIDIA-only (disagg.)": Config(NVIDIA, NVIDIA),
+    "best AMD-only (disagg.)": Config(AMD, AMD),
+    "best Intel-only (disagg.)": Config(INTEL, INTEL),
+    "best of all (planner)": Config(NVIDIA + AMD + INTEL, NVIDIA + AMD + INTEL, NVIDIA + AMD + INTEL),
 }
+SINGLE_VENDOR = ("best NVIDIA-only (disagg.)", "best AMD-only (disagg.)", "best Intel-only (disagg.)")
+CLAIMS = (  # (claim, published, numerator config, denominator configs: the cheapest of them)
+    ("B200:Gaudi3 vs H100:H100", "~3x (4096/512), up to 4x (512/4096) [secondary]", "B200:Gaudi3", ("H100:H100",)),
+    ("B200:Gaudi3 vs H100:H100 TP8", "", "B200:Gaudi3", ("H100:H100, TP8 only",)),
+    ("B200:Gaudi3 vs best single vendor", "1.7x (Gimlet blog)", "B200:Gaudi3", SINGLE_VENDOR),
+    ("B200:B200 vs H100:H100", "~2.5x decode-heavy [secondary]", "B200:B200", ("H100:H100",)),
+)
 SHAPES = ((4096, 512, 2.0), (512, 4096, 1.0))  # ISL, OSL, TTFT SLO (s)
 
 
-def best_plans(catalog: Catalog, model: ModelSpec, workload: Workload, slo: Slo) -> dict[str, Plan | None]:
-    """The cheapest plan of every configuration in ``CONFIGS`` under ``catalog``'s prices."""
-    return {label: search(model, catalog, workload, slo,
-                          SearchSpace(prefill_devices=p, decode_devices=d, colocated_devices=c)).best
-            for label, (p, d, c) in CONFIGS.items()}
+def _devices(labels) -> set[str]:
+    return {d for label in labels for c in [CONFIGS[label]] for d in (*c.prefill, *c.decode, *c.colocated)}
+
+
+def best_plans(catalog: Catalog, model: ModelSpec, workload: Workload, slo: Slo,
+               labels=tuple(CONFIGS)) -> dict[str, Plan | None]:
+    """The cheapest plan of each configuration in ``labels`` under ``catalog``'s prices."""
+    return {label: search(model, catalog, workload, slo, CONFIGS[label].space()).best for label in labels}
+
+
+def claim_ratio(catalog: Catalog, model: ModelSpec, workload: Workload, slo: Slo, numerator: str,
+                denominators: tuple[str, ...], tco: bool) -> float:
+    """$/Mtok of the cheapest denominator config / the numerator's (higher: the numerator is cheaper)."""
+    priced = catalog.owned() if tco else catalog
+    plans = best_plans(priced, model, workload, slo, (numerator, *denominators))
+    return min(plans[d].cost_per_hour for d in denominators) / plans[numerator].cost_per_hour
+
+
+def claim_band(catalog: Catalog, model: ModelSpec, workload: Workload, slo: Slo, numerator: str,
+               denominators: tuple[str, ...], tco: bool) -> sensitivity.Band:
+    """``claim_ratio`` and its band over the unmeasured inputs of every device the claim involves."""
+    return sensitivity.band(lambda c: claim_ratio(c, model, workload, slo, numerator, denominators, tco), catalog,
+                            _devices((numerator, *denominators)), tco)
 
 
 def _cells(plan: Plan | None, base: Plan | None) -> list[str]:
@@ -48,6 +95,8 @@ def _cells(plan: Plan | None, base: Plan | None) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="requests/s (high, so rounding is small)")
     parser.add_argument("--tpot-ms", type=float, default=50.0, help="TPOT p90 SLO in ms")
+    parser.add_argument("--bands", action="store_true",
+                        help="also sweep every [inferred]/[assumption] input for the claims' ratio bands (minutes)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +115,13 @@ def run(args: argparse.Namespace) -> int:
         for label in CONFIGS:
             cells = [c for plans in modes for c in _cells(plans[label], plans["H100:H100"])]
             print(f"| {label} | " + " | ".join(cells) + " |")
+        if args.bands:
+            print(f"\nISL {isl} / OSL {osl}: ratios with their sensitivity bands (sensitivity.py)\n")
+            print("| claim | published | rental | TCO |")
+            print("|---|---|---|---|")
+            for claim, published, num, dens in CLAIMS:
+                cells = [claim_band(rental, model, workload, slo, num, dens, tco).describe() for tco in (False, True)]
+                print(f"| {claim} | {published} | " + " | ".join(cells) + " |")
     return 0
 
 
