@@ -316,17 +316,24 @@ def _groups(prep: Prepared, dec: Pools) -> dict[tuple[int, ...], np.ndarray]:
     return {g: np.array(ix) for g, ix in groups.items()}
 
 
+def _floor(prices: np.ndarray, rates: np.ndarray, need: float) -> float:
+    """No pool covering ``need`` costs less than ``need`` at the best $/h per req/s (an LP bound)."""
+    usable = rates > 0
+    return need * float((prices[usable] / rates[usable]).min()) if usable.any() else math.inf
+
+
 def _search_disaggregated(prep: Prepared, workload: Workload) -> Plan | None:
     need = _need(prep, workload)
     pre_cat, dec_cat = prep.prefill, prep.decode
     best_cost, best = prep.budget * (1 + TOLERANCE), None
     for k in _phases(prep):
         limits = prep.limits(k)
-        pre_floor = need * min((p / r for p, r in zip(pre_cat.numeric.prices, prep.prefill_rates.max(axis=0)) if r > 0),
-                               default=math.inf)  # no prefill pool costs less, whatever the endpoints
+        pre_floor = _floor(pre_cat.numeric.prices, prep.prefill_rates.max(axis=0), need)  # any endpoints
         dec = minimal_pools(dec_cat.numeric, need, limits, limit=best_cost - pre_floor)
         for group, members in sorted(_groups(prep, dec).items(), key=lambda g: dec.cost[g[1][0]]):
             rates = prep.prefill_rates[list(group)].min(axis=0)  # worst KV hand-off of the group
+            if dec.cost[members[0]] + _floor(pre_cat.numeric.prices, rates, need) >= best_cost:
+                continue  # even the cheapest decode pool with the cheapest prefill rate cannot win
             pre_opts = msgspec.structs.replace(pre_cat.numeric, rates=rates)
             pre = minimal_pools(pre_opts, need, limits, limit=best_cost - dec.cost[members[0]])
             for i in members:  # decode pools cheapest first
