@@ -17,6 +17,12 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "planner-nim": ("vllm_hetero_pd.planner.published", "planner colocated model vs NVIDIA's published NIM table"),
     "planner-pd": ("vllm_hetero_pd.planner.pd_validate", "planner P/D model vs a real CPU prefill+decode pair"),
     "e2e": ("vllm_hetero_pd.launch.bench_e2e", "TTFT/TPOT: monolithic vs upstream NixlConnector vs ours"),
+    "prefix": ("vllm_hetero_pd.launch.bench_routing", "multi-turn chat on 2 prefills: prefix hits, "
+                                                      "prefill tokens and TTFT per prefill policy"),
+    "decode-capacity": ("vllm_hetero_pd.launch.bench_routing", "a small-KV decode next to a large one: long "
+                                                               "requests and preemptions per decode policy"),
+    "local-prefill": ("vllm_hetero_pd.launch.bench_routing", "short uncached prompts prefilled by the decode vs "
+                                                             "always remote, per min_disagg_tokens"),
 }
 
 

@@ -66,7 +66,9 @@ from vllm_hetero_pd.router.protocol import (
     prefill_body,
     read_kv_transfer_params,
     relabel_chunk,
+    report_reused_blocks,
 )
+from vllm_hetero_pd.router.routing import Route, Routing
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +153,15 @@ class Opened:
         self.upstream = upstream
         self._untrack = untrack
 
+    def also_on_close(self, release: Callable[[], None]) -> None:
+        untrack = self._untrack
+
+        def both() -> None:
+            untrack()
+            release()
+
+        self._untrack = both
+
     def close(self) -> None:
         """Release the upstream connection (closing it if unread, so vLLM aborts) and the in-flight count."""
         if self.upstream is not None:
@@ -159,11 +170,15 @@ class Opened:
 
 
 class AdminChange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Body of ``POST /admin/{add,remove,drain}``; ``weight`` is used by ``add`` only."""
+    """Body of ``POST /admin/{add,remove,drain}``; ``weight`` and the ``kv_*`` fields (as in
+    ``InstanceConfig``) are used by ``add`` only."""
 
     role: Role
     url: str
     weight: float = 1.0
+    kv_events: str | None = None
+    kv_events_replay: str | None = None
+    kv_format: str = ""
 
 
 class Router:
@@ -175,9 +190,11 @@ class Router:
         max_failures = config.health.max_failures
         self.pools = {
             Role.PREFILL: Pool(Role.PREFILL, config.prefill.policy, config.prefill.instances, max_failures,
-                               self.metrics),
-            Role.DECODE: Pool(Role.DECODE, config.decode.policy, config.decode.instances, max_failures, self.metrics),
+                               self.metrics, config.scoring),
+            Role.DECODE: Pool(Role.DECODE, config.decode.policy, config.decode.instances, max_failures, self.metrics,
+                              config.scoring),
         }
+        self.routing = Routing(config, self.pools, self.metrics)
         t = config.timeouts
         self._prefill_timeout = aiohttp.ClientTimeout(total=t.prefill_s, connect=t.connect_s)
         self._decode_timeout = aiohttp.ClientTimeout(total=t.decode_total_s, connect=t.connect_s)
@@ -290,9 +307,13 @@ class Router:
             change = msgspec.json.decode(await request.read(), type=AdminChange)
             pool = self.pools[change.role]
             if action == "add":
-                instance = pool.add(InstanceConfig(url=change.url, weight=change.weight))
+                instance = pool.add(InstanceConfig(url=change.url, weight=change.weight, kv_events=change.kv_events,
+                                                   kv_events_replay=change.kv_events_replay,
+                                                   kv_format=change.kv_format))
+                self.routing.watch(instance)
             elif action == "remove":
                 instance = pool.remove(change.url)
+                self.routing.unwatch(instance)
             elif action == "drain":
                 instance = pool.drain(change.url)
             else:
@@ -302,11 +323,61 @@ class Router:
         logger.info("admin %s %s instance %s", action, instance.role.value, instance.url)
         return web.json_response(instance.describe())
 
+    async def debug_route(self, request: web.Request) -> web.Response:
+        """Admin only. ``POST /debug/route[?endpoint=chat]`` with a request body: how it would be
+        routed now, sending nothing. ``GET /debug/route?request_id=ID``: how a recent request was."""
+        if self.config.admin_token is None:
+            return error_response(403, "admin endpoints are disabled; start the router with an admin token", None)
+        if not _bearer_matches(request, self.config.admin_token):
+            return error_response(401, "missing or wrong admin token: send Authorization: Bearer <admin token>", None)
+        if not self.routing.enabled:
+            return error_response(409, "/debug/route explains kv_aware routing, which is off: set a kv_aware "
+                                  "policy, pairs rules, or a tokenizer with min_disagg_tokens", None)
+        if request.method == "GET":
+            request_id = request.query.get("request_id", "")
+            explained = self.routing.recent.get(request_id)
+            if explained is None:
+                return error_response(404, f"no recent route for request id {request_id!r}; the router keeps the "
+                                      "last 256 (a fanned-out part is <id>-<i>)", None)
+            return web.json_response(explained)
+        endpoint = Endpoint.CHAT if request.query.get("endpoint") == "chat" else Endpoint.COMPLETIONS
+        try:
+            parsed = parse_request(await request.read(), endpoint)
+            parts = fan_out(parsed, self.config.max_fan_out)
+        except BadRequestError as exc:
+            return error_response(400, str(exc), None)
+        routes = [self.routing.plan(part) for part in parts]
+        return web.json_response([None if r is None else self.routing.explain(r) for r in routes])
+
     # ------------------------------------------------------------------ one exchange per part
 
     async def _exchange(self, parsed: ClientRequest, request_id: str) -> Opened:
-        """Prefill, then decode with recovery: the decode's answer, checked up to its first byte."""
-        return await self._decode(parsed, await self._prefill(parsed, request_id), request_id)
+        """Prefill, then decode with recovery: the decode's answer, checked up to its first byte.
+
+        With ``kv_aware`` routing the pair is chosen first (``Routing.plan``), so that the prefill
+        can be one the decode can read and the decision can weigh what each instance caches."""
+        if not self.routing.enabled:
+            return await self._decode(parsed, await self._prefill(parsed, request_id), request_id)
+        route = self.routing.plan(parsed)
+        if route is None:
+            raise RouteError(503, ErrorCause.NO_DECODE_INSTANCE,
+                             "no decode instance is available (all ejected, draining or removed)")
+        # the chosen decode's KV is spoken for from now on, so that concurrent choices see it
+        decode, num_kv_tokens = route.decode, route.num_kv_tokens
+        decode.num_active_kv_tokens += num_kv_tokens
+
+        def release() -> None:
+            decode.num_active_kv_tokens -= num_kv_tokens
+
+        try:
+            prefilled = await self._prefill(parsed, request_id, route)
+            self.routing.record(route, request_id, None if prefilled is None else prefilled.url)
+            opened = await self._decode(parsed, prefilled, request_id, route)
+        except BaseException:
+            release()
+            raise
+        opened.also_on_close(release)
+        return opened
 
     async def _exchange_all(self, parts: list[ClientRequest], request_id: str) -> list[Opened]:
         """Every part's exchange, concurrently (at most ``max_fan_out``); the first failure cancels
@@ -334,24 +405,41 @@ class Router:
 
     # ------------------------------------------------------------------ prefill
 
-    async def _prefill(self, parsed: ClientRequest, request_id: str) -> Prefilled | None:
-        """Return prefill's ``kv_transfer_params``, or None when decode should prefill locally."""
-        if parsed.num_prompt_tokens < self.config.min_disagg_tokens:
+    async def _prefill(self, parsed: ClientRequest, request_id: str, route: Route | None = None,
+                       decode: Instance | None = None) -> Prefilled | None:
+        """Return prefill's ``kv_transfer_params``, or None when decode should prefill locally.
+
+        With a ``route`` the first attempt goes to its prefill and later ones to the best other
+        prefill the decode (``decode``, else the route's) can read."""
+        if route is None and parsed.num_prompt_tokens < self.config.min_disagg_tokens:
+            self.metrics.local_prefill.labels("short_prompt").inc()
+            return None
+        if route is not None and route.local_reason == "short_prompt" and decode is None:
             self.metrics.local_prefill.labels("short_prompt").inc()
             return None
         failures: list[str] = []
         tried: set[str] = set()
         body = encode_body(prefill_body(parsed.body))
         for attempt in range(self.config.max_attempts):
-            instance = self.prefill.pick(parsed.num_prompt_tokens, frozenset(tried))
+            if route is None:
+                instance = self.prefill.pick(parsed.num_prompt_tokens, frozenset(tried))
+            elif attempt == 0 and decode is None:
+                instance = route.prefill
+            else:
+                instance = self.routing.retry_prefill(route, decode or route.decode, tried)
             if instance is None:
                 break
             tried.add(instance.url)
             if attempt:
                 self.metrics.retries.labels(Role.PREFILL.value).inc()
+            num_tokens = parsed.num_prompt_tokens if route is None else route.uncached(instance)
+            leg = body if route is None or instance.config.kv_events is None else encode_body(
+                report_reused_blocks(prefill_body(parsed.body)))
             try:
-                with self.prefill.track(instance, parsed.num_prompt_tokens):
-                    return Prefilled(await self._call_prefill(instance, parsed.endpoint, body, request_id),
+                with self.prefill.track(instance, num_tokens):
+                    if route is not None:
+                        self.routing.prefill_sent(route, instance)
+                    return Prefilled(await self._call_prefill(instance, parsed.endpoint, leg, request_id),
                                      instance.url)
             except UpstreamFailure as exc:
                 self.prefill.record_failure(instance, str(exc))
@@ -396,14 +484,21 @@ class Router:
 
     # ------------------------------------------------------------------ decode
 
-    async def _decode(self, parsed: ClientRequest, prefilled: Prefilled | None, request_id: str) -> Opened:
+    async def _decode(self, parsed: ClientRequest, prefilled: Prefilled | None, request_id: str,
+                      route: Route | None = None) -> Opened:
         """Decode on one instance after another, then recover on the last one (module docstring, step 3)."""
         failures: list[str] = []
         failure: UpstreamFailure | None = None
         instance: Instance | None = None
         tried: set[str] = set()
-        for _ in range(self.config.max_attempts):
-            candidate = self.decode.pick(parsed.num_prompt_tokens, frozenset(tried))
+        for attempt in range(self.config.max_attempts):
+            if route is not None and attempt == 0:
+                candidate = route.decode
+            else:
+                exclude = frozenset(tried)
+                if route is not None and prefilled is not None and not failure.delivered:
+                    exclude |= self.routing.compatible_decodes(prefilled.url)  # it must read these params
+                candidate = self.decode.pick(parsed.num_prompt_tokens, exclude)
             if candidate is None:
                 break
             instance = candidate
@@ -414,9 +509,9 @@ class Router:
                     self.metrics.recoveries.labels(RecoveryAction.OTHER_DECODE_SAME_PARAMS.value).inc()
                 elif prefilled is not None:
                     self.metrics.recoveries.labels(RecoveryAction.OTHER_DECODE_FRESH_PREFILL.value).inc()
-                    prefilled = await self._prefill(parsed, request_id)
+                    prefilled = await self._prefill(parsed, request_id, route, instance)
             try:
-                return await self._decode_once(instance, parsed, prefilled, request_id)
+                return await self._decode_once(instance, parsed, prefilled, request_id, route)
             except UpstreamFailure as exc:
                 failure = self._decode_failed(instance, exc, "", failures, request_id)
         if failure is None:
@@ -430,9 +525,9 @@ class Router:
                 self.metrics.local_prefill.labels("decode_failed").inc()
                 prefilled = None
             else:
-                prefilled = await self._prefill(parsed, request_id)
+                prefilled = await self._prefill(parsed, request_id, route, instance)
             try:
-                return await self._decode_once(instance, parsed, prefilled, request_id)
+                return await self._decode_once(instance, parsed, prefilled, request_id, route)
             except UpstreamFailure as exc:
                 failure = self._decode_failed(instance, exc, f"{action.value}: ", failures, request_id)
         raise RouteError(502, ErrorCause.DECODE_FAILED, "decode failed: " + "; ".join(failures))
@@ -445,9 +540,11 @@ class Router:
         return exc
 
     async def _decode_once(self, instance: Instance, parsed: ClientRequest, prefilled: Prefilled | None,
-                           request_id: str) -> Opened:
+                           request_id: str, route: Route | None = None) -> Opened:
         """One decode call, up to the first event of a stream or the whole body of an answer."""
         tracked = contextlib.ExitStack()
+        if route is not None:  # its KV tokens were counted when the route was planned (_exchange)
+            self.routing.decode_sent(route, instance, None if prefilled is None else prefilled.url)
         tracked.enter_context(self.decode.track(instance, parsed.num_prompt_tokens))
         start = time.perf_counter()
         params = None if prefilled is None else prefilled.params
@@ -710,7 +807,7 @@ def _error_json(status: int, message: str) -> dict[str, Any]:
 
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-                404: "NotFoundError", 413: "RequestTooLargeError", 502: "BadGatewayError",
+                404: "NotFoundError", 409: "ConflictError", 413: "RequestTooLargeError", 502: "BadGatewayError",
                 503: "ServiceUnavailableError"}
 
 
@@ -741,9 +838,11 @@ def build_app(config: RouterConfig) -> web.Application:
         router.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
                                                cookie_jar=aiohttp.DummyCookieJar())
         probes = asyncio.create_task(router.run_health_probes())
+        router.routing.start(router.session)
         yield
         probes.cancel()
         await asyncio.gather(probes, return_exceptions=True)
+        await router.routing.stop()
         await router.session.close()
 
     app.cleanup_ctx.append(lifecycle)
@@ -753,6 +852,8 @@ def build_app(config: RouterConfig) -> web.Application:
     app.router.add_get("/health", router.health)
     app.router.add_get("/metrics", router.metrics_page)
     app.router.add_route("*", "/admin/{action}", router.admin)
+    app.router.add_get("/debug/route", router.debug_route)
+    app.router.add_post("/debug/route", router.debug_route)
     return app
 
 

@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per answer (SSE events when streaming)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--router-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for the router, e.g. --router-arg=--prefill-policy=kv_aware (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     fakes.start()
     router = subprocess.Popen(
         [sys.executable, "-m", "vllm_hetero_pd.cli", "proxy", "--port", str(router_port), "--log-level", "WARNING",
-         "--prefill", f"http://127.0.0.1:{prefill_port}", "--decode", f"http://127.0.0.1:{decode_port}"])
+         "--prefill", f"http://127.0.0.1:{prefill_port}", "--decode", f"http://127.0.0.1:{decode_port}",
+         *args.router_arg])
     try:
         results = asyncio.run(_measure(args, prefill_port, decode_port, router_port, router.pid))
     finally:
@@ -182,6 +185,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _print_table(results: list[ModeResult], args: argparse.Namespace) -> None:
     print(f"router overhead vs direct P->D calls (fake instances, {args.max_tokens} tokens, "
+          f"router args {' '.join(args.router_arg) or 'none'}, load average {os.getloadavg()[0]:.1f}, "
           f"latency: {args.latency_requests} sequential requests each, throughput: {args.requests} requests "
           f"at concurrency {args.concurrency})")
     print("| mode | direct p50 ms | router p50 ms | added p50 ms | direct p99 ms | router p99 ms | added p99 ms "

@@ -38,16 +38,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
     parser.add_argument("--log-level", default="INFO")
     # Defaults of the flags below live in config.py only; None means "not given".
-    parser.add_argument("--prefill", action="append", default=[], metavar="URL[,weight=W]",
-                        help="a prefill instance, e.g. http://10.0.0.1:8100,weight=2 (repeatable)")
-    parser.add_argument("--decode", action="append", default=[], metavar="URL[,weight=W]",
-                        help="a decode instance (repeatable)")
+    parser.add_argument("--prefill", action="append", default=[], metavar="URL[,weight=W][,kv_events=tcp://H:P]",
+                        help="a prefill instance, e.g. http://10.0.0.1:8100,weight=2,kv_events=tcp://10.0.0.1:5557 "
+                             "(repeatable; also kv_events_replay=, kv_format=)")
+    parser.add_argument("--decode", action="append", default=[], metavar="URL[,weight=W][,kv_events=tcp://H:P]",
+                        help="a decode instance (repeatable; same options)")
     parser.add_argument("--prefill-policy", type=Policy, choices=list(Policy), metavar=_POLICIES,
-                        help="default least_work")
+                        help="default least_work; kv_aware: cached prefix vs pending work")
     parser.add_argument("--decode-policy", type=Policy, choices=list(Policy), metavar=_POLICIES,
-                        help="default least_work")
+                        help="default least_work; kv_aware: load and KV capacity from /metrics")
     parser.add_argument("--min-disagg-tokens", type=int,
-                        help="prompts estimated shorter than this are prefilled by decode itself (default 0: never)")
+                        help="prompts whose part not cached on the chosen decode is shorter than this are prefilled "
+                             "by decode itself (default 0: never)")
+    parser.add_argument("--tokenizer", metavar="MODEL_DIR",
+                        help="the model directory (with tokenizer.json): count prompts in the engine's tokens")
     parser.add_argument("--no-local-prefill-fallback", action="store_const", const=False,
                         dest="local_prefill_fallback",
                         help="fail requests instead of prefilling on decode when no prefill instance can serve")
@@ -69,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="environment variable holding the admin token (admin endpoints are off without it)")
 
 
-_TOP_LEVEL = ("min_disagg_tokens", "local_prefill_fallback", "max_attempts", "max_fan_out")
+_TOP_LEVEL = ("min_disagg_tokens", "local_prefill_fallback", "max_attempts", "max_fan_out", "tokenizer")
 _HEALTH = {"max_failures": "max_failures", "health_interval_s": "interval_s"}
 _TIMEOUTS = {"prefill_timeout_s": "prefill_s", "decode_first_byte_timeout_s": "decode_first_byte_s",
              "decode_idle_timeout_s": "decode_idle_s"}
@@ -109,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        if config.tokenizer is not None:
+            from vllm_hetero_pd.router.tokens import PromptTokenizer
+
+            PromptTokenizer(config.tokenizer)  # fail here, with the message, not inside the server
     except ConfigError as exc:
         print(f"vllm-hetero-pd proxy: {exc}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ class Policy(str, enum.Enum):
 
     ROUND_ROBIN = "round_robin"
     LEAST_WORK = "least_work"
+    KV_AWARE = "kv_aware"  # prefill: cached prefix vs pending work; decode: load and KV capacity (scoring.py)
 
 
 _USER = dict(frozen=True, kw_only=True, forbid_unknown_fields=True)
@@ -39,20 +40,97 @@ def _positive(name: str, value: float) -> None:
 
 
 class InstanceConfig(msgspec.Struct, **_USER):
-    """One vLLM server: its base URL (no ``/v1``) and its capacity weight relative to its pool."""
+    """One vLLM server: its base URL (no ``/v1``) and its capacity weight relative to its pool.
+
+    ``kv_events``: the ZMQ endpoint its engine publishes KV cache events on (vLLM's
+    ``--kv-events-config '{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint":
+    "tcp://*:5557"}'``, here ``tcp://host:5557``); ``kv_events_replay``: its ``replay_endpoint``,
+    used to fetch batches the router missed. Without ``kv_events`` the router tracks what it sent
+    the instance instead. ``kv_format``: a label for the KV format the instance exports or reads
+    (for example the connector's ``export_format`` preset); a prefill and a decode with different
+    labels pay the decode's translation time, and ``pairs`` rules may forbid the pair.
+    """
 
     url: str
     weight: float = 1.0
+    kv_events: str | None = None
+    kv_events_replay: str | None = None
+    kv_format: str = ""
 
     def __post_init__(self) -> None:
         check_url(self.url)
         if not self.weight > 0:
             raise ConfigError(f"instance {self.url}: weight must be > 0, got {self.weight}")
+        for name in ("kv_events", "kv_events_replay"):
+            endpoint = getattr(self, name)
+            if endpoint is not None and not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ConfigError(f"instance {self.url}: {name} {endpoint!r} must be a ZMQ endpoint like "
+                                  "tcp://host:5557")
+        if self.kv_events_replay is not None and self.kv_events is None:
+            raise ConfigError(f"instance {self.url}: kv_events_replay needs kv_events as well")
 
 
 class PoolConfig(msgspec.Struct, **_USER):
     instances: tuple[InstanceConfig, ...] = ()
     policy: Policy = Policy.LEAST_WORK
+
+
+class PairRule(msgspec.Struct, **_USER):
+    """A fact about prefill->decode pairs. ``prefill``/``decode`` match an instance URL, a
+    ``kv_format`` label, or ``*`` (any). ``compatible: false`` means the decode cannot read (or
+    translate) that prefill's KV: the pair is never chosen. ``transfer_ms_per_1k_tokens`` is a
+    known transfer cost (for example a slow link) used instead of the decode's measured one.
+    The first matching rule wins.
+    """
+
+    prefill: str = "*"
+    decode: str = "*"
+    compatible: bool = True
+    transfer_ms_per_1k_tokens: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.transfer_ms_per_1k_tokens is not None and self.transfer_ms_per_1k_tokens < 0:
+            raise ConfigError(f"pairs: transfer_ms_per_1k_tokens must be >= 0, got {self.transfer_ms_per_1k_tokens}")
+
+    def matches(self, prefill_url: str, prefill_format: str, decode_url: str, decode_format: str) -> bool:
+        return (self.prefill in ("*", prefill_url, prefill_format)
+                and self.decode in ("*", decode_url, decode_format))
+
+
+class ScoringConfig(msgspec.Struct, **_USER):
+    """Weights and inputs of the ``kv_aware`` policies (see ``scoring.py`` and docs/router.md).
+
+    Costs are in prefill-token equivalents. A prefill costs ``(pending + prompt - prefix_weight *
+    cached) / weight``; a decode ``decode_weight * (used + needed) / weight`` plus
+    ``waiting_penalty_tokens`` per waiting request, and a decode whose KV would pass
+    ``kv_high_watermark`` is chosen only when every decode would; a pair adds its expected
+    transfer and translation seconds times ``prefill_tokens_per_s * pair_weight``.
+    """
+
+    prefix_weight: float = 1.0
+    decode_weight: float = 1.0
+    pair_weight: float = 1.0
+    waiting_penalty_tokens: float = 512.0
+    kv_high_watermark: float = 0.9
+    prefill_tokens_per_s: float = 4000.0
+    expected_output_tokens: int = 256
+    block_size: int = 16
+    approx_capacity_blocks: int = 65536
+    approx_ttl_s: float = 600.0
+    metrics_interval_s: float = 1.0
+    resync_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("prefix_weight", "decode_weight", "pair_weight", "waiting_penalty_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"scoring.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.kv_high_watermark <= 1:
+            raise ConfigError(f"scoring.kv_high_watermark must be in (0, 1], got {self.kv_high_watermark}")
+        for name in ("prefill_tokens_per_s", "approx_ttl_s", "metrics_interval_s", "resync_s"):
+            _positive(f"scoring.{name}", getattr(self, name))
+        for name in ("block_size", "approx_capacity_blocks", "expected_output_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"scoring.{name} must be >= 1, got {getattr(self, name)}")
 
 
 class HealthConfig(msgspec.Struct, **_USER):
@@ -107,6 +185,10 @@ class RouterConfig(msgspec.Struct, **_USER):
     ``api_key``: what clients must send as ``Authorization: Bearer``; ``upstream_api_key``: what the
     router sends to instances started with ``--api-key`` (the client's header is never forwarded).
     ``admin_token``: what admin endpoints require; without it they are disabled.
+    ``tokenizer``: the model directory (or its ``tokenizer.json``); with it, prompt lengths and
+    prefixes are counted in the engine's tokens, without it estimated (characters / 4).
+    ``pairs``: rules about prefill->decode pairs (``PairRule``). ``scoring``: the ``kv_aware``
+    weights (``ScoringConfig``).
     """
 
     prefill: PoolConfig = msgspec.field(default_factory=PoolConfig)
@@ -121,6 +203,9 @@ class RouterConfig(msgspec.Struct, **_USER):
     local_prefill_fallback: bool = True
     max_attempts: int = 3
     max_fan_out: int = 64
+    tokenizer: str | None = None
+    pairs: tuple[PairRule, ...] = ()
+    scoring: ScoringConfig = msgspec.field(default_factory=ScoringConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     timeouts: TimeoutConfig = msgspec.field(default_factory=TimeoutConfig)
 
@@ -141,6 +226,9 @@ class RouterConfig(msgspec.Struct, **_USER):
             raise ConfigError(f"min_disagg_tokens must be >= 0, got {self.min_disagg_tokens}")
         if self.api_key is not None and self.api_key == self.admin_token:
             raise ConfigError("api_key and admin_token must differ: a client key must not unlock admin endpoints")
+        if self.tokenizer is not None and not (Path(self.tokenizer).is_dir() or Path(self.tokenizer).is_file()):
+            raise ConfigError(f"tokenizer {self.tokenizer!r} does not exist; pass the model directory (the one "
+                              "holding tokenizer.json)")
         seen: set[str] = set()
         for instance in (*self.prefill.instances, *self.decode.instances):
             if instance.url in seen:
@@ -157,19 +245,27 @@ def check_url(url: str) -> None:
         raise ConfigError(f"instance URL {url!r} must be a base URL like http://host:port (no path such as /v1)")
 
 
+_INSTANCE_OPTIONS = ("weight", "kv_events", "kv_events_replay", "kv_format")
+
+
 def parse_instance(spec: str) -> InstanceConfig:
-    """Parse ``URL[,weight=W]`` as given to ``--prefill``/``--decode``."""
+    """Parse ``URL[,weight=W][,kv_events=tcp://H:P][,kv_events_replay=tcp://H:P][,kv_format=LABEL]``
+    as given to ``--prefill``/``--decode``."""
     url, *options = spec.split(",")
-    weight = 1.0
+    fields: dict = {}
     for option in options:
         key, sep, value = option.partition("=")
-        if key.strip() != "weight" or not sep:
-            raise ConfigError(f"instance {spec!r}: unknown option {option!r}; the only option is weight=W")
+        key = key.strip()
+        if key not in _INSTANCE_OPTIONS or not sep:
+            raise ConfigError(f"instance {spec!r}: unknown option {option!r}; options are "
+                              + ", ".join(f"{k}=..." for k in _INSTANCE_OPTIONS))
+        fields[key] = value.strip()
+    if "weight" in fields:
         try:
-            weight = float(value)
+            fields["weight"] = float(fields["weight"])
         except ValueError:
-            raise ConfigError(f"instance {spec!r}: weight {value!r} is not a number") from None
-    return InstanceConfig(url=url.strip().rstrip("/"), weight=weight)
+            raise ConfigError(f"instance {spec!r}: weight {fields['weight']!r} is not a number") from None
+    return InstanceConfig(url=url.strip().rstrip("/"), **fields)
 
 
 def load_config(path: str | Path) -> RouterConfig:

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from vllm_hetero_pd.router.protocol import Endpoint
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_COST_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)  # prefill-token equivalents
+_PAIR_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class ErrorCause(str, enum.Enum):
@@ -84,6 +86,50 @@ class RouterMetrics:
         self.local_prefill = Counter(
             "hetero_pd_router_local_prefill", "Requests prefilled by the decode instance itself", ["reason"],
             registry=r,
+        )
+        # kv_aware routing: one sample per routed part (see routing.py)
+        self.routes = Counter(
+            "hetero_pd_router_routes", "Routing decisions by chosen pair (prefill 'local': the decode prefills)",
+            ["prefill", "decode"], registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "hetero_pd_router_prompt_tokens", "Prompt tokens routed to each instance (exact with a tokenizer)",
+            ["role", "instance"], registry=r,
+        )
+        self.prefix_hit_tokens = Counter(
+            "hetero_pd_router_prefix_hit_tokens", "Prompt tokens the chosen instance was expected to have cached, "
+            "by where the router knew it from (events, sent)", ["role", "instance", "source"], registry=r,
+        )
+        self.route_cost = Histogram(
+            "hetero_pd_router_route_cost", "Cost of the chosen pair by term (prefill-token equivalents)", ["term"],
+            buckets=_COST_BUCKETS, registry=r,
+        )
+        self.pair_transfer = Histogram(
+            "hetero_pd_router_pair_transfer_seconds", "Expected KV transfer + translation time of the chosen pair",
+            ["prefill", "decode"], buckets=_PAIR_BUCKETS_S, registry=r,
+        )
+        self.over_watermark = Counter(
+            "hetero_pd_router_decode_over_watermark", "Requests sent to a decode whose KV would pass the watermark "
+            "(every decode would)", ["decode"], registry=r,
+        )
+        self.kv_events = Counter(
+            "hetero_pd_router_kv_events", "KV cache events applied, by instance and kind", ["instance", "kind"],
+            registry=r,
+        )
+        self.kv_event_gaps = Counter(
+            "hetero_pd_router_kv_event_gaps", "Breaks in an instance's KV event stream, by outcome (replayed, "
+            "rebuilt, restarted)", ["instance", "outcome"], registry=r,
+        )
+        self.prefix_view_synced = Gauge(
+            "hetero_pd_router_prefix_view_synced", "1 while the instance's prefix view follows its KV events, 0 "
+            "while the router's own record of what it sent answers", ["role", "instance"], registry=r,
+        )
+        self.kv_usage = Gauge(
+            "hetero_pd_router_instance_kv_usage", "KV cache usage an instance last reported (vllm:kv_cache_usage_perc)",
+            ["role", "instance"], registry=r,
+        )
+        self.scrape_failures = Counter(
+            "hetero_pd_router_scrape_failures", "Failed polls of an instance's /metrics", ["instance"], registry=r,
         )
         self.stripped_kv_params = Counter(
             "hetero_pd_router_stripped_kv_transfer_params", "Client requests whose kv_transfer_params were removed",

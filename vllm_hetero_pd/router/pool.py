@@ -22,9 +22,11 @@ from contextlib import contextmanager
 
 import aiohttp
 
-from vllm_hetero_pd.router.config import HealthConfig, InstanceConfig, Policy, Role
+from vllm_hetero_pd.router.config import HealthConfig, InstanceConfig, Policy, Role, ScoringConfig
+from vllm_hetero_pd.router.load import LoadSample, TransferRate
 from vllm_hetero_pd.router.metrics import RouterMetrics
 from vllm_hetero_pd.router.policy import Candidate, choose
+from vllm_hetero_pd.router.prefix import PrefixView
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +40,28 @@ class AdminError(ValueError):
 class Instance:
     """Runtime state of one instance. Mutated only by its ``Pool``."""
 
-    __slots__ = ("role", "url", "weight", "num_active_requests", "num_pending_tokens", "consecutive_failures",
-                 "ejected", "num_ejections_in_row", "num_good_probes", "draining", "rr_pass",
-                 "in_flight_gauge", "latency_histogram", "first_byte_histogram")
+    __slots__ = ("role", "url", "weight", "config", "num_active_requests", "num_pending_tokens", "num_active_kv_tokens",
+                 "consecutive_failures", "ejected", "num_ejections_in_row", "num_good_probes", "draining", "rr_pass",
+                 "in_flight_gauge", "latency_histogram", "first_byte_histogram", "prefix", "load",
+                 "num_kv_tokens_since_scrape", "transfer_rate", "translate_rate")
 
-    def __init__(self, role: Role, config: InstanceConfig, rr_pass: float, metrics: RouterMetrics) -> None:
+    def __init__(self, role: Role, config: InstanceConfig, rr_pass: float, metrics: RouterMetrics,
+                 scoring: ScoringConfig | None = None) -> None:
+        scoring = scoring or ScoringConfig()
         self.role = role
         self.url = config.url.rstrip("/")
         self.weight = config.weight
+        self.config = config
         self.num_active_requests = 0
         self.num_pending_tokens = 0
+        self.num_active_kv_tokens = 0  # decode: prompt + expected output of the requests on it
+        # what the kv_aware policies know of it (see prefix.py, load.py)
+        self.prefix = PrefixView(config.kv_events is not None, scoring.approx_capacity_blocks, scoring.approx_ttl_s,
+                                 scoring.resync_s)
+        self.load: LoadSample | None = None
+        self.num_kv_tokens_since_scrape = 0
+        self.transfer_rate = TransferRate()
+        self.translate_rate = TransferRate()
         self.consecutive_failures = 0
         self.ejected = False
         self.num_ejections_in_row = 0
@@ -69,6 +83,11 @@ class Instance:
             "url": self.url, "role": self.role.value, "weight": self.weight, "ejected": self.ejected,
             "draining": self.draining, "num_active_requests": self.num_active_requests,
             "num_pending_tokens": self.num_pending_tokens, "consecutive_failures": self.consecutive_failures,
+            "kv_format": self.config.kv_format, "kv_events": self.config.kv_events,
+            "kv_usage": None if self.load is None else self.load.kv_usage,
+            "num_waiting": None if self.load is None else self.load.num_waiting,
+            "prefix_blocks_events": None if self.prefix.events is None else self.prefix.events.num_blocks,
+            "prefix_blocks_sent": self.prefix.sent.num_blocks,
         }
 
 
@@ -76,18 +95,22 @@ class Pool:
     """The instances of one role and the policy that picks among them."""
 
     def __init__(self, role: Role, policy: Policy, configs: tuple[InstanceConfig, ...], max_failures: int,
-                 metrics: RouterMetrics) -> None:
+                 metrics: RouterMetrics, scoring: ScoringConfig | None = None) -> None:
         self.role = role
         self.policy = policy
         self.max_failures = max_failures
         self.metrics = metrics
+        self.scoring = scoring
         self.instances: list[Instance] = []
         for config in configs:
             self.add(config)
 
     def pick(self, num_prompt_tokens: int, exclude: frozenset[str] = frozenset()) -> Instance | None:
-        """Choose an available instance not in ``exclude`` (URLs already tried); None if there is none."""
-        eligible = [i for i in self.instances if i.available and i.url not in exclude]
+        """Choose an available instance not in ``exclude`` (URLs already tried); None if there is none.
+
+        ``kv_aware`` pools are chosen by ``routing.py``; asked here (e.g. for a retry) they pick as
+        ``least_work`` does."""
+        eligible = self.eligible(exclude)
         if not eligible:
             return None
         candidates = [
@@ -95,21 +118,32 @@ class Pool:
                       num_active_requests=i.num_active_requests, rr_pass=i.rr_pass)
             for i in eligible
         ]
-        chosen = eligible[choose(self.policy, self.role, candidates, num_prompt_tokens)]
-        chosen.rr_pass += 1.0 / chosen.weight
+        policy = Policy.LEAST_WORK if self.policy is Policy.KV_AWARE else self.policy
+        chosen = eligible[choose(policy, self.role, candidates, num_prompt_tokens)]
+        self.picked(chosen)
         return chosen
 
+    def eligible(self, exclude: frozenset[str] = frozenset()) -> list[Instance]:
+        return [i for i in self.instances if i.available and i.url not in exclude]
+
+    def picked(self, instance: Instance) -> None:
+        """Advance the round-robin pass of an instance chosen (by any policy)."""
+        instance.rr_pass += 1.0 / instance.weight
+
     @contextmanager
-    def track(self, instance: Instance, num_prompt_tokens: int) -> Iterator[None]:
-        """Count a request as in flight on ``instance`` for the duration of the block."""
+    def track(self, instance: Instance, num_prompt_tokens: int, num_kv_tokens: int = 0) -> Iterator[None]:
+        """Count a request as in flight on ``instance`` for the duration of the block: its prompt
+        tokens still to compute (prefill) or the KV tokens it holds (decode)."""
         instance.num_active_requests += 1
         instance.num_pending_tokens += num_prompt_tokens
+        instance.num_active_kv_tokens += num_kv_tokens
         instance.in_flight_gauge.inc()
         try:
             yield
         finally:
             instance.num_active_requests -= 1
             instance.num_pending_tokens -= num_prompt_tokens
+            instance.num_active_kv_tokens -= num_kv_tokens
             instance.in_flight_gauge.dec()
 
     def record_success(self, instance: Instance) -> None:
@@ -141,6 +175,7 @@ class Pool:
 
     def _readmit(self, instance: Instance) -> None:
         instance.rr_pass = max(instance.rr_pass, self._min_pass())  # no catch-up burst
+        instance.prefix.reset("re-admitted after an ejection: it may have restarted")
         instance.ejected = False
         instance.consecutive_failures = self.max_failures - 1  # probation
         self.metrics.readmissions.labels(self.role.value).inc()
@@ -165,7 +200,7 @@ class Pool:
         url = config.url.rstrip("/")
         if self.find(url) is not None:
             raise AdminError(f"{self.role.value} instance {url} already exists; remove it first to change it")
-        instance = Instance(self.role, config, self._min_pass(), self.metrics)
+        instance = Instance(self.role, config, self._min_pass(), self.metrics, self.scoring)
         self.instances.append(instance)
         self.metrics.healthy.labels(self.role.value, url).set(1)
         return instance

@@ -142,6 +142,16 @@ def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def report_reused_blocks(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` asking vLLM to publish a ``BlockStored`` for every prefix block it reuses, not only
+    for new ones (``vllm_xargs.kv_cache_report_mode = "full"``), so the router's KV event index
+    refills from traffic after it was cleared. A client's other ``vllm_xargs`` are kept."""
+    xargs = body.get("vllm_xargs")
+    if xargs is not None and not isinstance(xargs, dict):
+        return body
+    return {**body, "vllm_xargs": {**(xargs or {}), "kv_cache_report_mode": "full"}}
+
+
 def encode_body(body: dict[str, Any]) -> bytes:
     """JSON for an upstream call; a body too deep to encode is the client's fault (400)."""
     try:

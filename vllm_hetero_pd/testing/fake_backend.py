@@ -19,6 +19,16 @@ It speaks the parts of vLLM's protocol the router depends on, and checks them:
   ``data: [DONE]``;
 * a client that disconnects cancels its request (``num_cancelled``), as vLLM aborts it.
 
+With ``prefix_cache_blocks`` an instance keeps an LRU prefix cache of that many blocks, keyed
+by its own hash chain (sha256, unlike the router's), counts hits in ``vllm:prefix_cache_*`` on
+``/metrics`` and, with ``kv_events=True``, publishes vLLM's KV events (``BlockStored`` with parent
+hash and token ids, ``BlockRemoved``, ``AllBlocksCleared``) on a ZMQ PUB socket, with a replay
+ROUTER socket like vLLM's (``kv_events_endpoint``/``kv_replay_endpoint``; ``EventFaults`` drops
+batches or restarts the sequence). ``prefill_s_per_token`` makes each uncached prompt token cost
+time, so cache hits show in latency. A decode reports ``vllm:kv_cache_usage_perc`` from the KV
+its requests in flight hold (prompt + max_tokens), counts a preemption whenever that passes its
+capacity, and adds ``transfer_s_per_token`` per loaded token to ``vllm:hetero_pd_transfer_seconds``.
+
 Output is deterministic: token ``i`` of a choice is `` w<(crc32(prompt, seed) + i) % 1000>``, so a
 test can compare an answer through the router with a direct call (``choice_tokens``).
 ``Faults`` injects failures.
@@ -75,6 +85,69 @@ class Faults:
         self.health_status = 200
 
 
+class EventFaults:
+    """KV event knobs: ``drop_batches`` publishes nothing for the next N batches (their sequence
+    numbers are used up, so the subscriber sees a gap); ``replay_enabled`` False makes the replay
+    socket answer with nothing but the end marker."""
+
+    def __init__(self) -> None:
+        self.drop_batches = 0
+        self.replay_enabled = True
+
+
+class FakePrefixCache:
+    """An engine-like LRU cache of full blocks: engine hash -> tokens, chained by sha256."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.blocks: dict[bytes, None] = {}  # insertion order = LRU order
+        self.num_queries = 0
+        self.num_hits = 0
+
+    def lookup_and_store(self, token_ids: list[int]) -> tuple[int, list[dict[str, Any]]]:
+        """Cached tokens of the prompt (as vLLM counts them), and the KV events caching it caused."""
+        bs = self.block_size
+        parent = b""
+        hashes = []
+        for start in range(0, len(token_ids) - bs + 1, bs):
+            parent = hashlib.sha256(parent + msgspec.msgpack.encode(token_ids[start:start + bs])).digest()
+            hashes.append(parent)
+        num_hit = 0
+        for h in hashes:
+            if h not in self.blocks:
+                break
+            num_hit += 1
+        cached = max(0, min(num_hit * bs, len(token_ids) - 1))
+        self.num_queries += len(token_ids)
+        self.num_hits += cached
+        events: list[dict[str, Any]] = []
+        for h in hashes[:num_hit]:  # touch
+            self.blocks.pop(h)
+            self.blocks[h] = None
+        new = hashes[num_hit:]
+        if new:
+            events.append({"type": "BlockStored", "block_hashes": new,
+                           "parent_block_hash": hashes[num_hit - 1] if num_hit else None,
+                           "token_ids": token_ids[num_hit * bs:len(hashes) * bs], "block_size": bs,
+                           "lora_id": None, "medium": "GPU", "lora_name": None})
+            for h in new:
+                self.blocks[h] = None
+        evicted = []
+        while len(self.blocks) > self.num_blocks:
+            oldest = next(iter(self.blocks))
+            if oldest in new:
+                break
+            del self.blocks[oldest]
+            evicted.append(oldest)
+        if evicted:
+            events.append({"type": "BlockRemoved", "block_hashes": evicted, "medium": "GPU"})
+        return cached, events
+
+    def clear(self) -> None:
+        self.blocks.clear()
+
+
 class Received(msgspec.Struct, frozen=True, kw_only=True):
     """One generate request as the fake saw it."""
 
@@ -89,9 +162,32 @@ class FakeVllm:
 
     def __init__(self, role: str, engine_id: str | None = None, *, model: str = "fake-model",
                  prefill_engine_ids: frozenset[str] = frozenset(), allow_local_prefill: bool = True,
-                 token_interval_s: float = 0.0, record: bool = True) -> None:
+                 token_interval_s: float = 0.0, record: bool = True, prefix_cache_blocks: int = 0,
+                 block_size: int = 16, kv_events: bool = False, tokenizer: Any = None,
+                 prefill_s_per_token: float = 0.0, kv_capacity_tokens: int | None = None,
+                 transfer_s_per_token: float = 0.0) -> None:
         if role not in ("prefill", "decode"):
             raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
+        self.cache = FakePrefixCache(prefix_cache_blocks, block_size) if prefix_cache_blocks else None
+        self.kv_events = kv_events
+        self.event_faults = EventFaults()
+        self.tokenizer = tokenizer  # a router.tokens.PromptTokenizer, so text prompts hash as the router's do
+        self.prefill_s_per_token = prefill_s_per_token
+        self.kv_capacity_tokens = kv_capacity_tokens
+        self.transfer_s_per_token = transfer_s_per_token
+        self.num_active_kv_tokens = 0
+        self.num_preemptions = 0
+        self.num_transfer_s = 0.0
+        self.num_transfers = 0
+        self.computed_tokens = 0
+        self.start_time = time.time()
+        self.kv_events_endpoint = ""
+        self.kv_replay_endpoint = ""
+        self._seq = 0
+        self._published: list[tuple[int, bytes]] = []
+        self._zmq: Any = None
+        self._replay_task: asyncio.Task | None = None
+        self._sub_task: asyncio.Task | None = None
         self.role = role
         self.engine_id = engine_id or f"{role}-engine"
         self.model = model
@@ -121,13 +217,80 @@ class FakeVllm:
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1,
                                      handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port or self.port, reuse_address=True)
         await site.start()
         self.port = self._runner.addresses[0][1]
+        if self.kv_events and self._zmq is None:
+            self._start_publisher()
         return self
+
+    def _start_publisher(self) -> None:
+        import zmq
+        import zmq.asyncio
+
+        context = zmq.asyncio.Context()
+        pub = context.socket(zmq.XPUB)  # as vLLM's PUB for subscribers; XPUB also tells who subscribed
+        pub.setsockopt(zmq.LINGER, 0)
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        replay = context.socket(zmq.ROUTER)
+        replay.setsockopt(zmq.LINGER, 0)
+        replay_port = replay.bind_to_random_port("tcp://127.0.0.1")
+        self._zmq = (context, pub, replay)
+        self.kv_events_endpoint = f"tcp://127.0.0.1:{port}"
+        self.kv_replay_endpoint = f"tcp://127.0.0.1:{replay_port}"
+        self._replay_task = asyncio.get_running_loop().create_task(self._serve_replay(replay))
+        self._subscribed = asyncio.Event()
+        self._sub_task = asyncio.get_running_loop().create_task(self._watch_subscriptions(pub))
+
+    async def _watch_subscriptions(self, pub: Any) -> None:
+        while True:
+            message = await pub.recv()
+            if message[:1] == b"\x01":
+                self._subscribed.set()
+
+    async def wait_subscribed(self, timeout_s: float = 10.0) -> None:
+        """Until a subscriber (the router) has joined the event stream; ZMQ drops what it sends before."""
+        await asyncio.wait_for(self._subscribed.wait(), timeout_s)
+
+    async def _serve_replay(self, replay: Any) -> None:
+        while True:
+            client, _, start = await replay.recv_multipart()
+            first = int.from_bytes(start, "big")
+            if self.event_faults.replay_enabled:
+                for seq, payload in list(self._published):
+                    if seq >= first:
+                        await replay.send_multipart([client, b"", b"", seq.to_bytes(8, "big"), payload])
+            await replay.send_multipart([client, b"", b"", (-1).to_bytes(8, "big", signed=True), b""])
+
+    def publish(self, events: list[dict[str, Any]]) -> None:
+        """Publish one batch of KV events (vLLM's frames: topic, 8-byte seq, msgpack batch)."""
+        if not self.kv_events or not events:
+            return
+        seq, self._seq = self._seq, self._seq + 1
+        payload = msgspec.msgpack.encode([time.time(), events, None])
+        self._published = (self._published + [(seq, payload)])[-1000:]
+        if self.event_faults.drop_batches > 0:
+            self.event_faults.drop_batches -= 1
+            return
+        self._zmq[1].send_multipart([b"", seq.to_bytes(8, "big"), payload], copy=True)
+
+    def restart_engine(self) -> None:
+        """As a restarted engine: the cache is empty and the event sequence starts again at 0."""
+        if self.cache is not None:
+            self.cache.clear()
+        self._seq = 0
+        self._published = []
+        self.start_time = time.time() + 1.0
+
+    def clear_prefix_cache(self) -> None:
+        """As vLLM's reset_prefix_cache: everything goes, and AllBlocksCleared is published."""
+        if self.cache is not None:
+            self.cache.clear()
+        self.publish([{"type": "AllBlocksCleared"}])
 
     async def stop(self) -> None:
         """Close the socket and cut every request in progress, as a crashed instance would."""
@@ -136,6 +299,67 @@ class FakeVllm:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._replay_task is not None:
+            for task in (self._replay_task, self._sub_task):
+                task.cancel()
+            await asyncio.gather(self._replay_task, self._sub_task, return_exceptions=True)
+            self._replay_task = None
+        if self._zmq is not None:
+            context, pub, replay = self._zmq
+            pub.close(linger=0)
+            replay.close(linger=0)
+            context.term()
+            self._zmq = None
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        capacity = self.kv_capacity_tokens
+        usage = 0.0 if not capacity else min(1.0, self.num_active_kv_tokens / capacity)
+        block_size = self.cache.block_size if self.cache else 16
+        num_blocks = (capacity // block_size) if capacity else (self.cache.num_blocks if self.cache else 1000)
+        labels = f'engine="0",model_name="{self.model}"'
+        lines = [
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{{{labels}}} {usage}",
+            f"vllm:num_requests_running{{{labels}}} {self.num_requests_in_progress}",
+            f"vllm:num_requests_waiting{{{labels}}} 0.0",
+            f'vllm:cache_config_info{{block_size="{block_size}",enable_prefix_caching="{self.cache is not None}",'
+            f'engine="0",num_gpu_blocks="{num_blocks}"}} 1.0',
+            f"vllm:prefix_cache_queries_total{{{labels}}} {self.cache.num_queries if self.cache else 0}",
+            f"vllm:prefix_cache_hits_total{{{labels}}} {self.cache.num_hits if self.cache else 0}",
+            f"vllm:num_preemptions_total{{{labels}}} {self.num_preemptions}",
+            f"vllm:hetero_pd_transfer_seconds_sum{{{labels}}} {self.num_transfer_s}",
+            f"vllm:hetero_pd_transfer_seconds_count{{{labels}}} {self.num_transfers}",
+            f"process_start_time_seconds {self.start_time}",
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    def _prompt_ids(self, body: dict[str, Any], chat: bool) -> list[int]:
+        if self.tokenizer is not None:
+            from vllm_hetero_pd.router.tokens import prompt_of
+
+            prompt = prompt_of(body, chat, self.tokenizer)
+            if prompt.exact:
+                return list(prompt.units)
+        return _token_ids(_prompts(body)[0])
+
+    async def _compute(self, body: dict[str, Any], chat: bool, loads_kv: bool) -> int:
+        """The simulated engine work of a prompt: cache lookup, events, time per uncached token;
+        returns the prompt's length in tokens."""
+        token_ids = self._prompt_ids(body, chat)
+        cached = 0
+        if self.cache is not None:
+            cached, events = self.cache.lookup_and_store(token_ids)
+            self.publish(events)
+        uncached = len(token_ids) - cached
+        if loads_kv:
+            self.num_transfer_s += uncached * self.transfer_s_per_token
+            self.num_transfers += 1
+            return len(token_ids)
+        self.computed_tokens += uncached
+        if self.prefill_s_per_token:
+            await asyncio.sleep(uncached * self.prefill_s_per_token)
+        return len(token_ids)
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=self.faults.health_status)
@@ -171,8 +395,31 @@ class FakeVllm:
         if problem:
             return _error(400, f"{self.engine_id}: {problem}")
         chat = request.path.endswith("/chat/completions")
+        simulated = (self.cache is not None or self.prefill_s_per_token or self.transfer_s_per_token
+                     or self.kv_capacity_tokens is not None)
         if self.role == "prefill":
+            if simulated:
+                await self._compute(body, chat, loads_kv=False)
             return web.json_response(self._prefill_answer(body, request_id, chat))
+        if not simulated:
+            return await self._decode_answer(request, body, chat, request_id)
+        num_prompt = await self._compute(body, chat, loads_kv="kv_transfer_params" in body)
+        return await self._decode_holding_kv(request, body, chat, request_id, num_prompt)
+
+    async def _decode_holding_kv(self, request: web.Request, body: dict[str, Any], chat: bool,
+                                 request_id: str | None, num_prompt_tokens: int) -> web.StreamResponse:
+        """A decode request holds its prompt and output KV while it runs; past capacity, vLLM preempts."""
+        num_kv = num_prompt_tokens + (body.get("max_tokens") or 16)
+        self.num_active_kv_tokens += num_kv
+        if self.kv_capacity_tokens is not None and self.num_active_kv_tokens > self.kv_capacity_tokens:
+            self.num_preemptions += 1
+        try:
+            return await self._decode_answer(request, body, chat, request_id)
+        finally:
+            self.num_active_kv_tokens -= num_kv
+
+    async def _decode_answer(self, request: web.Request, body: dict[str, Any], chat: bool,
+                             request_id: str | None) -> web.StreamResponse:
         if self.faults.fail_kv_loads > 0 and "kv_transfer_params" in body:
             self.faults.fail_kv_loads -= 1
             return await self._kv_load_failure(request, body)
@@ -265,11 +512,21 @@ class FakeCluster:
     def __init__(self, prefill_weights: Sequence[float] = (1.0,), decode_weights: Sequence[float] = (1.0,), *,
                  prefill_policy: Policy = Policy.LEAST_WORK, decode_policy: Policy = Policy.LEAST_WORK,
                  allow_local_prefill: bool = False, token_interval_s: float = 0.0, record: bool = True,
+                 prefill_options: Sequence[dict[str, Any]] = (), decode_options: Sequence[dict[str, Any]] = (),
                  **router_options: Any) -> None:
-        self.prefill = [FakeVllm("prefill", f"prefill-{i}", record=record) for i in range(len(prefill_weights))]
+        """``prefill_options``/``decode_options``: per instance, extra ``FakeVllm`` arguments, plus
+        ``kv_format`` (the router's label for it) and ``kv_replay`` (give the router the replay
+        endpoint too); with ``kv_events=True`` the router subscribes to the fake's events."""
+        options = [[dict(o) for o in prefill_options], [dict(o) for o in decode_options]]
+        for role, weights in enumerate((prefill_weights, decode_weights)):
+            options[role] += [{} for _ in range(len(weights) - len(options[role]))]
+        self._labels = [[(o.pop("kv_format", ""), o.pop("kv_replay", False)) for o in opts] for opts in options]
+        self.prefill = [FakeVllm("prefill", f"prefill-{i}", record=record, **options[0][i])
+                        for i in range(len(prefill_weights))]
         engine_ids = frozenset(p.engine_id for p in self.prefill)
         self.decode = [FakeVllm("decode", f"decode-{i}", prefill_engine_ids=engine_ids, record=record,
-                                allow_local_prefill=allow_local_prefill, token_interval_s=token_interval_s)
+                                allow_local_prefill=allow_local_prefill,
+                                **{"token_interval_s": token_interval_s, **options[1][i]})
                        for i in range(len(decode_weights))]
         self._weights = (tuple(prefill_weights), tuple(decode_weights))
         self._policies = (prefill_policy, decode_policy)
@@ -285,17 +542,23 @@ class FakeCluster:
         for fake in (*self.prefill, *self.decode):
             await fake.start()
         config = RouterConfig(
-            prefill=PoolConfig(instances=tuple(InstanceConfig(url=f.url, weight=w)
-                                               for f, w in zip(self.prefill, self._weights[0])),
+            prefill=PoolConfig(instances=tuple(self._instance(f, w, *labels) for f, w, labels
+                                               in zip(self.prefill, self._weights[0], self._labels[0])),
                                policy=self._policies[0]),
-            decode=PoolConfig(instances=tuple(InstanceConfig(url=f.url, weight=w)
-                                              for f, w in zip(self.decode, self._weights[1])),
+            decode=PoolConfig(instances=tuple(self._instance(f, w, *labels) for f, w, labels
+                                              in zip(self.decode, self._weights[1], self._labels[1])),
                               policy=self._policies[1]),
             **self._router_options,
         )
         self.router = await start_router(config)
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self
+
+    @staticmethod
+    def _instance(fake: FakeVllm, weight: float, kv_format: str, kv_replay: bool) -> InstanceConfig:
+        return InstanceConfig(url=fake.url, weight=weight, kv_format=kv_format,
+                              kv_events=fake.kv_events_endpoint or None,
+                              kv_events_replay=fake.kv_replay_endpoint if kv_replay and fake.kv_events else None)
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.session.close()

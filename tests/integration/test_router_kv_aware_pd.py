@@ -1,0 +1,117 @@
+"""The kv_aware router in front of real engines: 2 prefills + 1 decode with prefix caching and KV events.
+
+Checks what the unit tests cannot: that the router tokenises prompts exactly as vLLM does (the
+precondition for matching its KV events), that the events of a real engine decode and drive the
+choice, that answers through kv_aware routing (cache hits included) equal the monolithic ones,
+and that a cleared engine cache (``AllBlocksCleared``) costs no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import urllib.request
+
+import pytest
+
+from vllm_hetero_pd.launch.bench_routing import engine_specs, instance_args, reset_caches, run_bodies
+from vllm_hetero_pd.launch.cluster import LocalCluster
+from vllm_hetero_pd.launch.request import post_json
+from vllm_hetero_pd.launch.router_process import running_router
+from vllm_hetero_pd.router.tokens import PromptTokenizer, prompt_of
+from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare, greedy_body, parse_completion
+from vllm_hetero_pd.testing.metrics import metric_sum, scrape
+from vllm_hetero_pd.testing.tiny_model import sample_text
+
+ADMIN_ENV = "HETERO_PD_TEST_ADMIN_TOKEN"
+
+
+@pytest.fixture(scope="module")
+def kv_cluster(tiny_model, tmp_path_factory):
+    specs, router_args = engine_specs(tiny_model, 2, 1)
+    with LocalCluster(specs, tmp_path_factory.mktemp("kv-aware")) as cluster:
+        yield cluster, router_args
+
+
+@pytest.fixture(scope="module")
+def kv_router(kv_cluster, tiny_model, tmp_path_factory):
+    cluster, router_args = kv_cluster
+    prefill_args, decode_args = instance_args(cluster, router_args)
+    os.environ[ADMIN_ENV] = "kv-aware-admin"
+    log = tmp_path_factory.mktemp("kv-aware-router") / "router.log"
+    with running_router(prefill_args, decode_args, log, ("--prefill-policy", "kv_aware", "--decode-policy",
+                                                         "kv_aware", "--tokenizer", tiny_model,
+                                                         "--admin-token-env", ADMIN_ENV)) as url:
+        time.sleep(1.0)  # the subscribers join the event streams
+        yield url
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_the_router_tokenises_as_the_engine_does(kv_cluster, tiny_model):
+    cluster, _ = kv_cluster
+    url = cluster.instances[0].url
+    tokenizer = PromptTokenizer(tiny_model)
+    text = sample_text(120, 5)
+    messages = [{"role": "system", "content": sample_text(40, 6)}, {"role": "user", "content": text},
+                {"role": "assistant", "content": sample_text(10, 7)}, {"role": "user", "content": "And then?"}]
+    engine = post(url + "/tokenize", {"model": tiny_model, "prompt": text})["tokens"]
+    assert list(prompt_of({"prompt": text}, False, tokenizer).units) == engine
+    engine_chat = post(url + "/tokenize", {"model": tiny_model, "messages": messages,
+                                           "add_generation_prompt": True})["tokens"]
+    assert list(prompt_of({"messages": messages}, True, tokenizer).units) == engine_chat
+
+
+def test_conversations_follow_their_cache_and_answers_equal_monolithic(kv_router, kv_cluster, tiny_model, prompts,
+                                                                       reference):
+    cluster, _ = kv_cluster
+    reset_caches(cluster)
+    # token-id prompts, each sent twice: the second time it is a prefix-cache hit somewhere
+    got = [parse_completion(post_json(kv_router + "/v1/completions", greedy_body(p), f"kv-{i}-{r}", 300))
+           for r in range(2) for i, p in enumerate(prompts[:4])]
+    assert compare(reference[:4] * 2, got, LOGPROB_TOLERANCE) == []
+    routed = scrape(kv_router)
+    assert metric_sum(routed, "hetero_pd_router_kv_events_total", kind="stored") > 0
+    assert metric_sum(routed, "hetero_pd_router_prefix_hit_tokens_total", role="prefill", source="events") > 0
+    auth = {"Authorization": f"Bearer {os.environ[ADMIN_ENV]}"}
+    for i in range(4):  # the repeat went to the prefill that had computed the prompt
+        firsts, seconds = (_explained(kv_router, f"kv-{i}-{r}", auth) for r in range(2))
+        assert firsts["prefill"] == seconds["prefill"], (firsts, seconds)
+
+
+def test_chat_turns_reuse_the_earlier_turns_on_one_prefill(kv_router, kv_cluster, tiny_model):
+    cluster, _ = kv_cluster
+    reset_caches(cluster)
+    prefill_urls = [i.url for i in cluster.by_role("prefill")]
+    before = sum(metric_sum(scrape(u), "vllm:prefix_cache_hits_total") for u in prefill_urls)
+    messages = [{"role": "system", "content": sample_text(150, 11)}]
+    for turn in range(4):
+        messages.append({"role": "user", "content": sample_text(25, 20 + turn)})
+        body = {"model": tiny_model, "messages": messages, "max_tokens": 8, "temperature": 0}
+        ((answer, _),) = asyncio.run(run_bodies(kv_router, [body], 1))
+        messages.append({"role": "assistant", "content": answer})
+    hits = sum(metric_sum(scrape(u), "vllm:prefix_cache_hits_total") for u in prefill_urls) - before
+    assert hits >= 3 * 150  # every later turn reused at least the system prompt
+
+
+def test_a_cleared_engine_cache_costs_no_request(kv_router, kv_cluster, prompts, reference):
+    cluster, _ = kv_cluster
+    reset_caches(cluster)  # AllBlocksCleared on every engine
+    time.sleep(0.5)
+    got = [parse_completion(post_json(kv_router + "/v1/completions", greedy_body(p), f"after-clear-{i}", 300))
+           for i, p in enumerate(prompts[:2])]
+    assert compare(reference[:2], got, LOGPROB_TOLERANCE) == []
+    assert metric_sum(scrape(kv_router), "hetero_pd_router_kv_events_total", kind="cleared") >= 2
+    assert metric_sum(scrape(kv_router), "hetero_pd_router_errors_total") == 0
+
+
+def _explained(router: str, request_id: str, headers: dict) -> dict:
+    request = urllib.request.Request(f"{router}/debug/route?request_id={request_id}", headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())

@@ -1,0 +1,307 @@
+"""Real-engine experiments of the kv_aware router (issue 13), one per ``vllm-hetero-pd bench`` name.
+
+* ``prefix``: 2 prefills + 1 decode (HeteroNixlConnector, prefix caching on, KV events over ZMQ),
+  multi-turn chat conversations whose turns extend the earlier turns, over a few shared system
+  prompts (>= 100 requests). The same workload runs through the router once per prefill policy
+  (``round_robin``, ``least_work``, ``kv_aware``), with the engines' prefix caches reset in
+  between (vLLM's ``/reset_prefix_cache``, dev mode). Per policy: prefix cache hit rate and prompt
+  tokens computed on the prefills (``vllm:prefix_cache_*``, ``vllm:prompt_tokens_by_source``
+  deltas), TTFT p50/p90 (client side, streamed), and every answer compared with a monolithic
+  engine's (greedy; the conversation history is the monolithic answers, so every policy sends the
+  same prompts).
+* ``decode-capacity``: 1 prefill + 2 decodes, decode 0 with a small KV space
+  (``--num-gpu-blocks-override``); long and short prompts at once. Per decode policy
+  (``least_work``, ``kv_aware``): long requests on each decode, and its preemptions
+  (``vllm:num_preemptions_total`` delta).
+* ``local-prefill``: 1 prefill + 1 decode, short uncached prompts mixed with long ones. Per
+  ``min_disagg_tokens`` (0 = always remote, then each ``--thresholds`` value): TTFT p50 of the short
+  and the long prompts, and how many were prefilled locally; the smallest threshold that lowers
+  short-prompt TTFT without raising long-prompt TTFT is the default to ship.
+
+Results go to ``--out`` (``<name>.json`` and ``<name>.md``), with the machine's load average at
+start and end: on a shared host the numbers are only indicative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from vllm_hetero_pd.launch.cluster import LocalCluster
+from vllm_hetero_pd.launch.instance import InstanceSpec, hetero_kv_config
+from vllm_hetero_pd.launch.router_process import running_router
+from vllm_hetero_pd.ports import free_port
+from vllm_hetero_pd.testing.metrics import metric_sum, scrape
+from vllm_hetero_pd.testing.tiny_model import sample_text
+
+POLICIES = ("round_robin", "least_work", "kv_aware")
+BLOCK_SIZE = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model dir (default: the tiny llama-gqa-d32 test model)")
+    parser.add_argument("--out", type=Path, default=Path("bench-routing-out"))
+    parser.add_argument("--conversations", type=int, default=12, help="prefix: conversations (x turns = requests)")
+    parser.add_argument("--turns", type=int, default=9, help="prefix: turns per conversation")
+    parser.add_argument("--system-prompts", type=int, default=3, help="prefix: shared system prompts")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--policies", nargs="*", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--small-kv-blocks", type=int, default=96,
+                        help="decode-capacity: KV blocks of the small decode (x16 tokens)")
+    parser.add_argument("--thresholds", type=int, nargs="*", default=[32, 64, 128, 256],
+                        help="local-prefill: min_disagg_tokens values to compare with 0")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.model is None:
+        from vllm_hetero_pd.testing.tiny_model import build_tiny_model
+        args.model = str(build_tiny_model("llama-gqa-d32", "float32"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = args.benchmark
+    load_before = os.getloadavg()
+    result = {"prefix": run_prefix, "decode-capacity": run_decode_capacity,
+              "local-prefill": run_local_prefill}[name](args)
+    result["load_average"] = {"start": load_before, "end": os.getloadavg()}
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    table = result.pop("table")
+    (args.out / f"{name}.md").write_text(table + "\n")
+    print(table)
+    print(f"load average start {load_before}, end {result['load_average']['end']}")
+    return 0 if result.get("outputs_equal", True) else 1
+
+
+# ---------------------------------------------------------------------------------------------- engines
+
+def events_args(port: int, replay_port: int) -> list[str]:
+    """vLLM flags for a ZMQ KV event publisher on ``port`` with a replay socket on ``replay_port``."""
+    config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{port}",
+              "replay_endpoint": f"tcp://*:{replay_port}"}
+    return ["--kv-events-config", json.dumps(config)]
+
+
+def engine_specs(model: str, num_prefill: int, num_decode: int, decode_extra: list[list[str]] | None = None
+                 ) -> tuple[list[InstanceSpec], list[str]]:
+    """Specs with prefix caching and KV events on, and the router's instance arguments for them."""
+    specs, router_args = [], []
+    for role, count in (("prefill", num_prefill), ("decode", num_decode)):
+        for i in range(count):
+            port, replay = free_port(), free_port()
+            extra = ["--enable-prefix-caching", *events_args(port, replay)]
+            if role == "decode" and decode_extra:
+                extra += decode_extra[i]
+            kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
+            specs.append(InstanceSpec(role=role, model=model, block_size=BLOCK_SIZE,
+                                      kv_transfer_config=hetero_kv_config(kv_role), extra_args=extra,
+                                      env={"VLLM_SERVER_DEV_MODE": "1"}))
+            router_args.append(f"kv_events=tcp://127.0.0.1:{port},kv_events_replay=tcp://127.0.0.1:{replay}")
+    return specs, router_args
+
+
+def instance_args(cluster: LocalCluster, router_args: list[str]) -> tuple[list[str], list[str]]:
+    urls = [f"{inst.url},{extra}" for inst, extra in zip(cluster.instances, router_args)]
+    num_prefill = len(cluster.by_role("prefill"))
+    return urls[:num_prefill], urls[num_prefill:]
+
+
+def reset_caches(cluster: LocalCluster) -> None:
+    for inst in cluster.instances:
+        request = urllib.request.Request(inst.url + "/reset_prefix_cache", data=b"", method="POST")
+        urllib.request.urlopen(request, timeout=30).read()
+
+
+def counters(urls: list[str]) -> dict[str, float]:
+    totals = {"queries": 0.0, "hits": 0.0, "computed": 0.0, "preemptions": 0.0}
+    for url in urls:
+        s = scrape(url)
+        totals["queries"] += metric_sum(s, "vllm:prefix_cache_queries_total")
+        totals["hits"] += metric_sum(s, "vllm:prefix_cache_hits_total")
+        totals["computed"] += metric_sum(s, "vllm:prompt_tokens_by_source_total", source="local_compute")
+        totals["preemptions"] += metric_sum(s, "vllm:num_preemptions_total")
+    return totals
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after}
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+async def stream_chat(session: aiohttp.ClientSession, url: str, body: dict[str, Any], path: str) -> tuple[str, float]:
+    """(answer text, TTFT seconds) of one streamed request."""
+    start = time.perf_counter()
+    ttft = None
+    text = []
+    async with session.post(url + path, json={**body, "stream": True}) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{url}{path} answered HTTP {response.status}: {(await response.read())[:300]!r}")
+        async for line in response.content:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            for choice in msgspec.json.decode(line[6:]).get("choices") or ():
+                piece = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+                if piece:
+                    ttft = ttft if ttft is not None else time.perf_counter() - start
+                    text.append(piece)
+    return "".join(text), ttft if ttft is not None else time.perf_counter() - start
+
+
+async def run_bodies(url: str, bodies: list[dict[str, Any]], concurrency: int,
+                     path: str = "/v1/chat/completions") -> list[tuple[str, float]]:
+    semaphore = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        async def one(body):
+            async with semaphore:
+                return await stream_chat(session, url, body, path)
+        return list(await asyncio.gather(*(one(b) for b in bodies)))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- prefix
+
+def conversation_turns(args: argparse.Namespace) -> list[list[dict[str, str]]]:
+    """Per turn index, the user messages of each conversation (assistant turns come from answers)."""
+    systems = [sample_text(160, 900 + s) for s in range(args.system_prompts)]
+    return [[{"system": systems[c % len(systems)], "user": sample_text(30, 1000 + 97 * c + t)}
+             for c in range(args.conversations)] for t in range(args.turns)]
+
+
+def prefix_bodies(turns, answers: dict[tuple[int, int], str], max_tokens: int) -> list[list[dict[str, Any]]]:
+    """The chat bodies turn by turn; turn t of conversation c carries c's earlier turns and answers."""
+    out = []
+    for t, row in enumerate(turns):
+        bodies = []
+        for c, turn in enumerate(row):
+            messages = [{"role": "system", "content": turn["system"]}]
+            for earlier in range(t):
+                messages += [{"role": "user", "content": turns[earlier][c]["user"]},
+                             {"role": "assistant", "content": answers[(c, earlier)]}]
+            messages.append({"role": "user", "content": turn["user"]})
+            bodies.append({"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+        out.append(bodies)
+    return out
+
+
+def run_prefix(args: argparse.Namespace) -> dict[str, Any]:
+    turns = conversation_turns(args)
+    answers: dict[tuple[int, int], str] = {}
+    work = args.out / "prefix"
+    mono = InstanceSpec(role="monolithic", model=args.model, block_size=BLOCK_SIZE)
+    with LocalCluster([mono], work / "monolithic") as cluster:
+        url = cluster.instances[0].url
+        for t in range(len(turns)):  # each turn needs the previous turn's answers
+            bodies = prefix_bodies(turns[:t + 1], answers, args.max_tokens)[t]
+            for c, (text, _) in enumerate(asyncio.run(run_bodies(url, _named(bodies, args.model), 1))):
+                answers[(c, t)] = text
+    rounds = prefix_bodies(turns, answers, args.max_tokens)
+    specs, router_args = engine_specs(args.model, 2, 1)
+    rows, outputs_equal = [], True
+    with LocalCluster(specs, work / "engines") as cluster:
+        prefill_args, decode_args = instance_args(cluster, router_args)
+        prefill_urls = [i.url for i in cluster.by_role("prefill")]
+        for policy in args.policies:
+            reset_caches(cluster)
+            before = counters(prefill_urls)
+            with running_router(prefill_args, decode_args, work / f"router-{policy}.log",
+                                ("--prefill-policy", policy, "--tokenizer", args.model)) as router:
+                ttfts, mismatches = [], 0
+                for t, bodies in enumerate(rounds):
+                    for c, (text, ttft) in enumerate(asyncio.run(run_bodies(router, _named(bodies, args.model),
+                                                                            args.concurrency))):
+                        ttfts.append(ttft)
+                        mismatches += text != answers[(c, t)]
+                routed = scrape(router)
+            d = delta(counters(prefill_urls), before)
+            outputs_equal &= mismatches == 0
+            rows.append({"policy": policy, "requests": len(ttfts), "hit_rate": d["hits"] / max(d["queries"], 1),
+                         "prefill_tokens_computed": d["computed"], "ttft_p50_ms": 1e3 * percentile(ttfts, 50),
+                         "ttft_p90_ms": 1e3 * percentile(ttfts, 90), "mismatches": mismatches,
+                         "router_expected_hit_tokens": metric_sum(routed, "hetero_pd_router_prefix_hit_tokens_total",
+                                                                  role="prefill")})
+    lines = ["| prefill policy | requests | prefix hit rate | prefill tokens computed | TTFT p50 ms | TTFT p90 ms "
+             "| outputs != monolithic |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['policy']} | {r['requests']} | {r['hit_rate']:.3f} | {r['prefill_tokens_computed']:.0f} | "
+              f"{r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | {r['mismatches']} |" for r in rows]
+    by = {r["policy"]: r for r in rows}
+    if "kv_aware" in by and "least_work" in by:
+        ratio = by["kv_aware"]["prefill_tokens_computed"] / max(by["least_work"]["prefill_tokens_computed"], 1)
+        lines.append(f"\nkv_aware / least_work prefill tokens computed: {ratio:.3f} (goal <= 0.70); TTFT p50 "
+                     f"{by['kv_aware']['ttft_p50_ms']:.1f} vs {by['least_work']['ttft_p50_ms']:.1f} ms")
+    return {"rows": rows, "outputs_equal": outputs_equal, "table": "\n".join(lines)}
+
+
+def _named(bodies: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
+    return [{**b, "model": model} for b in bodies]
+
+
+# ---------------------------------------------------------------------------------------------- decode capacity
+
+def run_decode_capacity(args: argparse.Namespace) -> dict[str, Any]:
+    small = ["--num-gpu-blocks-override", str(args.small_kv_blocks)]
+    specs, router_args = engine_specs(args.model, 1, 2, decode_extra=[small, []])
+    long_text, short_text = sample_text(900, 7), sample_text(40, 8)
+    rows = []
+    with LocalCluster(specs, args.out / "decode-capacity" / "engines") as cluster:
+        prefill_args, decode_args = instance_args(cluster, router_args)
+        decode_urls = [i.url for i in cluster.by_role("decode")]
+        for policy in ("least_work", "kv_aware"):
+            before = [counters([u]) for u in decode_urls]
+            with running_router(prefill_args, decode_args, args.out / "decode-capacity" / f"router-{policy}.log",
+                                ("--decode-policy", policy, "--tokenizer", args.model)) as router:
+                bodies = []
+                for i in range(16):
+                    text = (long_text if i % 2 == 0 else short_text) + f" request {i}."
+                    bodies.append({"model": args.model, "prompt": text, "max_tokens": 64, "temperature": 0,
+                                   "ignore_eos": True})
+                asyncio.run(run_bodies(router, bodies, 8, "/v1/completions"))
+                routed = scrape(router)
+            after = [counters([u]) for u in decode_urls]
+            rows.append({"policy": policy, "preemptions": [a["preemptions"] - b["preemptions"]
+                                                           for a, b in zip(after, before)],
+                         "routes": [metric_sum(routed, "hetero_pd_router_routes_total", decode=u.split(",")[0])
+                                    for u in decode_args]})
+    lines = ["| decode policy | requests per decode (small, large) | preemptions (small, large) |", "|---|---|---|"]
+    lines += [f"| {r['policy']} | {r['routes']} | {r['preemptions']} |" for r in rows]
+    lines.append("\n(routes are counted only under kv_aware; least_work shows the preemptions it causes)")
+    return {"rows": rows, "table": "\n".join(lines)}
+
+
+# ---------------------------------------------------------------------------------------------- local prefill
+
+def run_local_prefill(args: argparse.Namespace) -> dict[str, Any]:
+    specs, router_args = engine_specs(args.model, 1, 1)
+    rows = []
+    with LocalCluster(specs, args.out / "local-prefill" / "engines") as cluster:
+        prefill_args, decode_args = instance_args(cluster, router_args)
+        for threshold in [0, *args.thresholds]:
+            reset_caches(cluster)
+            with running_router(prefill_args, decode_args, args.out / "local-prefill" / f"router-{threshold}.log",
+                                ("--prefill-policy", "kv_aware", "--tokenizer", args.model,
+                                 "--min-disagg-tokens", str(threshold))) as router:
+                bodies = [{"model": args.model, "prompt": sample_text(6 if i % 2 else 200, 3000 + i),
+                           "max_tokens": 8, "temperature": 0} for i in range(40)]
+                results = asyncio.run(run_bodies(router, bodies, 2, "/v1/completions"))
+                routed = scrape(router)
+            short = [t for i, (_, t) in enumerate(results) if i % 2]
+            long = [t for i, (_, t) in enumerate(results) if i % 2 == 0]
+            rows.append({"min_disagg_tokens": threshold, "short_ttft_p50_ms": 1e3 * percentile(short, 50),
+                         "long_ttft_p50_ms": 1e3 * percentile(long, 50),
+                         "local": metric_sum(routed, "hetero_pd_router_local_prefill_total", reason="short_prompt")})
+    lines = ["| min_disagg_tokens | short TTFT p50 ms | long TTFT p50 ms | prefilled locally |", "|---|---|---|---|"]
+    lines += [f"| {r['min_disagg_tokens']} | {r['short_ttft_p50_ms']:.1f} | {r['long_ttft_p50_ms']:.1f} | "
+              f"{r['local']:.0f} |" for r in rows]
+    return {"rows": rows, "table": "\n".join(lines)}
