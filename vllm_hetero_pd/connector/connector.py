@@ -1,8 +1,11 @@
-"""``HeteroNixlConnector``: the vLLM-facing facade. It only checks versions and forwards calls.
+"""``HeteroNixlConnector``: the vLLM-facing facade. It only forwards calls.
 
 vLLM builds one instance per role: ``SCHEDULER`` in the engine core (see ``scheduler.py``) and
-``WORKER`` in each worker (see ``worker.py``). Everything vLLM-version-specific stays in this
-file and the two role modules, so that supporting the next vLLM release is local work.
+``WORKER`` in each worker (see ``worker.py``). The methods here exist with the same meaning in
+every supported release; those that do not (``get_finished`` vs ``get_transfer_results``,
+``has_pending_block_frees`` ...) come from the installed release's adapter
+(``connector/adapters/``), mixed in ahead of vLLM's base class. Importing this module on an
+unsupported vLLM raises ``UnsupportedVllmVersion`` with the supported releases.
 """
 
 from __future__ import annotations
@@ -14,13 +17,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
-    KVConnectorTransferResults,
 )
 
 from vllm_hetero_pd.config import parse_config
+from vllm_hetero_pd.connector import adapters
 from vllm_hetero_pd.connector.metadata import HeteroConnectorMetadata
 from vllm_hetero_pd.connector.stats import HeteroConnectorStats, HeteroPromMetrics
-from vllm_hetero_pd.connector.version import check_vllm_version
 
 if TYPE_CHECKING:
     import torch
@@ -31,9 +33,11 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 
-class HeteroNixlConnector(KVConnectorBase_V1):
+ADAPTER = adapters.load()  # this vLLM release's glue
+
+
+class HeteroNixlConnector(ADAPTER.ConnectorAPI, KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
-        check_vllm_version()
         super().__init__(vllm_config, role, kv_cache_config)
         transfer = vllm_config.kv_transfer_config
         config = parse_config(transfer.kv_connector_extra_config)
@@ -49,9 +53,7 @@ class HeteroNixlConnector(KVConnectorBase_V1):
             self.worker = ConnectorWorker(*args)
 
     # ------------------------------------------------------------------ scheduler side
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
-
+    # get_num_new_matched_tokens: in the adapter (0.28 must drop requests that skip the prefix cache)
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
@@ -63,9 +65,6 @@ class HeteroNixlConnector(KVConnectorBase_V1):
 
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
         self.scheduler.set_xfer_handshake_metadata(metadata)
-
-    def has_pending_block_frees(self) -> bool:
-        return self.scheduler is not None and self.scheduler.has_pending_sends()
 
     # ------------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -86,13 +85,7 @@ class HeteroNixlConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         self.worker.wait_for_save(self._bound())
 
-    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
-        return self.worker.get_transfer_results(self._bound())
-
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        results = self.get_transfer_results(finished_req_ids)
-        return results.finished_sending, results.finished_recving
-
+    # get_finished / get_transfer_results: in the adapter (the runner calls one or the other)
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors()
 

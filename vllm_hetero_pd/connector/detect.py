@@ -1,9 +1,13 @@
-"""``KVFormat`` of a live vLLM (0.29+) worker, from its config and registered KV caches.
+"""``KVFormat`` of a live vLLM worker (layout era B or C), from its config and registered KV caches.
 
 The connector calls ``detect(vllm_config, kv_caches)`` in ``register_kv_caches`` and sends
 the result in its handshake. The layout is not trusted from labels alone: the strides of
 the tensors vLLM hands over must match what the resolved ``KVCacheLayout`` implies, and
 CPU_ATTN's packed interior is derived from the running kernel (``connector/cpu_attn.py``).
+
+Both eras hand over per-layer tensors of logical shape ``[B, H, N, C]`` (era B spells it
+``(NB, H, BS, 2*D)``), so one ``describe`` serves both; where a release keeps the layout and
+CPU_ATTN's ISA is the installed release's adapter's business (``connector/adapters/``).
 
 ``describe`` is the pure core (plain values in, ``KVFormat`` out) so it is tested without an
 engine; ``detect`` only gathers those values from vLLM, which it imports lazily. It lives in
@@ -102,16 +106,23 @@ def detect(vllm_config: Any, kv_caches: Mapping[str, Any]) -> KVFormat:
     from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 
-    backends = {b.get_name() for b in get_current_attn_backends(vllm_config)}
+    from vllm_hetero_pd.connector.adapters import load
+
+    adapter = load()
+    backends = {b.get_name(): b for b in get_current_attn_backends(vllm_config)}
     if len(backends) != 1:
         raise LayoutError(f"one attention backend per engine is supported, found {sorted(backends)}")
-    backend = backends.pop()
+    backend, backend_cls = backends.popitem()
     names = tuple(kv_caches)
     tensors = [kv_caches[n] for n in names]
     first = tensors[0]
     if any(t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype for t in tensors):
         raise LayoutError("KV cache tensors differ in shape, stride or dtype across layers "
                           "(hybrid models are not supported)")
+    if len(first.shape) == 4 and first.shape[2] != vllm_config.cache_config.block_size:
+        raise LayoutError(f"{backend} registered kernel blocks of {first.shape[2]} tokens for scheduler blocks of "
+                          f"{vllm_config.cache_config.block_size}: block ids would not match; pick a --block-size "
+                          f"the backend runs natively")
     model = vllm_config.model_config
     tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
     total_heads = 1 if model.use_mla else model.get_total_num_kv_heads()
@@ -120,7 +131,7 @@ def detect(vllm_config: Any, kv_caches: Mapping[str, Any]) -> KVFormat:
     dtype, k_scales, v_scales = _stored_dtype_and_scales(vllm_config, first, [layers[n] for n in names])
     return describe(
         backend=backend,
-        layout=vllm_config.cache_config.get_resolved_kv_cache_layout().name,
+        layout=adapter.kv_cache_layout(vllm_config, backend_cls),
         shape=tuple(first.shape),
         strides=tuple(first.stride()),
         dtype=dtype,
@@ -129,7 +140,7 @@ def detect(vllm_config: Any, kv_caches: Mapping[str, Any]) -> KVFormat:
         head_start=head_start,
         head_size=model.get_head_size(),
         use_mla=model.use_mla,
-        cpu_inner=lambda: _cpu_inner(layers[names[0]].isa, first, model.get_head_size()),
+        cpu_inner=lambda: _cpu_inner(adapter.cpu_attn_isa(layers[names[0]]), first, model.get_head_size()),
         k_scales=k_scales,
         v_scales=v_scales,
         layer_names=names,

@@ -47,6 +47,16 @@ class ExportJob:
 
 
 @dataclass
+class TransferResults:
+    """A worker's report for one step, in no release's types: each ``connector/adapters`` module
+    hands it to vLLM its own way. A failed receive is also in ``finished_recving``."""
+
+    finished_sending: set[str] = field(default_factory=set)
+    finished_recving: set[str] = field(default_factory=set)
+    failed_recving: set[str] = field(default_factory=set)
+
+
+@dataclass
 class HeteroConnectorMetadata(KVConnectorMetadata):
     recvs: list[RecvJob] = field(default_factory=list)
     releases: list[ReleaseJob] = field(default_factory=list)

@@ -12,12 +12,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
 from vllm_hetero_pd.config import ConnectorConfig
 from vllm_hetero_pd.connector.control import ControlPlane
 from vllm_hetero_pd.connector.detect import detect
-from vllm_hetero_pd.connector.metadata import HeteroConnectorMetadata, RankHandshake
+from vllm_hetero_pd.connector.metadata import HeteroConnectorMetadata, RankHandshake, TransferResults
 from vllm_hetero_pd.connector.receiver import LocalCache, Receiver
 from vllm_hetero_pd.connector.sender import ExportArea
 from vllm_hetero_pd.connector.stats import HeteroConnectorStats
@@ -94,14 +93,14 @@ class ConnectorWorker:
             for job in meta.exports:
                 self.export.write(self.local.kv_caches, job)
 
-    def get_transfer_results(self, meta: HeteroConnectorMetadata | None) -> KVConnectorTransferResults:
+    def get_transfer_results(self, meta: HeteroConnectorMetadata | None) -> TransferResults:
         sending = set(meta.freed) if meta is not None else set()
         if self.receiver is None:
-            return KVConnectorTransferResults(finished_sending=sending)
+            return TransferResults(finished_sending=sending)
         done, failed = self.receiver.poll()
         self._num_failed += len(failed)
-        return KVConnectorTransferResults(finished_sending=sending, finished_recving=done | set(failed),
-                                          failed_recving=set(failed))
+        return TransferResults(finished_sending=sending, finished_recving=done | set(failed),
+                               failed_recving=set(failed))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.receiver.take_bad_blocks() if self.receiver is not None else set()

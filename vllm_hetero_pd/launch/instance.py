@@ -26,6 +26,7 @@ class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     kv_cache_space_gib: int = 1
     env: dict[str, str] = {}
     extra_args: list[str] = []
+    python: str | None = None  # interpreter of another environment (e.g. ".venv-028/bin/python"); default: ours
 
     def __post_init__(self) -> None:
         if self.role != "monolithic" and not self.kv_transfer_config:
@@ -41,7 +42,7 @@ def hetero_kv_config(role: str, extra: dict[str, Any] | None = None) -> dict[str
 
 def serve_command(spec: InstanceSpec, http_port: int) -> list[str]:
     """The exact ``vllm serve`` command line for ``spec`` (through our version-fixing wrapper)."""
-    cmd = [sys.executable, "-m", "vllm_hetero_pd.launch.vllm_cli", "serve", spec.model,
+    cmd = [spec.python or sys.executable, "-m", "vllm_hetero_pd.launch.vllm_cli", "serve", spec.model,
            "--host", "127.0.0.1", "--port", str(http_port), "--enforce-eager",
            "--tensor-parallel-size", str(spec.tensor_parallel_size)]
     if spec.block_size is not None:

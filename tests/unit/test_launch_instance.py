@@ -1,0 +1,19 @@
+"""An instance can run from another environment's interpreter (a prefill on one vLLM release,
+a decode on another)."""
+
+import sys
+
+from vllm_hetero_pd.launch.instance import InstanceSpec, hetero_kv_config, serve_command
+
+
+def test_serve_command_uses_our_interpreter_by_default():
+    spec = InstanceSpec(role="decode", model="m", kv_transfer_config=hetero_kv_config("kv_consumer"))
+    assert serve_command(spec, 8000)[:3] == [sys.executable, "-m", "vllm_hetero_pd.launch.vllm_cli"]
+
+
+def test_serve_command_runs_the_given_python():
+    spec = InstanceSpec(role="prefill", model="m", python="/x/.venv-028/bin/python", block_size=32,
+                        kv_transfer_config=hetero_kv_config("kv_producer"))
+    cmd = serve_command(spec, 8000)
+    assert cmd[:3] == ["/x/.venv-028/bin/python", "-m", "vllm_hetero_pd.launch.vllm_cli"]
+    assert cmd[cmd.index("--block-size") + 1] == "32"
