@@ -23,6 +23,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                                                                "requests and preemptions per decode policy"),
     "local-prefill": ("vllm_hetero_pd.launch.bench_routing", "short uncached prompts prefilled by the decode vs "
                                                              "always remote, per min_disagg_tokens"),
+    "soak": ("vllm_hetero_pd.launch.bench_soak", "a random mix of client requests through the router, a decode "
+                                                 "restarted mid-run: requests lost, KV blocks left"),
 }
 
 

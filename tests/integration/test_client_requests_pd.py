@@ -12,11 +12,8 @@ streaming.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
@@ -25,81 +22,9 @@ from vllm_hetero_pd.launch.cluster import LocalCluster
 from vllm_hetero_pd.launch.instance import InstanceSpec
 from vllm_hetero_pd.launch.instance import hetero_kv_config as hetero
 from vllm_hetero_pd.ports import free_port
-from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE
+from vllm_hetero_pd.testing.client_requests import differences, request_kinds, send
 
 from pd_helpers import kv_usage, wait_until
-
-IGNORED_KEYS = {"id", "created", "system_fingerprint", "kv_transfer_params", "service_tier"}
-CHAT_TEXT = "Tell me about the history of the printing press and how it changed Europe. " * 6
-
-
-def request_kinds(prompts: list[list[int]]) -> dict[str, tuple[str, dict[str, Any]]]:
-    long, short = prompts[5], prompts[1]
-    assert len(short) < len(long)
-    greedy = {"temperature": 0.0, "max_tokens": 12, "ignore_eos": True}
-    return {
-        "prompt_logprobs": ("/v1/completions", {**greedy, "prompt": prompts[2], "logprobs": 2, "prompt_logprobs": 2}),
-        "echo_logprobs": ("/v1/completions", {**greedy, "prompt": prompts[3], "logprobs": 2, "echo": True}),
-        "batch_second_shorter": ("/v1/completions", {**greedy, "prompt": [long, short], "logprobs": 2,
-                                                     "return_token_ids": True}),
-        "n2_seeded": ("/v1/completions", {"prompt": prompts[4], "max_tokens": 12, "ignore_eos": True, "n": 2,
-                                          "temperature": 1.0, "seed": 1234, "logprobs": 1}),
-        "n2_greedy_refused_or_equal": ("/v1/completions", {**greedy, "prompt": prompts[0], "n": 2}),
-        "chat": ("/v1/chat/completions", {**greedy, "messages": [{"role": "user", "content": CHAT_TEXT}],
-                                          "logprobs": True, "top_logprobs": 2}),
-        "stream": ("/v1/completions", {**greedy, "prompt": prompts[6], "stream": True, "logprobs": 1}),
-        "stream_chat": ("/v1/chat/completions", {**greedy, "messages": [{"role": "user", "content": CHAT_TEXT}],
-                                                 "stream": True, "stream_options": {"include_usage": True}}),
-    }
-
-
-def send(url: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    """(status, parsed answer); a stream is folded into per-choice text, finish reasons and usage."""
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            raw = resp.read().decode()
-            return resp.status, fold_stream(raw) if body.get("stream") else json.loads(raw)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read().decode() or "{}")
-
-
-def fold_stream(raw: str) -> dict[str, Any]:
-    """What a streaming client assembles: text per choice index, finish reasons, usage, and [DONE] seen."""
-    text: dict[int, str] = {}
-    finish: dict[int, Any] = {}
-    usage, done = None, False
-    for line in raw.splitlines():
-        if not line.startswith("data: "):
-            continue
-        if line == "data: [DONE]":
-            done = True
-            continue
-        chunk = json.loads(line[6:])
-        assert "error" not in chunk, chunk
-        usage = chunk.get("usage") or usage
-        for choice in chunk["choices"]:
-            i = choice["index"]
-            piece = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
-            text[i] = text.get(i, "") + (piece or "")
-            if choice.get("finish_reason"):
-                finish[i] = choice["finish_reason"]
-    return {"text": text, "finish": finish, "usage": usage, "done": done}
-
-
-def differences(ref: Any, got: Any, path: str = "") -> list[str]:
-    """Every place where ``got`` differs from ``ref``: floats within the tolerance, all else exactly."""
-    if isinstance(ref, dict) and isinstance(got, dict):
-        keys = (set(ref) | set(got)) - IGNORED_KEYS
-        return [d for k in sorted(keys, key=str) for d in differences(ref.get(k), got.get(k), f"{path}.{k}")]
-    if isinstance(ref, list) and isinstance(got, list):
-        if len(ref) != len(got):
-            return [f"{path}: {len(ref)} items vs {len(got)}"]
-        return [d for i, (a, b) in enumerate(zip(ref, got)) for d in differences(a, b, f"{path}[{i}]")]
-    if isinstance(ref, float) and isinstance(got, float):
-        return [] if abs(ref - got) <= LOGPROB_TOLERANCE else [f"{path}: {ref} vs {got}"]
-    return [] if ref == got else [f"{path}: {ref!r} vs {got!r}"]
 
 
 @pytest.fixture(scope="module")

@@ -176,6 +176,9 @@ class Receiver:
         if job.error:  # malformed or misapplied params: touch nothing, release nothing
             self._report_failure(job, job.error)
             return
+        if job.request_id in self.active:  # vLLM hands each load over once; never run two for one request
+            logger.warning("request %s is already loading; ignoring a second load job", job.request_id)
+            return
         self.active[job.request_id] = transfer
         self._advance(transfer)
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from vllm_hetero_pd.launch.cluster import LocalCluster
 from vllm_hetero_pd.launch.instance import InstanceSpec, hetero_kv_config
+from vllm_hetero_pd.launch.router_process import running_router
 from vllm_hetero_pd.ports import free_port
 from vllm_hetero_pd.testing.metrics import metric_sum, scrape
 
@@ -217,33 +218,11 @@ def run_config(config: BenchConfig, model: str, args: argparse.Namespace, seed: 
             serve = _bench_serve(cluster.instances[0].url, model, args, seed, work / config.name)
             return summarize(config.name, serve, None, None)
         prefill, decode = cluster.instances
-        port = free_port()
-        router = subprocess.Popen([sys.executable, "-m", "vllm_hetero_pd.cli", "proxy", "--port", str(port),
-                                   "--prefill", prefill.url, "--decode", decode.url],
-                                  stdout=subprocess.DEVNULL, stderr=open(work / f"{config.name}-router.log", "w"))
-        try:
-            _wait_router(f"http://127.0.0.1:{port}", router)
+        with running_router([prefill.url], [decode.url], work / f"{config.name}-router.log") as url:
             before = _histogram_totals(decode.url, config.connector)
-            serve = _bench_serve(f"http://127.0.0.1:{port}", model, args, seed, work / config.name)
+            serve = _bench_serve(url, model, args, seed, work / config.name)
             after = _histogram_totals(decode.url, config.connector)
-        finally:
-            router.terminate()
-            router.wait(timeout=20)
     return summarize(config.name, serve, before, after)
-
-
-def _wait_router(url: str, router: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    import urllib.request
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if router.poll() is not None:
-            raise RuntimeError(f"router exited with {router.returncode}; see its log in the --out dir")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"router at {url} not healthy after {timeout_s}s")
 
 
 def run(args: argparse.Namespace) -> int:
