@@ -62,7 +62,8 @@ def test_errors_noise_and_table():
 def test_the_bench_command_parses_without_starting_engines():
     parser = argparse.ArgumentParser()
     pd_validate.add_arguments(parser)
-    args = parser.parse_args(["--load", "0.1,0.3,0.5", "--requests", "40"])
+    args = parser.parse_args(["--model", "/m", "--prefill-url", "http://p", "--decode-url", "http://d",
+                              "--router-url", "http://r", "--load", "0.1,0.3,0.5", "--requests", "40"])
     assert args.load == "0.1,0.3,0.5" and args.repeat == 1
     from vllm_hetero_pd.bench import BENCHMARKS
 

@@ -1,10 +1,18 @@
 """Validate the disaggregated model on a real CPU P/D pair: predict, then measure (review finding 8).
 
-Run alone on a quiet host: ``vllm-hetero-pd bench planner-pd [--out DIR]`` (about 10 minutes:
-one prefill engine, one decode engine, our router, the tiny model). Steps:
+The planner drives no engines (docs/architecture.md: it imports nothing else of ours), so the pair
+is started with the existing launchers and this command is pointed at it. On a quiet host:
+
+    MODEL=$(vllm-hetero-pd tiny-model)
+    vllm-hetero-pd launch --model "$MODEL" --connector HeteroNixlConnector --log-dir /tmp/pd-logs &
+    vllm-hetero-pd proxy --port 8000 --prefill http://127.0.0.1:PREFILL_PORT --decode http://127.0.0.1:DECODE_PORT &
+    vllm-hetero-pd bench planner-pd --model "$MODEL" --prefill-url http://127.0.0.1:PREFILL_PORT \
+        --decode-url http://127.0.0.1:DECODE_PORT --router-url http://127.0.0.1:8000 --out /tmp/pd-validate
+
+(``launch`` prints both URLs once healthy.) Steps:
 
 1. *Calibrate* on runs that are not validated: isolated prefills on the prefill engine and closed
-   decode batches on the decode engine fit the two devices (``calibrate``/``fit``); sequential
+   decode batches on the decode engine fit the CPU device (``calibrate``/``fit``); sequential
    requests through the router at two prompt lengths fit the KV link (latency and GB/s of what the
    router and connector add beyond prefill and the first decode step).
 2. *Predict* TTFT and TPOT p50/p90 at each arrival rate (``--load``, fractions of the predicted
@@ -14,7 +22,7 @@ one prefill engine, one decode engine, our router, the tiny model). Steps:
    that repeat is the noise floor the model error should be read against.
 
 The load average is printed before and after. Pure parts (link fit, quantiles, prediction, table)
-are unit-tested in tests/unit/test_planner_pd_validate.py; the engines never start in tests.
+are unit-tested in tests/unit/test_planner_pd_validate.py.
 """
 
 from __future__ import annotations
@@ -164,6 +172,10 @@ def _calibrate(model: ModelSpec, prefill_url: str, decode_url: str, router_url: 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="the served model directory (vllm-hetero-pd tiny-model)")
+    parser.add_argument("--prefill-url", required=True)
+    parser.add_argument("--decode-url", required=True)
+    parser.add_argument("--router-url", required=True, help="the router in front of exactly these two")
     parser.add_argument("--isl", type=int, default=256)
     parser.add_argument("--osl", type=int, default=32)
     parser.add_argument("--load", default="0.2,0.4,0.6",
@@ -174,36 +186,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_hetero_pd.launch.cluster import LocalCluster
-    from vllm_hetero_pd.launch.instance import InstanceSpec, hetero_kv_config
-    from vllm_hetero_pd.launch.router_process import running_router
     from vllm_hetero_pd.planner.model import load_model
-    from vllm_hetero_pd.testing.tiny_model import build_tiny_model
 
     out = args.out or Path(tempfile.mkdtemp(prefix="planner-pd-validate-"))
+    out.mkdir(parents=True, exist_ok=True)
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
-    model_dir = build_tiny_model()
-    model = load_model(str(model_dir), weight_dtype="bf16")
-    specs = [InstanceSpec(role="prefill", model=str(model_dir), kv_transfer_config=hetero_kv_config("kv_producer"),
-                          extra_args=["--no-enable-prefix-caching"]),
-             InstanceSpec(role="decode", model=str(model_dir), kv_transfer_config=hetero_kv_config("kv_consumer"),
-                          extra_args=["--no-enable-prefix-caching"])]
-    with LocalCluster(specs, out / "logs") as cluster:
-        prefill_inst, decode_inst = cluster.instances
-        with running_router([prefill_inst.url], [decode_inst.url], out / "router.log") as router:
-            device, link = _calibrate(model, prefill_inst.url, decode_inst.url, router)
-            capacity = 1 / perf.prefill_s(model, device, 1, args.isl)
-            points = []
-            for i, frac in enumerate(float(x) for x in args.load.split(",")):
-                workload = Workload(isl=args.isl, osl=args.osl, rate=frac * capacity)
-                runs = 2 if i == args.repeat else 1
-                measured = [asyncio.run(_measure(router, workload, args.requests, model.vocab_size, 1000 * i + r))
-                            for r in range(runs)]
-                points.append(PointResult(isl=args.isl, osl=args.osl, rate=workload.rate,
-                                          predicted=predict(model, device, device, link, workload), measured=measured))
-                print(table(points[-1:]).splitlines()[-1], flush=True)
-    (out / "pd-validation.json").write_bytes(msgspec.json.encode(
-        {"points": points, "device": device, "link": link}))
+    model = load_model(args.model, weight_dtype="bf16")
+    device, link = _calibrate(model, args.prefill_url, args.decode_url, args.router_url)
+    capacity = 1 / perf.prefill_s(model, device, 1, args.isl)
+    points = []
+    for i, frac in enumerate(float(x) for x in args.load.split(",")):
+        workload = Workload(isl=args.isl, osl=args.osl, rate=frac * capacity)
+        measured = [asyncio.run(_measure(args.router_url, workload, args.requests, model.vocab_size, 1000 * i + r))
+                    for r in range(2 if i == args.repeat else 1)]
+        points.append(PointResult(isl=args.isl, osl=args.osl, rate=workload.rate,
+                                  predicted=predict(model, device, device, link, workload), measured=measured))
+        print(table(points[-1:]).splitlines()[-1], flush=True)
+    (out / "pd-validation.json").write_bytes(msgspec.json.encode({"points": points, "device": device, "link": link}))
     print(table(points))
     errors = [abs(e) for p in points for e in p.errors() if not math.isinf(e)]
     print(f"median |error| {statistics.median(errors):.0%}; load average after: {os.getloadavg()[0]:.2f}; "
