@@ -46,7 +46,7 @@ def prefill_answer(prompt, request_id="p-0") -> dict:
 
 
 def meta(sched):
-    return sched.build_connector_meta(SimpleNamespace())
+    return sched.build_connector_meta(SimpleNamespace(total_num_scheduled_tokens=1))
 
 
 PROMPT0, PROMPT1 = list(range(100, 140)), list(range(200, 230))

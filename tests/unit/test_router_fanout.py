@@ -142,7 +142,7 @@ async def test_a_part_stream_breaking_after_the_first_byte_ends_the_stream_with_
 @run_async
 async def test_more_choices_than_max_fan_out_is_a_400_that_reaches_no_instance():
     async with FakeCluster(max_fan_out=3) as cluster:
-        status, _, raw = await post(cluster, "/v1/completions", {**COMPLETION, "n": 4})
+        status, _, raw = await post(cluster, "/v1/completions", {**COMPLETION, "n": 4, "temperature": 1.0})
         assert status == 400 and b"more than the router's max_fan_out (3)" in raw
         status, _, raw = await post(cluster, "/v1/completions", {**COMPLETION, "best_of": 2})
         assert status == 400 and b"'best_of' 2 is not supported" in raw

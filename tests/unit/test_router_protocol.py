@@ -133,6 +133,7 @@ def test_a_batch_with_n_fans_out_prompt_major_with_vllms_child_seeds():
         ({"prompt": "x", "best_of": 3}, r"'best_of' 3 is not supported unless it equals n \(1\)"),
         ({"prompt": "x", "n": 2, "use_beam_search": True}, "'use_beam_search' with n=2 is not supported"),
         ({"prompt": "x", "n": 2, "seed": "7"}, "'seed' must be an integer"),
+        ({"prompt": "x", "n": 2, "temperature": 0}, r"n must be 1 when using greedy sampling, got 2\."),
         ({"prompt": ["a", [1]]}, "'prompt' must be"),
         ({"prompt": [[1], []]}, "'prompt' must be"),
     ],

@@ -229,6 +229,9 @@ def _prompts(prompt: Any) -> list[Any]:
     return [prompt]
 
 
+GREEDY_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: below it, sampling is greedy
+
+
 def _num_samples(body: dict[str, Any]) -> int:
     """``n``, checked together with the fields whose meaning fan-out would change."""
     n = 1 if body.get("n") is None else body["n"]
@@ -241,6 +244,11 @@ def _num_samples(body: dict[str, Any]) -> int:
     if n > 1 and body.get("use_beam_search"):
         raise BadRequestError(f"'use_beam_search' with n={n} is not supported through the P/D router: the beams "
                               "of one search cannot be split into independent exchanges; send n=1")
+    temperature = body.get("temperature")
+    if n > 1 and isinstance(temperature, (int, float)) and temperature < GREEDY_TEMPERATURE:
+        # vLLM refuses this itself (SamplingParams._verify_greedy_sampling); fanned out, each child would
+        # be accepted and the client would get n identical choices instead of the same 400
+        raise BadRequestError(f"n must be 1 when using greedy sampling, got {n}.")
     seed = body.get("seed")
     if n > 1 and seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise BadRequestError(f"'seed' must be an integer, got {seed!r}")
