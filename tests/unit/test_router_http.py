@@ -17,10 +17,11 @@ from vllm_hetero_pd.router.config import Policy
 from vllm_hetero_pd.testing.fake_backend import FakeCluster, FakeVllm, output_tokens
 
 
-def run_async(test):
+def run_async(test, timeout_s: float = 30):
+    """Run an async test function to completion within ``timeout_s``."""
     @functools.wraps(test)
     def wrapper(*args, **kwargs):
-        return asyncio.run(asyncio.wait_for(test(*args, **kwargs), 30))
+        return asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout_s))
     return wrapper
 
 

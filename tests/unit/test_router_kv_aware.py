@@ -11,7 +11,8 @@ import asyncio
 import functools
 
 import msgspec
-from prometheus_client.parser import text_string_to_metric_families
+from test_router_http import metric, metrics_text
+from test_router_http import run_async as run_async_within
 
 from vllm_hetero_pd.router.config import PairRule, Policy, ScoringConfig
 from vllm_hetero_pd.testing.fake_backend import FakeCluster, output_tokens
@@ -19,21 +20,7 @@ from vllm_hetero_pd.testing.fake_backend import FakeCluster, output_tokens
 KV = Policy.KV_AWARE
 
 
-def run_async(test):
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(asyncio.wait_for(test(*args, **kwargs), 60))
-    return wrapper
-
-
-def metric(text, name, **labels):
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name and labels.items() <= s.labels.items())
-
-
-async def metrics_text(cluster):
-    async with cluster.session.get(cluster.url + "/metrics") as response:
-        return await response.text()
+run_async = functools.partial(run_async_within, timeout_s=60)  # index rebuilds and event replays take longer
 
 
 async def complete(cluster, prompt, max_tokens=4, request_id=None, **extra):

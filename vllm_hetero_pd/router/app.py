@@ -293,11 +293,17 @@ class Router:
 
     # ------------------------------------------------------------------ admin endpoints
 
-    async def admin(self, request: web.Request) -> web.Response:
+    def _admin_refusal(self, request: web.Request) -> web.Response | None:
+        """The 403/401 answer to an admin call without the admin token; None when it may proceed."""
         if self.config.admin_token is None:
             return error_response(403, "admin endpoints are disabled; start the router with an admin token", None)
         if not _bearer_matches(request, self.config.admin_token):
             return error_response(401, "missing or wrong admin token: send Authorization: Bearer <admin token>", None)
+        return None
+
+    async def admin(self, request: web.Request) -> web.Response:
+        if (refused := self._admin_refusal(request)) is not None:
+            return refused
         action = request.match_info["action"]
         if request.method == "GET":
             if action != "instances":
@@ -326,10 +332,8 @@ class Router:
     async def debug_route(self, request: web.Request) -> web.Response:
         """Admin only. ``POST /debug/route[?endpoint=chat]`` with a request body: how it would be
         routed now, sending nothing. ``GET /debug/route?request_id=ID``: how a recent request was."""
-        if self.config.admin_token is None:
-            return error_response(403, "admin endpoints are disabled; start the router with an admin token", None)
-        if not _bearer_matches(request, self.config.admin_token):
-            return error_response(401, "missing or wrong admin token: send Authorization: Bearer <admin token>", None)
+        if (refused := self._admin_refusal(request)) is not None:
+            return refused
         if not self.routing.enabled:
             return error_response(409, "/debug/route explains kv_aware routing, which is off: set a kv_aware "
                                   "policy, pairs rules, or a tokenizer with min_disagg_tokens", None)
