@@ -45,6 +45,8 @@ def free_port() -> int:
 def is_free(port: int) -> bool:
     """Whether nothing on this host holds ``port`` on the loopback address right now."""
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        # as the servers bind (uvicorn, the side channel): a port in TIME_WAIT after a restart is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -27,6 +27,7 @@ import msgspec
 from vllm_hetero_pd.launch.cluster import Instance, LocalCluster
 from vllm_hetero_pd.launch.instance import InstanceSpec, hetero_kv_config
 from vllm_hetero_pd.launch.router_process import running_router
+from vllm_hetero_pd.ports import is_free
 from vllm_hetero_pd.testing.client_requests import differences, request_kinds, send
 from vllm_hetero_pd.testing.metrics import metric_sum, scrape
 from vllm_hetero_pd.testing.prompts import make_prompts
@@ -43,6 +44,7 @@ class SoakResult(msgspec.Struct, frozen=True, kw_only=True):
     errors: dict[str, int]  # HTTP status (or exception) -> count
     router_retries: float
     router_recoveries: float
+    served_by_restarted: float
     kv_usage_after: dict[str, float]
     wall_s: float
     load_before: float
@@ -73,15 +75,20 @@ def mix(prompts: list[list[int]], count: int, seed: int) -> list[Job]:
 
 
 def fire(url: str, jobs: list[Job], concurrency: int, midway=None) -> dict[int, tuple[int, Any]]:
-    """Send every job at ``concurrency``; call ``midway()`` once half of them have been started."""
-    started, lock = [0], threading.Lock()
+    """Send every job at ``concurrency``; start ``midway()`` once a quarter of them have been sent,
+    and wait for it before the last quarter, so that those reach the restarted instance too."""
+    started, lock, helper = [0], threading.Lock(), []
 
     def one(job: Job) -> tuple[int, tuple[int, Any]]:
         with lock:
             started[0] += 1
-            trigger = midway is not None and started[0] == len(jobs) // 2
-        if trigger:
-            threading.Thread(target=midway, daemon=True).start()
+            trigger = midway is not None and started[0] == len(jobs) // 4
+            if trigger:
+                helper.append(threading.Thread(target=midway, daemon=True))
+                helper[0].start()
+            last_quarter = started[0] > 3 * len(jobs) // 4
+        if last_quarter and helper:
+            helper[0].join(300)
         try:
             return job[0], send(url, job[2], job[3])
         except OSError as e:  # connection reset etc.: a lost request, counted as such
@@ -96,8 +103,12 @@ def restart(instance: Instance, log_dir: Path, cores: str) -> Instance:
     spec = msgspec.structs.replace(instance.spec, http_port=instance.http_port,
                                    side_channel_port=instance.side_channel_port)
     instance.stop()
-    again = Instance(spec, instance.name + "-restarted", log_dir, cores)
     deadline = time.monotonic() + 300
+    while not (is_free(spec.http_port) and is_free(spec.side_channel_port)):  # connections still closing
+        if time.monotonic() > deadline:
+            raise instance.failure("did not release its ports")
+        time.sleep(0.5)
+    again = Instance(spec, instance.name + "-restarted", log_dir, cores)
     while not again.is_healthy():
         if again.process.poll() is not None or time.monotonic() > deadline:
             raise again.failure("did not come back")
@@ -110,7 +121,9 @@ def score(jobs: list[Job], reference: dict, got: dict) -> tuple[int, list[str], 
     for i, kind, _, _ in jobs:
         ref_status, ref = reference[i]
         status, answer = got[i]
-        if status == 200 and ref_status == 200:
+        if status == 200 and isinstance(answer, dict) and answer.get("errors"):
+            errors["200 + stream error event"] += 1
+        elif status == 200 and ref_status == 200:
             diff = differences(ref, answer)
             exact += not diff
             if diff:
@@ -134,19 +147,24 @@ def soak(model: str, jobs: list[Job], concurrency: int, work: Path) -> SoakResul
     start = time.monotonic()
     with LocalCluster(specs, work / "pd") as cluster:
         prefill, d1, d2 = cluster.instances
-        with running_router([prefill.url], [d1.url, d2.url], work / "router.log") as url:
-            restarted = []
-            got = fire(url, jobs, concurrency, midway=lambda: restarted.append(restart(d2, work / "pd", "0")))
-            samples = scrape(url)
-        live = [prefill, d1, *restarted]
-        time.sleep(12)  # leases of requests whose decode died expire after lease_s
-        usage = {i.name: metric_sum(scrape(i.url), "vllm:kv_cache_usage_perc") for i in live}
-        for instance in restarted:
-            instance.stop()
+        restarted: list[Instance] = []
+        try:
+            with running_router([prefill.url], [d1.url, d2.url], work / "router.log") as url:
+                got = fire(url, jobs, concurrency, midway=lambda: restarted.append(restart(d2, work / "pd", "0")))
+                samples = scrape(url)
+            if not restarted:
+                raise d2.failure("was not restarted in time")
+            served = metric_sum(scrape(restarted[0].url), "vllm:request_success_total")
+            time.sleep(12)  # leases of requests whose decode died expire after lease_s
+            usage = {i.name: metric_sum(scrape(i.url), "vllm:kv_cache_usage_perc") for i in (prefill, d1, *restarted)}
+        finally:
+            for instance in restarted:
+                instance.stop()
     exact, mismatched, errors = score(jobs, reference, got)
     return SoakResult(requests=len(jobs), concurrency=concurrency, exact=exact, mismatched=mismatched,
                       errors=dict(errors), router_retries=metric_sum(samples, "hetero_pd_router_retries_total"),
                       router_recoveries=metric_sum(samples, "hetero_pd_router_decode_recoveries_total"),
+                      served_by_restarted=served,
                       kv_usage_after=usage, wall_s=time.monotonic() - start, load_before=load_before,
                       load_after=os.getloadavg()[0])
 
