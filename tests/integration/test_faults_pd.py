@@ -47,13 +47,11 @@ def cluster(tiny_model, tmp_path_factory):
     producer = hetero("kv_producer", {"lease_s": LEASE_S, "heartbeat_s": 1.0})
     consumer = hetero("kv_consumer", {"heartbeat_s": 0.5, "transfer_timeout_s": READ_TIMEOUT_S,
                                       "handshake_timeout_s": HANDSHAKE_S, "staging_mib": 1})
-    # the prefills share core 0 and the decode has core 1 to itself: vLLM keeps stepping (spinning) an
-    # engine that holds leases, and a decode pinned to a prefill's core starved until the lease expired
-    specs = [InstanceSpec(role="prefill", model=tiny_model, block_size=32, kv_transfer_config=producer, cpu_cores="0",
+    specs = [InstanceSpec(role="prefill", model=tiny_model, block_size=32, kv_transfer_config=producer,
                           env=TCP),
-             InstanceSpec(role="prefill", model=tiny_model, block_size=32, kv_transfer_config=producer, cpu_cores="0",
+             InstanceSpec(role="prefill", model=tiny_model, block_size=32, kv_transfer_config=producer,
                           env=TCP),
-             InstanceSpec(role="decode", model=tiny_model, block_size=128, kv_transfer_config=consumer, cpu_cores="1",
+             InstanceSpec(role="decode", model=tiny_model, block_size=128, kv_transfer_config=consumer,
                           env=TCP)]
     with LocalCluster(specs, tmp_path_factory.mktemp("faults")) as running:
         for instance in running.instances:  # the first request of an engine is slow (warm-up): not under test
