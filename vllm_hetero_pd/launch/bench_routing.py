@@ -44,7 +44,7 @@ from vllm_hetero_pd.testing.metrics import metric_sum, scrape
 from vllm_hetero_pd.testing.tiny_model import sample_text
 
 POLICIES = ("round_robin", "least_work", "kv_aware")
-BLOCK_SIZE = 16
+BLOCK_SIZE = 32  # vLLM CPU_ATTN needs a multiple of 32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
