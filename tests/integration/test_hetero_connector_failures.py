@@ -34,7 +34,8 @@ BAD_PARAMS = {
     "unknown engine id": lambda p: {**p, "remote_engine_id": "no-such-engine"},
     "foreign block ids": lambda p: {**p, "remote_block_ids": [b + 1 for b in p["remote_block_ids"]]},
     "out-of-range block ids": lambda p: {**p, "remote_block_ids": [10**7 + b for b in p["remote_block_ids"]]},
-    "unreachable side channel": lambda p: {**p, "remote_port": 1},
+    "moved side channel": lambda p: {**p, "remote_port": 1},
+    "unreachable side channel": lambda p: {**p, "remote_port": 1, "remote_engine_id": "engine-nobody-runs"},
 }
 EXPECTED_LOG = {
     "wrong types": "malformed kv_transfer_params",
@@ -42,6 +43,7 @@ EXPECTED_LOG = {
     "unknown engine id": "belongs to engine",
     "foreign block ids": "are not leased to request",
     "out-of-range block ids": "outside the prefill's",
+    "moved side channel": "but it was handshaken at",
     "unreachable side channel": "unreachable or timed out",
 }
 
