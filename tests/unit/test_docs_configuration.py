@@ -20,7 +20,7 @@ import msgspec
 from vllm_hetero_pd import config as connector_config
 from vllm_hetero_pd.planner import cli as planner_cli
 from vllm_hetero_pd.router import cli as router_cli
-from vllm_hetero_pd.router.config import InstanceConfig, PoolConfig, RouterConfig
+from vllm_hetero_pd.router.config import InstanceConfig, PoolConfig, RatioConfig, RouterConfig
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -59,14 +59,18 @@ def router_key_rows() -> list[str]:
              **{f"timeouts.{v}": k for k, v in router_cli._TIMEOUTS.items()},
              **{v: k for k, v in router_cli._SECRETS.items()}, "host": "host", "port": "port",
              "prefill.instances": "prefill", "decode.instances": "decode",
-             "prefill.policy": "prefill_policy", "decode.policy": "decode_policy"}
+             "prefill.policy": "prefill_policy", "decode.policy": "decode_policy", "mixed": "mixed",
+             "ratio.model": "ratio_model", "ratio.catalog": "ratio_catalog",
+             **{f"ratio.{v}": k for k, v in router_cli._RATIO.items()}}
     parser = argparse.ArgumentParser()
     router_cli.add_arguments(parser)
     option = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
-    defaults = RouterConfig(decode=PoolConfig(instances=(InstanceConfig(url="http://decode:8000"),)))
+    # the ratio section is off (null) by default; its keys are listed with model shown as "required"
+    defaults = RouterConfig(decode=PoolConfig(instances=(InstanceConfig(url="http://decode:8000", device="CPU"),)),
+                            ratio=RatioConfig(model="required"))
     rows = []
     for key, default in _flatten(defaults):
-        shown = "[]" if key.endswith(".instances") else json.dumps(default)
+        shown = "[]" if key.endswith(".instances") or key == "mixed" else json.dumps(default)
         flag = f"`{option[flags[key]]}`" if key in flags else "—"
         rows.append(f"| `{key}` | `{shown}` | {flag} |")
     return rows

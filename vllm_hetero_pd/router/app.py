@@ -68,7 +68,8 @@ from vllm_hetero_pd.router.protocol import (
     relabel_chunk,
     report_reused_blocks,
 )
-from vllm_hetero_pd.router.routing import Route, Routing
+from vllm_hetero_pd.router.roles import RoleController
+from vllm_hetero_pd.router.routing import Route, Routing, output_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ class Router:
             Role.DECODE: Pool(Role.DECODE, config.decode.policy, config.decode.instances, max_failures, self.metrics,
                               config.scoring),
         }
+        self.roles = RoleController(config, self.pools, self.metrics)
         self.routing = Routing(config, self.pools, self.metrics)
         t = config.timeouts
         self._prefill_timeout = aiohttp.ClientTimeout(total=t.prefill_s, connect=t.connect_s)
@@ -360,6 +362,8 @@ class Router:
 
         With ``kv_aware`` routing the pair is chosen first (``Routing.plan``), so that the prefill
         can be one the decode can read and the decision can weigh what each instance caches."""
+        self.roles.observe(parsed.num_prompt_tokens,
+                           output_tokens(parsed.body, self.config.scoring.expected_output_tokens))
         if not self.routing.enabled:
             return await self._decode(parsed, await self._prefill(parsed, request_id), request_id)
         route = self.routing.plan(parsed)
@@ -418,8 +422,8 @@ class Router:
         if route is None and parsed.num_prompt_tokens < self.config.min_disagg_tokens:
             self.metrics.local_prefill.labels("short_prompt").inc()
             return None
-        if route is not None and route.local_reason == "short_prompt" and decode is None:
-            self.metrics.local_prefill.labels("short_prompt").inc()
+        if route is not None and route.local_reason in ("short_prompt", "same_instance") and decode is None:
+            self.metrics.local_prefill.labels(route.local_reason).inc()
             return None
         failures: list[str] = []
         tried: set[str] = set()
@@ -841,11 +845,14 @@ def build_app(config: RouterConfig) -> web.Application:
         # no cookie jar: instances set no cookies, and a jar costs work on every request
         router.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
                                                cookie_jar=aiohttp.DummyCookieJar())
-        probes = asyncio.create_task(router.run_health_probes())
+        tasks = [asyncio.create_task(router.run_health_probes())]
+        if router.roles.active:
+            tasks.append(asyncio.create_task(router.roles.run()))
         router.routing.start(router.session)
         yield
-        probes.cancel()
-        await asyncio.gather(probes, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await router.routing.stop()
         await router.session.close()
 

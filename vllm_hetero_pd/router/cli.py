@@ -21,6 +21,7 @@ from vllm_hetero_pd.router.config import (
     HealthConfig,
     Policy,
     PoolConfig,
+    RatioConfig,
     RouterConfig,
     TimeoutConfig,
     load_config,
@@ -43,6 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(repeatable; also kv_events_replay=, kv_format=)")
     parser.add_argument("--decode", action="append", default=[], metavar="URL[,weight=W][,kv_events=tcp://H:P]",
                         help="a decode instance (repeatable; same options)")
+    parser.add_argument("--mixed", action="append", default=[], metavar="URL[,device=NAME][,tp=N]",
+                        help="an instance started with kv_role kv_both that may take either role (repeatable; "
+                             "same options)")
+    parser.add_argument("--ratio-model", metavar="MODEL",
+                        help="turn on the ratio controller and desired-replica gauges, sized by the planner's model "
+                             "of MODEL (preset, config.json or model directory); other knobs: ratio in --config")
+    parser.add_argument("--ratio-device", metavar="NAME",
+                        help="planner catalog device of instances without device=NAME (e.g. CPU, H100)")
+    parser.add_argument("--ratio-catalog", action="append", default=[], metavar="FILE",
+                        help="extra catalog file, e.g. one written by vllm-hetero-pd calibrate (repeatable)")
+    parser.add_argument("--ttft-slo-ms", type=float, help="the ratio controller's TTFT p90 target (default 2000)")
+    parser.add_argument("--tpot-slo-ms", type=float, help="the ratio controller's TPOT p90 target (default 100)")
     parser.add_argument("--prefill-policy", type=Policy, choices=list(Policy), metavar=_POLICIES,
                         help="default least_work; kv_aware: cached prefix vs pending work")
     parser.add_argument("--decode-policy", type=Policy, choices=list(Policy), metavar=_POLICIES,
@@ -79,6 +92,7 @@ _TIMEOUTS = {"prefill_timeout_s": "prefill_s", "decode_first_byte_timeout_s": "d
              "decode_idle_timeout_s": "decode_idle_s"}
 _SECRETS = {"api_key_env": "api_key", "upstream_api_key_env": "upstream_api_key", "admin_token_env": "admin_token"}
 _POLICY_FLAGS = ("prefill_policy", "decode_policy")
+_RATIO = {"ratio_device": "device", "ttft_slo_ms": "ttft_ms", "tpot_slo_ms": "tpot_ms"}
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -86,7 +100,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     listen = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if args.config:
         given = [f"--{name.replace('_', '-')}" for name in (*_TOP_LEVEL, *_HEALTH, *_TIMEOUTS, *_SECRETS,
-                                                             *_POLICY_FLAGS, "prefill", "decode")
+                                                             *_POLICY_FLAGS, *_RATIO, "prefill", "decode", "mixed",
+                                                             "ratio_model", "ratio_catalog")
                  if getattr(args, name) not in (None, [])]
         if given:
             raise ConfigError(f"--config holds the whole configuration; drop {', '.join(given)} or drop --config")
@@ -97,12 +112,24 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         for role in ("prefill", "decode")
     }
     return RouterConfig(
-        **pools, **listen,
+        **pools, **listen, mixed=tuple(parse_instance(s) for s in args.mixed), ratio=_ratio(args),
         **_given({name: getattr(args, name) for name in _TOP_LEVEL}),
         **_given({field: _secret(getattr(args, flag)) for flag, field in _SECRETS.items()}),
         health=HealthConfig(**_given({field: getattr(args, flag) for flag, field in _HEALTH.items()})),
         timeouts=TimeoutConfig(**_given({field: getattr(args, flag) for flag, field in _TIMEOUTS.items()})),
     )
+
+
+def _ratio(args: argparse.Namespace) -> RatioConfig | None:
+    """The ratio section from its flags; None without --ratio-model (other ratio flags then are an error)."""
+    others = [f"--{name.replace('_', '-')}" for name in (*_RATIO, "ratio_catalog")
+              if getattr(args, name) not in (None, [])]
+    if args.ratio_model is None:
+        if others:
+            raise ConfigError(f"{', '.join(others)} configure the ratio controller; add --ratio-model MODEL")
+        return None
+    return RatioConfig(model=args.ratio_model, catalog=tuple(args.ratio_catalog),
+                       **_given({field: getattr(args, flag) for flag, field in _RATIO.items()}))
 
 
 def _given(values: dict) -> dict:
@@ -117,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
             from vllm_hetero_pd.router.tokens import PromptTokenizer
 
             PromptTokenizer(config.tokenizer)  # fail here, with the message, not inside the server
+        if config.ratio is not None:
+            from vllm_hetero_pd.router.capacity import CapacityModel
+
+            CapacityModel(config.ratio).check(config.instances)
     except ConfigError as exc:
         print(f"vllm-hetero-pd proxy: {exc}", file=sys.stderr)
         return 2

@@ -49,6 +49,8 @@ class InstanceConfig(msgspec.Struct, **_USER):
     the instance instead. ``kv_format``: a label for the KV format the instance exports or reads
     (for example the connector's ``export_format`` preset); a prefill and a decode with different
     labels pay the decode's translation time, and ``pairs`` rules may forbid the pair.
+    ``device`` and ``tp``: the planner catalog device it runs on and its tensor-parallel size, the
+    shape the ratio controller sizes it by (``ratio``; default ``ratio.device``).
     """
 
     url: str
@@ -56,6 +58,8 @@ class InstanceConfig(msgspec.Struct, **_USER):
     kv_events: str | None = None
     kv_events_replay: str | None = None
     kv_format: str = ""
+    device: str | None = None
+    tp: int = 1
 
     def __post_init__(self) -> None:
         check_url(self.url)
@@ -68,6 +72,8 @@ class InstanceConfig(msgspec.Struct, **_USER):
                                   "tcp://host:5557")
         if self.kv_events_replay is not None and self.kv_events is None:
             raise ConfigError(f"instance {self.url}: kv_events_replay needs kv_events as well")
+        if self.tp < 1:
+            raise ConfigError(f"instance {self.url}: tp must be >= 1, got {self.tp}")
 
 
 class PoolConfig(msgspec.Struct, **_USER):
@@ -133,6 +139,57 @@ class ScoringConfig(msgspec.Struct, **_USER):
                 raise ConfigError(f"scoring.{name} must be >= 1, got {getattr(self, name)}")
 
 
+class RatioConfig(msgspec.Struct, **_USER):
+    """The ratio controller and the desired-replica gauges (``ratio.py``, ``roles.py``, docs/router.md).
+
+    ``model`` (a planner preset, config.json or model directory, with ``dtype``) and each
+    instance's ``device``/``tp`` (default ``device``; catalog devices, ``catalog`` files added)
+    give every instance's capacity per role at the observed workload under the SLO
+    ``ttft_ms``/``tpot_ms`` at ``quantile``. Every ``interval_s`` the workload of the last
+    ``window_s`` (at least ``min_requests`` requests) picks the best prefill:decode split of the
+    mixed instances; one flips when that split's load is at least ``min_gain`` (relative) lower,
+    the proposal has held ``hold_s``, ``cooldown_s`` passed since the last flip and no instance
+    is draining. A flipping instance drains its old role first, for at most ``max_drain_s``.
+    ``initial_prefill``: mixed instances that start as prefill (default half). Desired replicas
+    per pool: ``ceil(rate x (1 + headroom) / capacity)`` within ``[min_replicas, max_replicas]``.
+    """
+
+    model: str
+    dtype: str = "auto"
+    device: str | None = None
+    catalog: tuple[str, ...] = ()
+    ttft_ms: float = 2000.0
+    tpot_ms: float = 100.0
+    quantile: float = 0.9
+    window_s: float = 60.0
+    min_requests: int = 20
+    interval_s: float = 5.0
+    hold_s: float = 15.0
+    cooldown_s: float = 30.0
+    min_gain: float = 0.1
+    max_drain_s: float = 120.0
+    headroom: float = 0.2
+    min_replicas: int = 1
+    max_replicas: int = 64
+    initial_prefill: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_ms", "tpot_ms", "window_s", "interval_s", "max_drain_s"):
+            _positive(f"ratio.{name}", getattr(self, name))
+        for name in ("hold_s", "cooldown_s", "headroom"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ratio.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_gain < 1:
+            raise ConfigError(f"ratio.min_gain must be in [0, 1), got {self.min_gain}")
+        if not 0.5 <= self.quantile < 1:
+            raise ConfigError(f"ratio.quantile must be in [0.5, 1), got {self.quantile}")
+        if self.min_requests < 1:
+            raise ConfigError(f"ratio.min_requests must be >= 1, got {self.min_requests}")
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ConfigError(f"ratio needs 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
+                              f"{self.min_replicas} and {self.max_replicas}")
+
+
 class HealthConfig(msgspec.Struct, **_USER):
     """Health probing and ejection.
 
@@ -188,11 +245,14 @@ class RouterConfig(msgspec.Struct, **_USER):
     ``tokenizer``: the model directory (or its ``tokenizer.json``); with it, prompt lengths and
     prefixes are counted in the engine's tokens, without it estimated (characters / 4).
     ``pairs``: rules about prefill->decode pairs (``PairRule``). ``scoring``: the ``kv_aware``
-    weights (``ScoringConfig``).
+    weights (``ScoringConfig``). ``mixed``: instances started with ``kv_role: kv_both`` that may
+    take either role (each is a candidate in both pools; without ``ratio`` both roles stay open).
+    ``ratio``: the ratio controller and desired-replica gauges (``RatioConfig``; off without it).
     """
 
     prefill: PoolConfig = msgspec.field(default_factory=PoolConfig)
     decode: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    mixed: tuple[InstanceConfig, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -208,11 +268,12 @@ class RouterConfig(msgspec.Struct, **_USER):
     scoring: ScoringConfig = msgspec.field(default_factory=ScoringConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     timeouts: TimeoutConfig = msgspec.field(default_factory=TimeoutConfig)
+    ratio: RatioConfig | None = None
 
     def __post_init__(self) -> None:
-        if not self.decode.instances:
+        if not self.decode.instances and not self.mixed:
             raise ConfigError("no decode instance: pass --decode URL (or list decode.instances in the config)")
-        if not self.prefill.instances and not self.local_prefill_fallback:
+        if not self.prefill.instances and not self.mixed and not self.local_prefill_fallback:
             raise ConfigError(
                 "no prefill instance and local_prefill_fallback is off: pass --prefill URL or allow the fallback"
             )
@@ -230,10 +291,25 @@ class RouterConfig(msgspec.Struct, **_USER):
             raise ConfigError(f"tokenizer {self.tokenizer!r} does not exist; pass the model directory (the one "
                               "holding tokenizer.json)")
         seen: set[str] = set()
-        for instance in (*self.prefill.instances, *self.decode.instances):
+        for instance in self.instances:
             if instance.url in seen:
                 raise ConfigError(f"instance {instance.url} is listed twice; list each instance once")
             seen.add(instance.url)
+        if self.ratio is not None:
+            self._check_ratio(self.ratio)
+
+    @property
+    def instances(self) -> tuple[InstanceConfig, ...]:
+        return (*self.prefill.instances, *self.decode.instances, *self.mixed)
+
+    def _check_ratio(self, ratio: RatioConfig) -> None:
+        for instance in self.instances:
+            if instance.device is None and ratio.device is None:
+                raise ConfigError(f"instance {instance.url}: the ratio controller needs its device; add "
+                                  "device=NAME (a planner catalog device such as CPU or H100) or set ratio.device")
+        if ratio.initial_prefill is not None and not 0 <= ratio.initial_prefill <= len(self.mixed):
+            raise ConfigError(f"ratio.initial_prefill must be between 0 and the {len(self.mixed)} mixed "
+                              f"instances, got {ratio.initial_prefill}")
 
 
 def check_url(url: str) -> None:
@@ -245,12 +321,12 @@ def check_url(url: str) -> None:
         raise ConfigError(f"instance URL {url!r} must be a base URL like http://host:port (no path such as /v1)")
 
 
-_INSTANCE_OPTIONS = ("weight", "kv_events", "kv_events_replay", "kv_format")
+_INSTANCE_OPTIONS = ("weight", "kv_events", "kv_events_replay", "kv_format", "device", "tp")
 
 
 def parse_instance(spec: str) -> InstanceConfig:
-    """Parse ``URL[,weight=W][,kv_events=tcp://H:P][,kv_events_replay=tcp://H:P][,kv_format=LABEL]``
-    as given to ``--prefill``/``--decode``."""
+    """Parse ``URL[,weight=W][,kv_events=tcp://H:P][,kv_events_replay=tcp://H:P][,kv_format=LABEL]
+    [,device=NAME][,tp=N]`` as given to ``--prefill``/``--decode``/``--mixed``."""
     url, *options = spec.split(",")
     fields: dict = {}
     for option in options:
@@ -265,6 +341,10 @@ def parse_instance(spec: str) -> InstanceConfig:
             fields["weight"] = float(fields["weight"])
         except ValueError:
             raise ConfigError(f"instance {spec!r}: weight {fields['weight']!r} is not a number") from None
+    if "tp" in fields:
+        if not fields["tp"].isdigit():
+            raise ConfigError(f"instance {spec!r}: tp {fields['tp']!r} is not a whole number")
+        fields["tp"] = int(fields["tp"])
     return InstanceConfig(url=url.strip().rstrip("/"), **fields)
 
 

@@ -131,6 +131,34 @@ class RouterMetrics:
         self.scrape_failures = Counter(
             "hetero_pd_router_scrape_failures", "Failed polls of an instance's /metrics", ["instance"], registry=r,
         )
+        # the ratio controller and desired replicas (ratio.py, roles.py)
+        self.ratio_decisions = Counter(
+            "hetero_pd_router_ratio_decisions", "Ratio controller evaluations, by what they did (ratio.Action)",
+            ["action"], registry=r,
+        )
+        self.role_flips = Counter(
+            "hetero_pd_router_role_flips", "Mixed instances sent to another role", ["instance", "to_role"], registry=r,
+        )
+        self.role_drains = Counter(
+            "hetero_pd_router_role_drains", "Flips whose old role drained, by outcome (finished, timed_out)",
+            ["outcome"], registry=r,
+        )
+        self.instance_role = Gauge(
+            "hetero_pd_router_instance_role", "1 while the instance takes new requests of the role, else 0",
+            ["instance", "role"], registry=r,
+        )
+        self.desired_replicas = Gauge(
+            "hetero_pd_router_desired_replicas", "Instances a pool needs at the observed workload under the SLO "
+            "(planner model), for HPA/KEDA", ["pool"], registry=r,
+        )
+        self.split_load = Gauge(
+            "hetero_pd_router_split_load", "Utilisation of the busier role, for the current and the best split",
+            ["split"], registry=r,
+        )
+        self.window = Gauge(
+            "hetero_pd_router_window", "The observed workload: requests_per_s, isl_tokens, osl_tokens, requests",
+            ["stat"], registry=r,
+        )
         self.stripped_kv_params = Counter(
             "hetero_pd_router_stripped_kv_transfer_params", "Client requests whose kv_transfer_params were removed",
             registry=r,

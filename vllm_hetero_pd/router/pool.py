@@ -41,8 +41,8 @@ class Instance:
     """Runtime state of one instance. Mutated only by its ``Pool``."""
 
     __slots__ = ("role", "url", "weight", "config", "num_active_requests", "num_pending_tokens", "num_active_kv_tokens",
-                 "consecutive_failures", "ejected", "num_ejections_in_row", "num_good_probes", "draining", "rr_pass",
-                 "in_flight_gauge", "latency_histogram", "first_byte_histogram", "prefix", "load",
+                 "consecutive_failures", "ejected", "num_ejections_in_row", "num_good_probes", "draining", "assigned",
+                 "rr_pass", "in_flight_gauge", "latency_histogram", "first_byte_histogram", "prefix", "load",
                  "num_kv_tokens_since_scrape", "transfer_rate", "translate_rate")
 
     def __init__(self, role: Role, config: InstanceConfig, rr_pass: float, metrics: RouterMetrics,
@@ -67,6 +67,7 @@ class Instance:
         self.num_ejections_in_row = 0
         self.num_good_probes = 0
         self.draining = False
+        self.assigned = True  # False while a mixed instance serves (or drains towards) its other role
         self.rr_pass = rr_pass
         # metric children resolved once: labels() takes a lock and a dict lookup on every call
         self.in_flight_gauge = metrics.in_flight.labels(role.value, self.url)
@@ -76,12 +77,12 @@ class Instance:
 
     @property
     def available(self) -> bool:
-        return not self.ejected and not self.draining
+        return not self.ejected and not self.draining and self.assigned
 
     def describe(self) -> dict:
         return {
             "url": self.url, "role": self.role.value, "weight": self.weight, "ejected": self.ejected,
-            "draining": self.draining, "num_active_requests": self.num_active_requests,
+            "draining": self.draining, "assigned": self.assigned, "num_active_requests": self.num_active_requests,
             "num_pending_tokens": self.num_pending_tokens, "consecutive_failures": self.consecutive_failures,
             "kv_format": self.config.kv_format, "kv_events": self.config.kv_events,
             "kv_usage": None if self.load is None else self.load.kv_usage,
@@ -217,6 +218,13 @@ class Pool:
         instance = self._get(url)
         instance.draining = True
         return instance
+
+    def assign(self, instance: Instance, assigned: bool) -> None:
+        """Open (or close) the instance to this pool's role; an opened one starts at the pool's
+        lowest round-robin pass, like a re-admitted one, so it gets no catch-up burst."""
+        if assigned and not instance.assigned:
+            instance.rr_pass = max(instance.rr_pass, self._min_pass())
+        instance.assigned = assigned
 
     def find(self, url: str) -> Instance | None:
         url = url.rstrip("/")

@@ -84,7 +84,9 @@ class Routing:
         self.clock = clock
         self.tokenizer = PromptTokenizer(config.tokenizer) if config.tokenizer else None
         kv_aware = Policy.KV_AWARE in (config.prefill.policy, config.decode.policy)
-        self.enabled = kv_aware or bool(config.pairs) or (self.tokenizer is not None and config.min_disagg_tokens > 0)
+        # mixed instances need the pair chosen up front: one instance chosen for both prefills locally
+        self.enabled = (kv_aware or bool(config.pairs) or bool(config.mixed)
+                        or (self.tokenizer is not None and config.min_disagg_tokens > 0))
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._tasks: dict[str, asyncio.Task] = {}
 
@@ -143,7 +145,7 @@ class Routing:
 
     def retry_prefill(self, route: Route, decode: Instance, tried: set[str]) -> Instance | None:
         """Another prefill for ``decode`` after one failed (or for a fresh prefill on a new decode)."""
-        prefills = [p for p in self.prefill.eligible(frozenset(tried)) if self._compatible(p, decode)]
+        prefills = [p for p in self.prefill.eligible(frozenset(tried) | {decode.url}) if self._compatible(p, decode)]
         if not prefills:
             return None
         now = self.clock()

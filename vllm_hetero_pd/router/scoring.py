@@ -19,7 +19,9 @@ Costs are in prefill-token equivalents (lower wins), in the spirit of Dynamo's K
 
 ``choose_pair`` minimises ``prefill + pair + decode`` over the compatible pairs. ``min_disagg_tokens``
 (llm-d's prefix-based decider) then turns the choice into a local prefill on the chosen decode
-when the part of the prompt it has not cached is shorter than that.
+when the part of the prompt it has not cached is shorter than that. A mixed instance is a
+candidate in both pools; a pair of it with itself moves no KV, and when chosen it prefills
+locally (``same_instance``).
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ def compatible(rules: Sequence[PairRule], prefill: PrefillCandidate, decode: Dec
 def transfer_seconds(prefill: PrefillCandidate, decode: DecodeCandidate, num_prompt_tokens: int,
                      rules: Sequence[PairRule]) -> float:
     """Expected seconds to move (and translate) the part of the prompt the decode lacks."""
+    if prefill.url == decode.url:
+        return 0.0
     num_moved = max(0, num_prompt_tokens - decode.num_cached_tokens)
     rule = pair_rule(rules, prefill, decode)
     if rule is not None and rule.transfer_ms_per_1k_tokens is not None:
@@ -162,6 +166,8 @@ def choose_pair(prefills: Sequence[PrefillCandidate], decodes: Sequence[DecodeCa
     uncached_on_decode = num_prompt_tokens - decodes[decode_index].num_cached_tokens
     if prefill_index is not None and uncached_on_decode < min_disagg_tokens:
         prefill_index, reason = None, "short_prompt"
+    elif prefill_index is not None and prefills[prefill_index].url == decodes[decode_index].url:
+        prefill_index, reason = None, "same_instance"
     return Decision(decode=decode_index, prefill=prefill_index, local_reason=reason,
                     num_prompt_tokens=num_prompt_tokens, decode_scores=scores, pairs=tuple(pairs))
 
