@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from vllm_hetero_pd.formats.format import Factors, KVFormat, LayoutError, can_translate
@@ -56,8 +56,34 @@ class HeadRun:
 
 
 @dataclass(frozen=True, slots=True)
+class Extent:
+    """Elements one K or V part addresses from its buffer's start (for bounds checks), and its
+    layer stride: computed once per plan, since parsing a format's axes per request costs more
+    than moving a small request's bytes."""
+
+    whole_cache: int
+    per_layer: int
+    layer_stride: int
+
+
+def extent(fmt: KVFormat, side: Side) -> Extent:
+    """``fmt``'s extent for K or V (an empty part addresses nothing)."""
+    factors = fmt.factors(side)
+    if not factors:
+        return Extent(0, 0, 0)
+    inner = sum((n - 1) * s for axis, fs in factors.items() if axis != "L" for n, s in fs)
+    inner -= fmt.num_pad_blocks * factors["B"][0][1]  # pad blocks are never addressed
+    base = 1 + (fmt.v_offset() if side == "v" else 0)
+    layer_n, layer_stride = factors["L"][0]
+    return Extent(inner + (layer_n - 1) * layer_stride + base, inner + base, layer_stride)
+
+
+@dataclass(frozen=True, slots=True)
 class Copy:
-    """One rectangular strided copy within one layer; offsets and strides in elements."""
+    """One rectangular strided copy within one layer; offsets and strides in elements.
+
+    With ``plan.kv_fused`` the first dim (size 2) steps from K to V in the same buffer.
+    """
 
     src: int  # source rank index
     side: Side
@@ -80,6 +106,9 @@ class TranslationPlan:
     dst_maps: dict[tuple[int, Side], AxisMap]  # keyed by source index too: dim refinement is per pair
     conversion: dict[Side, Conversion]
     token_cuts: tuple[int, ...]  # token counts where some side changes stride; see _token_cuts
+    src_extents: dict[tuple[int, Side], Extent]
+    dst_extents: dict[Side, Extent]
+    kv_fused: bool  # K and V move as one copy per rectangle; see _kv_fusable
 
     @property
     def is_identity(self) -> bool:
@@ -102,27 +131,35 @@ class TranslationPlan:
         _check_ids("src", src_block_ids, src_bs, start, stop, self.src_formats[0])
         _check_ids("dst", dst_block_ids, dst_bs, start, stop, self.dst)
         cuts = self.token_cuts
+        sides: tuple[Side, ...] = ("k",) if self.kv_fused else self.sides
         out: list[Copy] = []
         for a, b in _runs(start, stop, src_block_ids, src_bs, dst_block_ids, dst_bs):
             for p, level, count in _pieces(a, b, cuts):
                 grid = (count, *(hi // lo for lo, hi in reversed(list(zip(cuts, cuts[1 : level + 1])))))
                 for run in self.heads:
-                    for side in self.sides:
+                    for side in sides:
                         sm, dm = self.src_maps[run.src, side], self.dst_maps[run.src, side]
                         s_off, s_str = _place(sm, p, level, cuts, src_block_ids, src_bs)
                         d_off, d_str = _place(dm, p, level, cuts, dst_block_ids, dst_bs)
+                        kv_size, s_kv, d_kv = self._kv_dim(run.src)
                         out.append(
                             Copy(
                                 src=run.src,
                                 side=side,
-                                sizes=(*grid, run.count, *(n for n, _ in sm.dim)),
+                                sizes=(*kv_size, *grid, run.count, *(n for n, _ in sm.dim)),
                                 src_offset=s_off + run.src_head * sm.head,
-                                src_strides=(*s_str, sm.head, *(s for _, s in sm.dim)),
+                                src_strides=(*s_kv, *s_str, sm.head, *(s for _, s in sm.dim)),
                                 dst_offset=d_off + run.dst_head * dm.head,
-                                dst_strides=(*d_str, dm.head, *(s for _, s in dm.dim)),
+                                dst_strides=(*d_kv, *d_str, dm.head, *(s for _, s in dm.dim)),
                             )
                         )
         return out
+
+    def _kv_dim(self, src: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Size and strides of the leading K -> V dim of fused copies (empty when not fused)."""
+        if not self.kv_fused:
+            return (), (), ()
+        return (2,), (self.src_maps[src, "v"].offset,), (self.dst_maps[src, "v"].offset,)
 
 
 def plan(src_formats: Sequence[KVFormat], dst: KVFormat) -> TranslationPlan:
@@ -151,7 +188,11 @@ def plan(src_formats: Sequence[KVFormat], dst: KVFormat) -> TranslationPlan:
             dst_maps[i, side] = _axis_map(dst, side, df, dims)
     conversion = {side: _conversion(src_formats, dst, side) for side in sides}
     cuts = _token_cuts((*src_formats, dst), sides)
-    return TranslationPlan(src_formats, dst, heads, sides, src_maps, dst_maps, conversion, cuts)
+    src_extents = {(i, side): extent(src, side) for i, src in enumerate(src_formats) for side in sides}
+    dst_extents = {side: extent(dst, side) for side in sides}
+    fused = _kv_fusable(src_formats, dst, src_maps, dst_maps, conversion)
+    return TranslationPlan(src_formats, dst, heads, sides, src_maps, dst_maps, conversion, cuts, src_extents,
+                           dst_extents, fused)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -235,6 +276,23 @@ def _refine(factors: Factors, dims: tuple[int, ...]) -> Factors:
             out.insert(0, (n, stride * covered))
             covered *= n
     return tuple(out)
+
+
+def _kv_fusable(src_formats: tuple[KVFormat, ...], dst: KVFormat, src_maps: dict[tuple[int, Side], AxisMap],
+                dst_maps: dict[tuple[int, Side], AxisMap], conversion: dict[Side, Conversion]) -> bool:
+    """Whether K and V can move as one copy: V sits at a fixed offset from K in one buffer on
+    every side, laid out alike, and is converted alike. Halves the copies, and where V follows
+    K directly (K||V formats) the copy's contiguous rows double or span whole blocks."""
+    if len(conversion) != 2 or conversion["k"] != conversion["v"]:
+        return False
+    fmts = (*src_formats, dst)
+    if any(f.storage != "joint" for f in fmts):
+        return False
+    if conversion["k"] == "convert" and any(f.k_scales != f.v_scales for f in fmts):
+        return False
+    maps = [m for i in range(len(src_formats)) for m in ((src_maps[i, "k"], src_maps[i, "v"]),
+                                                           (dst_maps[i, "k"], dst_maps[i, "v"]))]
+    return all(replace(k, offset=0) == replace(v, offset=0) for k, v in maps)
 
 
 def _conversion(src_formats: tuple[KVFormat, ...], dst: KVFormat, side: Side) -> Conversion:

@@ -23,7 +23,7 @@ import torch
 
 from vllm_hetero_pd.formats.format import KVFormat, LayoutError
 from vllm_hetero_pd.shim.fp8 import STORAGE_DTYPES, remap
-from vllm_hetero_pd.shim.plan import Copy, Side, TranslationPlan
+from vllm_hetero_pd.shim.plan import Copy, Extent, Side, TranslationPlan, extent
 
 KVBuffers = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Sequence | Mapping
 
@@ -67,13 +67,9 @@ def translate(
     copies = plan.copies(src_block_ids, dst_block_ids, start, stop)
     if not copies:
         return
-    dst_layers = {side: layers(dst, plan.dst, side) for side in plan.sides}
-    src_layers = {
-        (i, side): layers(buf, fmt, side)
-        for i, (buf, fmt) in enumerate(zip(src, plan.src_formats))
-        for side in plan.sides
-        if any(c.src == i for c in copies)
-    }
+    used = {(c.src, c.side) for c in copies}
+    dst_layers = {side: layers(dst, plan.dst, side, plan.dst_extents[side]) for side in {side for _, side in used}}
+    src_layers = {(i, side): layers(src[i], plan.src_formats[i], side, plan.src_extents[i, side]) for i, side in used}
     for c in copies:
         _apply(plan, c, src_layers[c.src, c.side], dst_layers[c.side])
 
@@ -82,13 +78,14 @@ def allocate(fmt: KVFormat, device: torch.device | str = "cpu") -> KVBuffers:
     """Zeroed buffers holding one whole cache in ``fmt`` (a staging or export area)."""
     dtype = STORAGE_DTYPES[fmt.dtype]
     if fmt.storage == "joint":
-        return torch.zeros(_span(fmt, "k", whole_cache=True) + fmt.inner_elements("v"), dtype=dtype, device=device)
-    k, v = (_span(fmt, s, whole_cache=True) if fmt.factors(s) else 0 for s in ("k", "v"))
+        return torch.zeros(extent(fmt, "k").whole_cache + fmt.inner_elements("v"), dtype=dtype, device=device)
+    k, v = (extent(fmt, s).whole_cache for s in ("k", "v"))
     return torch.zeros(k, dtype=dtype, device=device), torch.zeros(v, dtype=dtype, device=device)
 
 
-def layers(buffers: KVBuffers, fmt: KVFormat, side: Side) -> Layers:
-    """Resolve one rank's buffers into per-layer (storage, offset) pairs for K or V."""
+def layers(buffers: KVBuffers, fmt: KVFormat, side: Side, ext: Extent) -> Layers:
+    """Resolve one rank's buffers into per-layer (storage, offset) pairs for K or V (``ext``:
+    ``extent(fmt, side)``, which the plan holds)."""
     dtype = STORAGE_DTYPES[fmt.dtype]
     if isinstance(buffers, Mapping):
         if missing := [n for n in fmt.layer_names if n not in buffers]:
@@ -99,13 +96,12 @@ def layers(buffers: KVBuffers, fmt: KVFormat, side: Side) -> Layers:
                        and isinstance(buffers[0], torch.Tensor))
     if isinstance(buffers, torch.Tensor) or one_tensor_pair:
         whole = buffers if isinstance(buffers, torch.Tensor) else buffers[part]
-        flat, base = _flat(whole, dtype, _span(fmt, side, whole_cache=True), fmt)
-        stride = fmt.factors(side)["L"][0][1]
-        return _layers([flat] * fmt.num_layers, [base + l * stride for l in range(fmt.num_layers)])
+        flat, base = _flat(whole, dtype, ext.whole_cache, fmt)
+        return _layers([flat] * fmt.num_layers, [base + l * ext.layer_stride for l in range(fmt.num_layers)])
     if len(buffers) != fmt.num_layers:
         raise LayoutError(f"{fmt.name or 'format'}: got {len(buffers)} layer buffers for {fmt.num_layers} layers")
     flats, offsets, storages = [], [], {}
-    span = _span(fmt, side, whole_cache=False)
+    span = ext.per_layer
     for entry in buffers:
         tensor = entry[part] if fmt.storage == "split" else entry
         if not isinstance(tensor, torch.Tensor):
@@ -117,16 +113,6 @@ def layers(buffers: KVBuffers, fmt: KVFormat, side: Side) -> Layers:
         flats.append(flat)
         offsets.append(offset)
     return _layers(flats, offsets)
-
-
-def _span(fmt: KVFormat, side: Side, whole_cache: bool) -> int:
-    """Elements from a buffer's start that the format addresses (bounds check)."""
-    total = 0
-    for axis, factors in fmt.factors(side).items():
-        if axis != "L" or whole_cache:
-            total += sum((n - 1) * s for n, s in factors)
-    total -= fmt.num_pad_blocks * fmt.factors(side)["B"][0][1]  # pad blocks are never addressed
-    return total + 1 + (fmt.v_offset() if side == "v" else 0)
 
 
 def _flat(t: torch.Tensor, dtype: torch.dtype, span: int, fmt: KVFormat, flat: torch.Tensor | None = None):
