@@ -1,4 +1,4 @@
-"""The colocated model against a published benchmark table: NVIDIA NIM, Llama-3.3-70B FP8, 2x H100 TP2.
+"""The model against published benchmark tables: NVIDIA NIM (dense) and ML.ENERGY (MoE decode).
 
 Run: ``python -m vllm_hetero_pd.planner.published``. The table (docs.nvidia.com/nim/benchmarking/
 llm/1.0.0/performance, NIM 1.8.0, AIPerf) reports mean TTFT and ITL at fixed concurrency. A
@@ -9,6 +9,12 @@ Two device inputs are compared: the shipped H100 (MLE's FP8 matmul efficiency 70
 whose FP8 efficiency is fitted to a *different* run of the same table, 500 in / 2000 out at
 concurrency 1 (TTFT 47.77 ms), so no validated point is used to fit. Llama-3.3-70B has Llama-3.1-
 70B's geometry, so the preset stands in for it.
+
+No public table found gives TTFT for an MoE model at fixed concurrencies with the lengths stated,
+so the MoE check is the decode step: the ML.ENERGY leaderboard's vLLM runs of Qwen3-30B-A3B BF16
+on one H100 hold the batch at ``max_num_seqs`` and publish the median ITL, which is the decode
+step at that batch. It tests the experts-touched-per-batch model with nothing fitted. The data
+gives output lengths (mean about 920 tokens) but not prompt lengths, so the mean context is a band.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import msgspec
 
 from vllm_hetero_pd.planner import colocated, perf
 from vllm_hetero_pd.planner.catalog import Device, load_catalog
-from vllm_hetero_pd.planner.model import ModelSpec, load_model
+from vllm_hetero_pd.planner.model import ModelSpec, from_hf_config, load_model
 from vllm_hetero_pd.planner.workload import Workload
 
 SOURCE = ("docs.nvidia.com/nim/benchmarking/llm/1.0.0/performance (NIM 1.8.0, Llama-3.3-70b-instruct, "
@@ -29,6 +35,19 @@ TP = 2
 VALIDATED = Workload(isl=5000, osl=500, rate=1)
 PUBLISHED = {1: (0.40677, 0.01858), 5: (0.5467, 0.02183), 25: (0.68869, 0.03875), 50: (0.83451, 0.05973)}
 CALIBRATION = (Workload(isl=500, osl=2000, rate=1), 1, 0.04777)  # shape, concurrency, mean TTFT (s)
+
+MOE_SOURCE = ("github.com/ml-energy/leaderboard public/data/models/Qwen__Qwen3-30B-A3B-Instruct-2507__lm-arena-chat"
+              ".json @0ea52b6a (vLLM, 1x H100, BF16, TP1)")
+QWEN3_30B_A3B = {  # huggingface.co/Qwen/Qwen3-30B-A3B-Instruct-2507/blob/main/config.json, the fields the model reads
+    "_name_or_path": "Qwen/Qwen3-30B-A3B-Instruct-2507", "architectures": ["Qwen3MoeForCausalLM"],
+    "num_hidden_layers": 48, "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+    "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+    "tie_word_embeddings": False, "max_position_embeddings": 262144, "torch_dtype": "bfloat16",
+}
+MOE_PUBLISHED = {8: (7.97, 0.01285), 16: (15.97, 0.01755), 32: (31.93, 0.02257), 64: (63.92, 0.02894),
+                 96: (88.51, 0.03207)}  # max_num_seqs: (avg_batch_size, median ITL s)
+MOE_CONTEXTS = (500, 1000, 2000)  # mean context band; the middle one is the point prediction
 
 
 class Row(msgspec.Struct, frozen=True, kw_only=True):
@@ -93,6 +112,42 @@ def table(label: str, rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+class MoeRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One published batch: the median ITL, the predicted decode step at each ``MOE_CONTEXTS``
+    context, and the step of the model before the MoE fix (every expert read on every step)."""
+
+    max_num_seqs: int
+    batch: float
+    published_itl_s: float
+    itl_s: tuple[float, ...]
+    every_expert_itl_s: float
+
+
+def moe_compare() -> list[MoeRow]:
+    """Qwen3-30B-A3B BF16 on one shipped-catalog H100 vs the ML.ENERGY rows; nothing is fitted."""
+    model = from_hf_config(QWEN3_30B_A3B, name="qwen3-30b-a3b", weight_dtype="bf16")
+    every_expert = msgspec.structs.replace(model, num_experts_per_token=model.num_experts)
+    device = load_catalog().device("H100")
+    steps = [perf.step_model(model, device, 1, ctx) for ctx in MOE_CONTEXTS]
+    before = perf.step_model(every_expert, device, 1, MOE_CONTEXTS[1])
+    return [MoeRow(max_num_seqs=seqs, batch=batch, published_itl_s=itl, itl_s=tuple(s.time(batch) for s in steps),
+                   every_expert_itl_s=before.time(batch)) for seqs, (batch, itl) in MOE_PUBLISHED.items()]
+
+
+def moe_table(rows: list[MoeRow]) -> str:
+    def ms(t: float, ref: float) -> str:
+        return f"{t * 1e3:.1f} ({t / ref - 1:+.0%})"
+
+    lines = [f"| max_num_seqs | batch | ITL published (ms) | predicted, context {MOE_CONTEXTS[1]} | "
+             f"context {MOE_CONTEXTS[0]} | context {MOE_CONTEXTS[-1]} | every expert read (before) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        low, mid, high = (ms(t, r.published_itl_s) for t in r.itl_s)
+        lines.append(f"| {r.max_num_seqs} | {r.batch:.1f} | {r.published_itl_s * 1e3:.1f} | {mid} | {low} | {high} | "
+                     f"{ms(r.every_expert_itl_s, r.published_itl_s)} |")
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """No options: the table and the model inputs are fixed so the numbers are reproducible."""
 
@@ -105,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
     print(table("shipped H100 (FP8 eff. 0.709)", compare(shipped, model)))
     print()
     print(table(f"H100, FP8 eff. {fitted.fp8_efficiency:.3f} fitted on 500/2000 c=1", compare(fitted, model)))
+    print(f"\nMoE decode: {MOE_SOURCE}; Qwen3-30B-A3B-Instruct-2507, batch held at max_num_seqs, median ITL\n")
+    print(moe_table(moe_compare()))
     return 0
 
 
