@@ -17,7 +17,10 @@ It speaks the parts of vLLM's protocol the router depends on, and checks them:
   ``i`` seeded ``seed + i``, usage counting each prompt once; streams have one SSE event per
   token and choice, an optional usage event (``stream_options.include_usage``), then
   ``data: [DONE]``;
-* a client that disconnects cancels its request (``num_cancelled``), as vLLM aborts it.
+* a client that disconnects cancels its request (``num_cancelled``), as vLLM aborts it;
+* a ``both`` instance (``kv_role: kv_both``) answers a request carrying
+  ``kv_transfer_params.do_remote_decode=true`` as a prefill and any other as a decode, so one
+  instance can prefill for others while it decodes its own requests.
 
 With ``prefix_cache_blocks`` an instance keeps an LRU prefix cache of that many blocks, keyed
 by its own hash chain (sha256, unlike the router's), counts hits in ``vllm:prefix_cache_*`` on
@@ -166,8 +169,8 @@ class FakeVllm:
                  block_size: int = 16, kv_events: bool = False, tokenizer: Any = None,
                  prefill_s_per_token: float = 0.0, kv_capacity_tokens: int | None = None,
                  transfer_s_per_token: float = 0.0) -> None:
-        if role not in ("prefill", "decode"):
-            raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
+        if role not in ("prefill", "decode", "both"):
+            raise ValueError(f"role must be 'prefill', 'decode' or 'both', got {role!r}")
         self.cache = FakePrefixCache(prefix_cache_blocks, block_size) if prefix_cache_blocks else None
         self.kv_events = kv_events
         self.event_faults = EventFaults()
@@ -397,7 +400,7 @@ class FakeVllm:
         chat = request.path.endswith("/chat/completions")
         simulated = (self.cache is not None or self.prefill_s_per_token or self.transfer_s_per_token
                      or self.kv_capacity_tokens is not None)
-        if self.role == "prefill":
+        if self.is_prefill_leg(body):
             if simulated:
                 await self._compute(body, chat, loads_kv=False)
             return web.json_response(self._prefill_answer(body, request_id, chat))
@@ -427,9 +430,15 @@ class FakeVllm:
             return await self._stream(request, body, chat)
         return web.json_response(_completion(body, chat, self.model, request_id))
 
+    def is_prefill_leg(self, body: dict[str, Any]) -> bool:
+        """A prefill instance's every request; a ``both`` instance's requests that ask it to prefill."""
+        params = body.get("kv_transfer_params")
+        return self.role == "prefill" or (self.role == "both" and isinstance(params, dict)
+                                          and params.get("do_remote_decode") is True)
+
     def _check(self, body: dict[str, Any], request_id: str | None) -> str | None:
         params = body.get("kv_transfer_params")
-        if self.role == "prefill":
+        if self.is_prefill_leg(body):
             if body.get("max_tokens") != 1 or body.get("stream") or "stream_options" in body:
                 return "prefill needs max_tokens=1, stream=false and no stream_options"
             if not isinstance(params, dict) or params.get("do_remote_decode") is not True:
@@ -513,17 +522,20 @@ class FakeCluster:
                  prefill_policy: Policy = Policy.LEAST_WORK, decode_policy: Policy = Policy.LEAST_WORK,
                  allow_local_prefill: bool = False, token_interval_s: float = 0.0, record: bool = True,
                  prefill_options: Sequence[dict[str, Any]] = (), decode_options: Sequence[dict[str, Any]] = (),
-                 **router_options: Any) -> None:
+                 num_mixed: int = 0, **router_options: Any) -> None:
         """``prefill_options``/``decode_options``: per instance, extra ``FakeVllm`` arguments, plus
         ``kv_format`` (the router's label for it) and ``kv_replay`` (give the router the replay
-        endpoint too); with ``kv_events=True`` the router subscribes to the fake's events."""
+        endpoint too); with ``kv_events=True`` the router subscribes to the fake's events.
+        ``num_mixed``: ``both`` instances (``mixed-<i>``), given to the router as ``mixed``."""
         options = [[dict(o) for o in prefill_options], [dict(o) for o in decode_options]]
         for role, weights in enumerate((prefill_weights, decode_weights)):
             options[role] += [{} for _ in range(len(weights) - len(options[role]))]
         self._labels = [[(o.pop("kv_format", ""), o.pop("kv_replay", False)) for o in opts] for opts in options]
         self.prefill = [FakeVllm("prefill", f"prefill-{i}", record=record, **options[0][i])
                         for i in range(len(prefill_weights))]
-        engine_ids = frozenset(p.engine_id for p in self.prefill)
+        engine_ids = frozenset([p.engine_id for p in self.prefill] + [f"mixed-{i}" for i in range(num_mixed)])
+        self.mixed = [FakeVllm("both", f"mixed-{i}", prefill_engine_ids=engine_ids, record=record,
+                               token_interval_s=token_interval_s) for i in range(num_mixed)]
         self.decode = [FakeVllm("decode", f"decode-{i}", prefill_engine_ids=engine_ids, record=record,
                                 allow_local_prefill=allow_local_prefill,
                                 **{"token_interval_s": token_interval_s, **options[1][i]})
@@ -539,9 +551,10 @@ class FakeCluster:
         return self.router.url
 
     async def __aenter__(self) -> FakeCluster:
-        for fake in (*self.prefill, *self.decode):
+        for fake in (*self.prefill, *self.decode, *self.mixed):
             await fake.start()
         config = RouterConfig(
+            mixed=tuple(InstanceConfig(url=f.url) for f in self.mixed),
             prefill=PoolConfig(instances=tuple(self._instance(f, w, *labels) for f, w, labels
                                                in zip(self.prefill, self._weights[0], self._labels[0])),
                                policy=self._policies[0]),
@@ -563,7 +576,7 @@ class FakeCluster:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.session.close()
         await self.router.stop()
-        for fake in (*self.prefill, *self.decode):
+        for fake in (*self.prefill, *self.decode, *self.mixed):
             await fake.stop()
 
 
@@ -675,8 +688,8 @@ def _error(status: int, message: str) -> web.Response:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Serve a fake vLLM prefill or decode instance on loopback")
-    parser.add_argument("--role", choices=["prefill", "decode"], required=True)
+    parser = argparse.ArgumentParser(description="Serve a fake vLLM prefill, decode or kv_both instance on loopback")
+    parser.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--engine-id", default=None, help="this instance's engine id (default: <role>-engine)")
     parser.add_argument("--prefill-engine-ids", default="prefill-engine",
