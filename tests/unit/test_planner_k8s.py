@@ -3,11 +3,13 @@
 Built-in kinds are checked against the ``kubernetes`` client's models field by field: an unknown
 field, a wrong type or a missing required field fails. The LeaderWorkerSet CRD is not in the client;
 its spec is checked against the LWS v1 API fields (sigs.k8s.io/lws api/leaderworkerset/v1) and its
-pod templates against ``V1PodTemplateSpec``.
+pod templates against ``V1PodTemplateSpec``. KEDA's ScaledObject is checked against the keda.sh/v1alpha1
+fields (kedacore/keda apis/keda/v1alpha1/scaledobject_types.go), the HPA against ``V2HorizontalPodAutoscaler``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -24,6 +26,13 @@ BASE = ["plan", "--model", "llama-3.1-70b", "--dtype", "fp8", "--isl", "4096", "
 PRIMITIVES = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object, "datetime": str}
 LWS_SPEC = {"replicas": "int", "leaderWorkerTemplate": "LWSTemplate", "rolloutStrategy": "object",
             "startupPolicy": "str", "networkConfig": "object"}
+KEDA_SPEC = {"scaleTargetRef": "KedaTarget", "pollingInterval": "int", "cooldownPeriod": "int",
+             "initialCooldownPeriod": "int", "idleReplicaCount": "int", "minReplicaCount": "int",
+             "maxReplicaCount": "int", "fallback": "object", "advanced": "object", "triggers": "list[KedaTrigger]"}
+KEDA_TARGET = {"name": "str", "apiVersion": "str", "kind": "str", "envSourceContainerName": "str"}
+KEDA_TRIGGER = {"type": "str", "name": "str", "metadata": "dict(str, str)", "authenticationRef": "object",
+                "metricType": "str", "useCachedMetrics": "bool"}
+KEDA = {"KedaSpec": KEDA_SPEC, "KedaTarget": KEDA_TARGET, "KedaTrigger": KEDA_TRIGGER}
 LWS_TEMPLATE = {"leaderTemplate": "V1PodTemplateSpec", "workerTemplate": "V1PodTemplateSpec", "size": "int",
                 "restartPolicy": "str", "subGroupPolicy": "object"}
 
@@ -42,6 +51,10 @@ def check(value, type_name: str, where: str) -> None:
         assert isinstance(value, PRIMITIVES[type_name]) and not (type_name == "int" and isinstance(value, bool)), where
     elif type_name == "LWSSpec":
         _fields(value, LWS_SPEC, where)
+    elif type_name in ("KedaSpec", "KedaTarget", "KedaTrigger"):
+        _fields(value, KEDA[type_name], where)
+        assert type_name != "KedaTarget" or "name" in value, where
+        assert type_name != "KedaTrigger" or value["metricType"] in ("AverageValue", "Value", "Utilization"), where
     elif type_name == "LWSTemplate":
         _fields(value, LWS_TEMPLATE, where)
         assert value["restartPolicy"] in ("RecreateGroupOnPodRestart", "None") and value["size"] >= 2, where
@@ -60,8 +73,12 @@ def _fields(value: dict, known: dict[str, str], where: str) -> None:
 
 
 def validate(obj: dict) -> None:
-    kinds = {"Deployment": "V1Deployment", "Service": "V1Service", "ConfigMap": "V1ConfigMap"}
-    if obj["kind"] == "LeaderWorkerSet":
+    kinds = {"Deployment": "V1Deployment", "Service": "V1Service", "ConfigMap": "V1ConfigMap",
+             "HorizontalPodAutoscaler": "V2HorizontalPodAutoscaler"}
+    if obj["kind"] == "ScaledObject":
+        assert obj["apiVersion"] == "keda.sh/v1alpha1"
+        _fields(obj, {"apiVersion": "str", "kind": "str", "metadata": "V1ObjectMeta", "spec": "KedaSpec"}, "keda")
+    elif obj["kind"] == "LeaderWorkerSet":
         assert obj["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
         _fields(obj, {"apiVersion": "str", "kind": "str", "metadata": "V1ObjectMeta", "spec": "LWSSpec"}, "lws")
     else:
@@ -144,4 +161,60 @@ def test_the_validator_rejects_what_kubernetes_would(tmp_path, capsys):
     broken = json.loads(json.dumps(objects[1]))
     del broken["spec"]["selector"]
     with pytest.raises(ValueError, match="selector"):
+        validate(broken)
+
+
+def autoscaling(tmp_path: Path) -> dict[str, list[dict]]:
+    """The objects under autoscaling/hpa and autoscaling/keda, each validated."""
+    out = {}
+    for kind in ("hpa", "keda"):
+        out[kind] = [msgspec.yaml.decode(p.read_bytes()) for p in sorted((tmp_path / "autoscaling" / kind).glob("*"))]
+        for obj in out[kind]:
+            validate(obj)
+    return out
+
+
+def test_autoscalers_scale_each_pool_on_the_routers_desired_replicas_gauge(tmp_path, capsys):
+    """One HPA and one ScaledObject per single-entry pool, on the gauge the router exports, targeting
+    that pool's workload; the router is started with the plan's model and SLO, which it accepts."""
+    from vllm_hetero_pd.router import cli as router_cli
+    from vllm_hetero_pd.router.capacity import CapacityModel
+    from vllm_hetero_pd.router.metrics import RouterMetrics
+
+    best, objects = emit(tmp_path, capsys, "--devices", "H100")
+    scalers = autoscaling(tmp_path)
+    workloads = {o["metadata"]["name"]: o for o in objects if o["kind"] in ("Deployment", "LeaderWorkerSet")}
+    roles = {"prefill": best["prefill"], "decode": best["decode"]}
+    expected = sorted(role for role, entries in roles.items() if len(entries) == 1)
+    assert expected, "the H100 plan has single-entry pools"
+    gauge = RouterMetrics().desired_replicas._name
+    for hpa, keda in zip(scalers["hpa"], scalers["keda"]):
+        target = workloads[hpa["spec"]["scaleTargetRef"]["name"]]
+        role = target["metadata"]["labels"]["vllm-hetero-pd.io/role"]
+        (external,) = hpa["spec"]["metrics"]
+        assert external["external"]["metric"] == {"name": gauge, "selector": {"matchLabels": {"pool": role}}}
+        assert keda["spec"]["scaleTargetRef"] == hpa["spec"]["scaleTargetRef"]
+        assert keda["spec"]["triggers"][0]["metadata"]["query"] == f'max({gauge}{{pool="{role}"}})'
+        assert hpa["spec"]["maxReplicas"] >= target["spec"]["replicas"]
+    assert sorted(workloads[h["spec"]["scaleTargetRef"]["name"]]["metadata"]["labels"]["vllm-hetero-pd.io/role"]
+                  for h in scalers["hpa"]) == expected
+    router = workloads["router"]["spec"]["template"]
+    assert router["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    parser = argparse.ArgumentParser()
+    router_cli.add_arguments(parser)
+    config = router_cli.config_from_args(parser.parse_args(router["spec"]["containers"][0]["args"][1:]))
+    assert config.ratio.ttft_ms == 2000 and config.ratio.dtype == "fp8"
+    CapacityModel(config.ratio).check(config.instances)  # every upstream's device is known to the model
+
+
+def test_the_validator_rejects_a_scaled_object_kubernetes_would(tmp_path, capsys):
+    emit(tmp_path, capsys, "--devices", "H100")
+    keda = autoscaling(tmp_path)["keda"][0]
+    broken = json.loads(json.dumps(keda))
+    broken["spec"]["maxReplicas"] = 3  # HPA spelling, not KEDA's
+    with pytest.raises(AssertionError, match="unknown field 'maxReplicas'"):
+        validate(broken)
+    broken = json.loads(json.dumps(autoscaling(tmp_path)["hpa"][0]))
+    broken["spec"]["metrics"][0]["external"]["target"]["averageValu"] = "1"
+    with pytest.raises(AssertionError, match="unknown field 'averageValu'"):
         validate(broken)

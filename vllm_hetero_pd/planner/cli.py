@@ -313,8 +313,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {len(written)} files to {args.emit_launch}", file=sys.stderr)
     if args.emit:
         objects = k8s.manifests(best, catalog, model, served, workload.isl + workload.osl, args.image,
-                                space.granularity)
+                                space.granularity, slo)
         written = k8s.write_k8s(objects, Path(args.emit[1]))
+        for kind, scalers in k8s.autoscalers(best, catalog, space.granularity).items():
+            written += k8s.write_k8s(scalers, Path(args.emit[1]) / "autoscaling" / kind)
         print(f"wrote {len(written)} manifests to {args.emit[1]}", file=sys.stderr)
     if args.plot:
         report.plot_pareto(args.plot, _pareto_points(model, catalog, workload, slo, alts),

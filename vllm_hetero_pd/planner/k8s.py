@@ -6,6 +6,14 @@ LeaderWorkerSet (leaderworkerset.x-k8s.io/v1) whose group spans the nodes of one
 resource and is pinned by a node label. A Service per entry, a router Deployment (+ Service) whose
 ``--prefill`` / ``--decode`` URLs are those Services weighted by planned capacity, and a ConfigMap
 holding the connector's ``--kv-transfer-config`` for each role. We build no cluster manager.
+
+The router runs with the plan's model and SLO (``--ratio-model``, ``--ttft-slo-ms``, ...; each
+upstream with its ``device``/``tp``), so it exports ``hetero_pd_router_desired_replicas{pool}``:
+the replicas each pool needs at the workload it observes, by the same model. ``autoscalers``
+gives, for each role planned as one entry, a HorizontalPodAutoscaler (external metric, via a
+Prometheus adapter) and a KEDA ScaledObject (Prometheus trigger) on that gauge; they are written
+under ``autoscaling/hpa`` and ``autoscaling/keda`` for the user to apply one set (KEDA makes its
+own HPA, so the two must not target one workload together).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from vllm_hetero_pd.planner import emit
 from vllm_hetero_pd.planner.catalog import Catalog
 from vllm_hetero_pd.planner.model import ModelSpec
 from vllm_hetero_pd.planner.search import Entry, Plan
+from vllm_hetero_pd.planner.workload import Slo
 
 # Extended resources the vendors' Kubernetes device plugins advertise (NVIDIA k8s-device-plugin,
 # ROCm k8s-device-plugin, Intel Gaudi device plugin).
@@ -30,6 +39,9 @@ ENTRY_LABEL = "vllm-hetero-pd.io/entry"
 HTTP_PORT = 8000
 SIDE_CHANNEL_PORT = 5600  # one prefill per pod, so every pod can use the same port
 CONFIG_MAP = "vllm-hetero-pd-kv"
+DESIRED_REPLICAS_METRIC = "hetero_pd_router_desired_replicas"  # router/metrics.py
+PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"  # kube-prometheus-stack's default Service
+MAX_REPLICAS_FACTOR = 4  # autoscalers may grow a pool to this many times its planned count
 
 
 class Pod(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,21 +142,66 @@ def _entry_service(pod: Pod) -> dict:
     return _service(pod.name, selector, [{"name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT}])
 
 
-def _router(pods: list[Pod], image: str) -> list[dict]:
-    """The router Deployment and its Service; each pool entry is one weighted upstream (its Service)."""
-    args = ["proxy", "--host", "0.0.0.0", "--port", str(HTTP_PORT)]
+def _router(pods: list[Pod], image: str, model: ModelSpec, slo: Slo) -> list[dict]:
+    """The router Deployment and its Service; each pool entry is one weighted upstream (its Service).
+
+    It sizes pools with the plan's model and SLO, so its desired-replica gauges (scraped by
+    Prometheus through the pod annotations) drive the autoscalers."""
+    args = ["proxy", "--host", "0.0.0.0", "--port", str(HTTP_PORT), "--ratio-model", model.name,
+            "--ratio-dtype", model.weight_dtype, "--ttft-slo-ms", f"{slo.ttft_s * 1e3:g}",
+            "--tpot-slo-ms", f"{slo.tpot_s * 1e3:g}"]
     for pod in pods:
         weight = pod.entry.count * pod.entry.capacity_per_instance
-        args += [f"--{pod.role}", f"http://{pod.name}:{HTTP_PORT},weight={weight:.4g}"]
+        args += [f"--{pod.role}", f"http://{pod.name}:{HTTP_PORT},weight={weight:.4g},device={pod.entry.device},"
+                 f"tp={pod.entry.tp}"]
     labels = {"vllm-hetero-pd.io/role": "router"}
     container = {"name": "router", "image": image, "command": ["vllm-hetero-pd"], "args": args,
                  "ports": [{"name": "http", "containerPort": HTTP_PORT}],
                  "readinessProbe": {"httpGet": {"path": "/health", "port": HTTP_PORT}, "periodSeconds": 5}}
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(HTTP_PORT), "prometheus.io/path": "/metrics"}
+    template = {"metadata": {"labels": {"app.kubernetes.io/name": "vllm-hetero-pd", **labels}, "annotations": scrape},
+                "spec": {"containers": [container]}}
     deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta("router", **labels),
-                  "spec": {"replicas": 1, "selector": {"matchLabels": labels},
-                           "template": {"metadata": {"labels": {"app.kubernetes.io/name": "vllm-hetero-pd", **labels}},
-                                        "spec": {"containers": [container]}}}}
+                  "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": template}}
     return [deployment, _service("router", labels, [{"name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT}])]
+
+
+def _target(pod: Pod) -> dict:
+    """The scale target of an entry: its Deployment, or its LeaderWorkerSet (which has a scale subresource)."""
+    if pod.pods_per_instance == 1:
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "name": pod.name}
+    return {"apiVersion": "leaderworkerset.x-k8s.io/v1", "kind": "LeaderWorkerSet", "name": pod.name}
+
+
+def _hpa(pod: Pod) -> dict:
+    """autoscaling/v2: replicas = the gauge (an AverageValue target of 1 per replica)."""
+    metric = {"name": DESIRED_REPLICAS_METRIC, "selector": {"matchLabels": {"pool": pod.role}}}
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _meta(pod.name),
+            "spec": {"scaleTargetRef": _target(pod), "minReplicas": 1,
+                     "maxReplicas": MAX_REPLICAS_FACTOR * pod.entry.count,
+                     "metrics": [{"type": "External", "external": {
+                         "metric": metric, "target": {"type": "AverageValue", "averageValue": "1"}}}]}}
+
+
+def _scaled_object(pod: Pod) -> dict:
+    """keda.sh/v1alpha1 with a Prometheus trigger: replicas = ceil(gauge / threshold 1)."""
+    query = f'max({DESIRED_REPLICAS_METRIC}{{pool="{pod.role}"}})'
+    return {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": _meta(pod.name),
+            "spec": {"scaleTargetRef": _target(pod), "minReplicaCount": 1,
+                     "maxReplicaCount": MAX_REPLICAS_FACTOR * pod.entry.count, "pollingInterval": 15,
+                     "cooldownPeriod": 300,
+                     "triggers": [{"type": "prometheus", "metricType": "AverageValue",
+                                   "metadata": {"serverAddress": PROMETHEUS_URL, "query": query, "threshold": "1"}}]}}
+
+
+def autoscalers(plan: Plan, catalog: Catalog, node_devices: dict[str, int]) -> dict[str, list[dict]]:
+    """``{"hpa": [...], "keda": [...]}``: one object each per role planned as a single entry (the
+    gauge counts a pool's replicas of one shape; a role of several entries keeps its counts)."""
+    if plan.mode != "disaggregated":
+        return {"hpa": [], "keda": []}
+    pods = _pods(plan, catalog, node_devices)
+    single = [p for p in pods if sum(q.role == p.role for q in pods) == 1]
+    return {"hpa": [_hpa(p) for p in single], "keda": [_scaled_object(p) for p in single]}
 
 
 def _config_map() -> dict:
@@ -158,12 +215,12 @@ def _config_map() -> dict:
 
 
 def manifests(plan: Plan, catalog: Catalog, model: ModelSpec, served: str, max_model_len: int, image: str,
-              node_devices: dict[str, int]) -> list[dict]:
+              node_devices: dict[str, int], slo: Slo) -> list[dict]:
     """Every object of the plan; ``node_devices`` is devices per node (default: each device's max_tp)."""
     pods = _pods(plan, catalog, node_devices)
     objects = [_workload(p, model, served, max_model_len, image) for p in pods] + [_entry_service(p) for p in pods]
     if plan.mode == "disaggregated":
-        objects = [_config_map(), *objects, *_router(pods, image)]
+        objects = [_config_map(), *objects, *_router(pods, image, model, slo)]
     return objects
 
 

@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio-model", metavar="MODEL",
                         help="turn on the ratio controller and desired-replica gauges, sized by the planner's model "
                              "of MODEL (preset, config.json or model directory); other knobs: ratio in --config")
+    parser.add_argument("--ratio-dtype", metavar="DTYPE",
+                        help="weight dtype the model is served in, for its sizing (default auto: the checkpoint's)")
     parser.add_argument("--ratio-device", metavar="NAME",
                         help="planner catalog device of instances without device=NAME (e.g. CPU, H100)")
     parser.add_argument("--ratio-catalog", action="append", default=[], metavar="FILE",
@@ -92,7 +94,7 @@ _TIMEOUTS = {"prefill_timeout_s": "prefill_s", "decode_first_byte_timeout_s": "d
              "decode_idle_timeout_s": "decode_idle_s"}
 _SECRETS = {"api_key_env": "api_key", "upstream_api_key_env": "upstream_api_key", "admin_token_env": "admin_token"}
 _POLICY_FLAGS = ("prefill_policy", "decode_policy")
-_RATIO = {"ratio_device": "device", "ttft_slo_ms": "ttft_ms", "tpot_slo_ms": "tpot_ms"}
+_RATIO = {"ratio_dtype": "dtype", "ratio_device": "device", "ttft_slo_ms": "ttft_ms", "tpot_slo_ms": "tpot_ms"}
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
