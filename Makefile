@@ -1,6 +1,6 @@
 # Two commands for a fresh machine: `make demo` (the main job) and `make test` (the whole suite).
-# Both create .venv on first use; re-running is idempotent (the stamp tracks pyproject.toml).
-# `make test` also builds .venv-028 (vLLM 0.28, layout era B) for the cross-release tests.
+# Both create .venv (vLLM 0.32) and .venv-028 (vLLM 0.28, layout era B) on first use; re-running
+# is idempotent (the stamps track pyproject.toml).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -40,7 +40,8 @@ $(STAMP_028): pyproject.toml
 	$(PY_028) -c "import torch, vllm, nixl, msgspec; print('set-up ok: torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP_028)
 
-demo: $(STAMP)
+# The main job: a prefill on vLLM 0.32 and a decode on vLLM 0.28, so it needs both environments.
+demo: $(STAMP) $(STAMP_028)
 	$(VENV)/bin/vllm-hetero-pd demo
 
 test: $(STAMP) $(STAMP_028)

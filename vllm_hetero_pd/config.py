@@ -51,6 +51,11 @@ class ConnectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     """Block size of the export format; 0 = the preset's default. Must divide the native block size."""
     export_tp_size: int = 1
     """Prefill only, with export_format: expose each rank as this many TP ranks, each holding a slice of its heads."""
+    host_staging: bool = False
+    """Stage KV through registered host DRAM, for peers whose device memories cannot reach each other:
+    a prefill mirrors written blocks into a host buffer that decodes READ; a decode READs into a host
+    pool, then copies to its device cache (translating on the way). vLLM's kv_buffer_device="cpu" turns
+    it on for an accelerator engine; on CPU engines that is vLLM's default, so only this key does."""
     progress_delay_us: int = 100
     """Poll timeout of NIXL's progress thread; 0 would busy-spin a core per agent."""
     debug_corrupt_transfers: bool = False
@@ -78,11 +83,24 @@ class ConnectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             raise ConfigError("kv_connector_extra_config.export_block_size must be >= 0")
 
     @property
+    def exports(self) -> bool:
+        """A prefill mirrors written blocks into a separate registered area (its readers see only that)."""
+        return bool(self.export_format) or self.host_staging
+
+    @property
     def host(self) -> str:
         return self.side_channel_host or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
 
     def port(self, dp_rank: int = 0) -> int:
         return (self.side_channel_port or int(os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT", "5600"))) + dp_rank
+
+
+def with_kv_buffer_device(config: ConnectorConfig, kv_buffer_device: str, device_type: str) -> ConnectorConfig:
+    """Honour vLLM's own ``kv_buffer_device: "cpu"`` on an accelerator engine (as NixlConnector's
+    ``use_host_buffer`` does); on a CPU engine vLLM defaults it to "cpu", so it says nothing there."""
+    if kv_buffer_device == "cpu" and device_type != "cpu" and not config.host_staging:
+        return msgspec.structs.replace(config, host_staging=True)
+    return config
 
 
 def parse_config(extra: dict[str, Any] | None) -> ConnectorConfig:

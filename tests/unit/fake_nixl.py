@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vllm_hetero_pd.transport.nixl_agent import Read, TransferError
+from vllm_hetero_pd.transport.nixl_agent import Memory, Read, TransferError
 
 _AGENTS: dict[str, FakeNixlAgent] = {}  # every live fake agent by name: what add_remote resolves
 _METADATA_PREFIX = b"fake-nixl-agent:"
@@ -70,9 +70,9 @@ class FakeNixlAgent:
     def metadata(self) -> bytes:
         return _METADATA_PREFIX + self.name.encode()
 
-    def register(self, regions: list[tuple[int, int]], mem_type: str) -> object:
+    def register(self, regions: list[tuple[int, int]], mem_type: str, device_id: int = 0) -> object:
         handle = next(self._next_handle)
-        self.registered[handle] = ([(int(a), int(n)) for a, n in regions], mem_type)
+        self.registered[handle] = ([(int(a), int(n)) for a, n in regions], Memory(mem_type, device_id))
         return handle
 
     def deregister(self, handle: object) -> None:
@@ -95,7 +95,8 @@ class FakeNixlAgent:
             self.remotes.discard(name)
             self.removed_remotes.append(name)
 
-    def read(self, remote: str, local: np.ndarray, remote_descs: np.ndarray, local_mem: str, remote_mem: str) -> Read:
+    def read(self, remote: str, local: np.ndarray, remote_descs: np.ndarray, local_mem: Memory,
+             remote_mem: Memory) -> Read:
         if remote not in self.remotes:
             raise TransferError(f"fake NIXL: READ from {remote!r}, which was never added (or was removed)")
         local, remote_descs = np.asarray(local, dtype=np.uint64), np.asarray(remote_descs, dtype=np.uint64)
@@ -165,12 +166,13 @@ class FakeNixlAgent:
                 xfer.held, xfer.cancellable = False, True
 
 
-def _check_inside(agent: FakeNixlAgent, descs: np.ndarray, mem_type: str, side: str) -> None:
-    regions = [r for regs, mt in agent.registered.values() if mt == mem_type for r in regs]
+def _check_inside(agent: FakeNixlAgent, descs: np.ndarray, memory: Memory, side: str) -> None:
+    """Like NIXL, a descriptor must name the memory type and device id its region was registered with."""
+    regions = [r for regs, mem in agent.registered.values() if mem == memory for r in regs]
     for addr, n in descs.tolist():
         if not any(base <= addr and addr + n <= base + size for base, size in regions):
             raise TransferError(f"fake NIXL: {side} descriptor [{addr:#x}, +{n}) is outside {agent.name}'s "
-                                f"registered {mem_type} memory")
+                                f"registered {memory.mem_type} memory on device {memory.device_id}")
 
 
 def close_all() -> None:

@@ -186,6 +186,17 @@ def test_resumed_request_replaces_its_block_list_and_mirrors_from_zero():
     assert jobs == [ExportJob("p-0", [9, 1, 2], 0, 40)]
 
 
+def test_host_staging_alone_mirrors_into_the_host_buffer():
+    """Host staging without an export format still needs every written position mirrored."""
+    prefill = scheduler(producer=True, host_staging=True)
+    prefill.update_state_after_alloc(request("p-0", PROMPT0, kv_params.prefill_request_params()), blocks(), 0)
+    jobs = prefill._export_jobs(output(new=[("p-0", [4, 5], 0)], scheduled={"p-0": 40}))
+    assert jobs == [ExportJob("p-0", [4, 5], 0, 40)]
+    plain = scheduler(producer=True)
+    plain.update_state_after_alloc(request("p-0", PROMPT0, kv_params.prefill_request_params()), blocks(), 0)
+    assert plain._export_jobs(output(new=[("p-0", [4, 5], 0)], scheduled={"p-0": 40})) == []
+
+
 def test_requests_not_bound_for_a_remote_decode_are_not_exported():
     prefill = export_scheduler("p-0")
     jobs = prefill._export_jobs(output(new=[("other", [1], 0), ("p-0", [2], 0)], cached=[("other2", [3], 5)],

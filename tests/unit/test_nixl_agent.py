@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vllm_hetero_pd.transport.nixl_agent import NixlAgent, Read, TransferError
+from vllm_hetero_pd.transport.nixl_agent import Memory, NixlAgent, Read, TransferError
 
 
 class ScriptedNixl:
@@ -19,10 +19,19 @@ class ScriptedNixl:
         self.transfer_result = "PROC"
         self.transfer_raises = False
         self.live: set[int] = set()
+        self.described: list[tuple[list, str]] = []  # (rows, mem_type) of each get_*_descs call
         self._next = 0
 
     def get_xfer_descs(self, descs, mem_type):
+        self.described.append((np.asarray(descs).tolist(), mem_type))
         return descs
+
+    def get_reg_descs(self, regions, mem_type):
+        self.described.append(([list(r) for r in regions], mem_type))
+        return regions
+
+    def register_memory(self, descs):
+        return object()
 
     def initialize_xfer(self, op, local, remote, peer):
         self._next += 1
@@ -61,7 +70,17 @@ def agent(nixl):
 
 def post(agent: NixlAgent) -> Read:
     descs = np.array([[4096, 64]], dtype=np.uint64)
-    return agent.read("prefill-tp0", descs, descs, "DRAM", "DRAM")
+    return agent.read("prefill-tp0", descs, descs, Memory("DRAM"), Memory("DRAM"))
+
+
+def test_each_side_is_described_with_its_own_memory_type_and_device(agent, nixl):
+    """NIXL matches a descriptor to a registration by (type, device, range): a VRAM decode on GPU 1
+    reading a prefill's host buffer must say so on each side, not reuse one side's type or device 0."""
+    local, remote = np.array([[4096, 64]], dtype=np.uint64), np.array([[8192, 64]], dtype=np.uint64)
+    agent.read("prefill-tp0", local, remote, Memory("VRAM", 1), Memory("DRAM", 0))
+    assert nixl.described == [([[4096, 64, 1]], "VRAM"), ([[8192, 64, 0]], "DRAM")]
+    agent.register([(1 << 20, 4096)], "VRAM", 3)
+    assert nixl.described[-1] == ([[1 << 20, 4096, 3, ""]], "VRAM")
 
 
 def test_done_read_releases_its_handle(agent, nixl):

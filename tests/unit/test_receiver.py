@@ -33,6 +33,7 @@ from vllm_hetero_pd.ports import free_port
 from vllm_hetero_pd.shim import allocate, decode
 from vllm_hetero_pd.transport import wire
 from vllm_hetero_pd.transport.block_layout import block_layout, whole_cache_layer_addrs
+from vllm_hetero_pd.transport.nixl_agent import Memory
 
 import fake_nixl
 from fake_nixl import FakeNixlAgent
@@ -56,19 +57,24 @@ BIG_PREFILL_FMT = fmt(num_blocks=12, layers=6, heads=8, head_size=128)
 BIG_STAGED_FMT = fmt("cpu/cpu_attn/vec", bs=32, num_blocks=8, layers=6, heads=8, head_size=128)
 
 
+# The fake NIXL checks each descriptor against the memory type and device id it was registered
+# with, as NIXL does: a READ built with the wrong side's type or device 0 fails these tests.
+GPU_1, HOST = Memory("VRAM", 1), Memory("DRAM")
+
+
 # ---------------------------------------------------------------------------------------------- prefill
 class Prefill:
     """A prefill engine: KV bytes in a CPU tensor, its NIXL agent, and its real ConnectorScheduler."""
 
-    def __init__(self, engine_id: str, kv_fmt=PREFILL_FMT, *, lease_s=5.0, secret_env=""):
+    def __init__(self, engine_id: str, kv_fmt=PREFILL_FMT, *, lease_s=5.0, secret_env="", memory=HOST):
         self.engine_id, self.fmt = engine_id, kv_fmt
         self.buffer = allocate(kv_fmt)
         self.buffer.copy_(torch.randint(-2**31, 2**31 - 1, self.buffer.shape, dtype=torch.int32))
         self.agent = FakeNixlAgent(f"{engine_id}-tp0")
-        self.agent.register([(self.buffer.data_ptr(), self.buffer.nbytes)], "DRAM")
+        self.agent.register([(self.buffer.data_ptr(), self.buffer.nbytes)], memory.mem_type, memory.device_id)
         self.rank = wire.RankInfo(tp_rank=0, agent_name=self.agent.name, agent_metadata=self.agent.metadata(),
                                   format=kv_fmt, layer_addrs=whole_cache_layer_addrs(kv_fmt, [self.buffer.data_ptr()]),
-                                  mem_type="DRAM")
+                                  mem_type=memory.mem_type, device_id=memory.device_id)
         config = ConnectorConfig(side_channel_host="127.0.0.1", side_channel_port=free_port(), lease_s=lease_s,
                                  heartbeat_s=min(0.1, lease_s / 2), side_channel_secret_env=secret_env)
         vllm_config = SimpleNamespace(cache_config=SimpleNamespace(block_size=kv_fmt.block_size),
@@ -100,21 +106,23 @@ class Prefill:
 
 
 # ---------------------------------------------------------------------------------------------- decode
-def local_cache(kv_fmt) -> tuple[torch.Tensor, LocalCache]:
+def local_cache(kv_fmt, memory=HOST) -> tuple[torch.Tensor, LocalCache]:
     """A zeroed cache as vLLM hands it to register_kv_caches: one view per layer into one allocation."""
     whole = allocate(kv_fmt)
     layout = block_layout(kv_fmt)
     step = layout.layer_stride[0] // whole.element_size()
     views = {f"model.layers.{l}.attn": whole[l * step:(l + 1) * step] for l in range(kv_fmt.num_layers)}
-    return whole, LocalCache(kv_fmt, views, layout, [[v.data_ptr() for v in views.values()]], "DRAM")
+    return whole, LocalCache(kv_fmt, views, layout, [[v.data_ptr() for v in views.values()]], memory.mem_type,
+                             memory.device_id)
 
 
 class Decode:
-    def __init__(self, kv_fmt=DIRECT_FMT, *, name="decode-tp0", num_ranks=1, max_poll_s=MAX_POLL_S, **config):
+    def __init__(self, kv_fmt=DIRECT_FMT, *, name="decode-tp0", num_ranks=1, max_poll_s=MAX_POLL_S,
+                 memory=HOST, **config):
         self.fmt, self.max_poll_s = kv_fmt, max_poll_s
         self.agent = FakeNixlAgent(name)
-        self.whole, self.local = local_cache(kv_fmt)
-        self.agent.register([(self.whole.data_ptr(), self.whole.nbytes)], "DRAM")
+        self.whole, self.local = local_cache(kv_fmt, memory)
+        self.agent.register([(self.whole.data_ptr(), self.whole.nbytes)], memory.mem_type, memory.device_id)
         config = {"handshake_timeout_s": 1.0, "transfer_timeout_s": 2.0, "heartbeat_s": 0.1, "staging_mib": 1,
                   **config}
         self.config = ConnectorConfig(**config)
@@ -375,6 +383,38 @@ def test_staged_path_translates_exactly_across_block_size_and_layout(world):
     assert_untouched(d, [b for j in jobs for b in j.local_block_ids])
     staging = staging_of(d, prefill)
     assert staging is not None and len(staging.free) == staging.formats[0].num_blocks
+    for rid in ("r1", "r2"):
+        wait_freed(prefill, rid)
+
+
+@pytest.mark.parametrize("prefill_mem, decode_mem", [(HOST, GPU_1), (GPU_1, HOST), (Memory("VRAM", 2), GPU_1)],
+                         ids=["host-to-gpu1", "gpu1-to-host", "gpu2-to-gpu1"])
+def test_descriptors_carry_each_sides_memory_type_and_device(world, prefill_mem, decode_mem):
+    prefill = world.prefill("prefill-a", memory=prefill_mem)
+    d = world.decode(DIRECT_FMT, memory=decode_mem)
+    job = d.job(prefill, "r1", 40)
+    d.receiver.add(job)
+    d.finish(job)
+    assert d.done == {job.request_id} and not d.failed, d.failed
+    assert_exact(d, prefill, job)
+
+
+@pytest.mark.parametrize("kv_fmt", [DIRECT_FMT, STAGED_FMT], ids=["same-format", "translated"])
+def test_host_staging_reads_into_host_dram_then_lands_exactly(world, kv_fmt):
+    """A staging decode never READs into its (device) cache, even when formats are equal."""
+    prefill = world.prefill("prefill-a", memory=GPU_1)
+    d = world.decode(kv_fmt, memory=Memory("VRAM", 0), host_staging=True)
+    jobs = [d.job(prefill, "r1", 70), d.job(prefill, "r2", 50, start=32)]
+    for job in jobs:
+        d.receiver.add(job)
+    d.finish(*jobs)
+    assert d.done == {j.request_id for j in jobs} and not d.failed, d.failed
+    staging = staging_of(d, prefill)
+    assert staging is not None and staging.memory == HOST
+    assert d.agent.registered[staging.registration][1] == HOST
+    for job in jobs:
+        assert_exact(d, prefill, job)
+    assert len(staging.free) == staging.formats[0].num_blocks
     for rid in ("r1", "r2"):
         wait_freed(prefill, rid)
 

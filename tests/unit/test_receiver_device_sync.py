@@ -11,11 +11,12 @@ import torch
 
 from vllm_hetero_pd.connector import receiver
 from vllm_hetero_pd.connector.receiver import Receiver, Staging, wait_for_device
+from vllm_hetero_pd.transport.nixl_agent import Memory
 
 
 def test_land_chunk_waits_for_the_device_before_returning_slots(monkeypatch):
     staging = Staging(formats=[SimpleNamespace(block_size=16)], buffers=[], layouts=[], layer_addrs=[], free=[],
-                      registration=None)
+                      registration=None, memory=Memory("DRAM"))
     seen = []
     monkeypatch.setattr(receiver, "translate", lambda *args, **kwargs: None)
     monkeypatch.setattr(receiver, "wait_for_device", lambda device: seen.append(list(staging.free)))

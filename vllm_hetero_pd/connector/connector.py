@@ -19,7 +19,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from vllm_hetero_pd.config import parse_config
+from vllm_hetero_pd.config import parse_config, with_kv_buffer_device
 from vllm_hetero_pd.connector import adapters
 from vllm_hetero_pd.connector.metadata import HeteroConnectorMetadata
 from vllm_hetero_pd.connector.stats import HeteroConnectorStats, HeteroPromMetrics
@@ -40,7 +40,10 @@ class HeteroNixlConnector(ADAPTER.ConnectorAPI, KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config, role, kv_cache_config)
         transfer = vllm_config.kv_transfer_config
-        config = parse_config(transfer.kv_connector_extra_config)
+        from vllm.platforms import current_platform
+
+        config = with_kv_buffer_device(parse_config(transfer.kv_connector_extra_config), transfer.kv_buffer_device,
+                                       current_platform.device_type)
         args = (vllm_config, config, transfer.engine_id, transfer.is_kv_producer, transfer.is_kv_consumer)
         self.scheduler = self.worker = None
         if role == KVConnectorRole.SCHEDULER:

@@ -34,6 +34,7 @@ import torch
 
 from vllm_hetero_pd.config import ConnectorConfig
 from vllm_hetero_pd.connector.control import MAX_PENDING_HANDSHAKES, ControlPlane
+from vllm_hetero_pd.connector.host_buffer import allocate_host
 from vllm_hetero_pd.connector.metadata import RecvJob, ReleaseJob
 from vllm_hetero_pd.connector.stats import TransferStats
 from vllm_hetero_pd.formats.format import KVFormat, LayoutError
@@ -43,7 +44,7 @@ from vllm_hetero_pd.shim.plan import TranslationPlan, plan
 from vllm_hetero_pd.shim.translate import allocate, translate
 from vllm_hetero_pd.transport import auth, side_channel, wire
 from vllm_hetero_pd.transport.block_layout import BlockLayout, block_descs, block_layout, whole_cache_layer_addrs
-from vllm_hetero_pd.transport.nixl_agent import NixlAgent, Read
+from vllm_hetero_pd.transport.nixl_agent import Memory, NixlAgent, Read
 
 logger = get_logger(__name__)
 
@@ -61,6 +62,11 @@ class LocalCache:
     layout: BlockLayout
     layer_addrs: list[list[int]]
     mem_type: str
+    device_id: int = 0
+
+    @property
+    def memory(self) -> Memory:
+        return Memory(self.mem_type, self.device_id)
 
     @property
     def device(self) -> torch.device:
@@ -70,7 +76,8 @@ class LocalCache:
 
 @dataclass
 class Staging:
-    """A registered pool of blocks in the source ranks' format, handed out in slots."""
+    """A registered pool of blocks in the source ranks' format, handed out in slots (on the decode's
+    device, or in host DRAM with ``host_staging``)."""
 
     formats: list[KVFormat]
     buffers: list  # per source rank: tensor (joint) or (K, V) tensors (split)
@@ -78,6 +85,7 @@ class Staging:
     layer_addrs: list[list[list[int]]]
     free: list[int]
     registration: object
+    memory: Memory
 
     def take(self, n: int) -> list[int] | None:
         if len(self.free) < n:
@@ -322,10 +330,10 @@ class Receiver:
             logger.exception("handshake with prefill %s failed", pending.target)
             self.handshake_failures += 1
             return f"handshake with prefill {pending.target} failed: {type(e).__name__}: {e}"
-        logger.info("handshake with prefill %s (%s) in %.1f ms: %d source rank(s), format %s -> %s, %s",
-                    remote.engine_id, pending.target, 1000 * (time.perf_counter() - start), len(remote.sources),
-                    remote.sources[0].format.name, self.local.format.name or "local",
-                    "direct READ (same format)" if remote.plan is None else "staged READ + translate")
+        logger.info("handshake with prefill %s (%s) in %.1f ms: %d source rank(s), format %s block %d -> %s "
+                    "block %d, %s", remote.engine_id, pending.target, 1000 * (time.perf_counter() - start),
+                    len(remote.sources), remote.sources[0].format.name, remote.sources[0].format.block_size,
+                    self.local.format.name or "local", self.local.format.block_size, describe_path(remote))
         return remote
 
     def _verified_remote(self, reply: wire.Reply, pending: Handshake, params: TransferParams) -> RemoteEngine:
@@ -367,7 +375,7 @@ class Receiver:
         sources = choose_sources(ranks, self.local.format)
         try:
             checked = plan([r.format for r in sources], self.local.format)  # before any agent or staging exists
-            identical = len(sources) == 1 and checked.is_identity
+            direct = len(sources) == 1 and checked.is_identity and not self.config.host_staging
             layouts = [block_layout(r.format) for r in sources]
         except LayoutError as e:
             raise RecvError(f"prefill engine {engine_id!r} is incompatible with this decode: {e}") from None
@@ -381,12 +389,12 @@ class Receiver:
             for r in sources:
                 if r.agent_name not in added:
                     added[r.agent_name] = self._add_agent(r)
-            staging = None if identical else self._staging([r.format for r in sources])
+            staging = None if direct else self._staging([r.format for r in sources])
         except Exception:
             for name in added.values():
                 self.agent.remove_remote(name)
             raise
-        compiled = None if identical else plan(staging.formats, self.local.format)
+        compiled = None if direct else plan(staging.formats, self.local.format)
         return RemoteEngine(engine_id, host, port, sources, [added[r.agent_name] for r in sources], layouts,
                             compiled, staging)
 
@@ -406,15 +414,18 @@ class Receiver:
                             f"{per_slot / 2**20:.1f} MiB, more than staging_mib={self.config.staging_mib}; raise it")
         capacity = max(1, self.config.staging_mib * 2**20 // per_slot)
         formats = [msgspec.structs.replace(f, num_blocks=capacity, num_pad_blocks=0) for f in formats]
-        buffers = [allocate(f, self.local.device) for f in formats]
+        host = self.config.host_staging
+        buffers = [allocate_host(f) if host else allocate(f, self.local.device) for f in formats]
+        memory = Memory("DRAM") if host else self.local.memory
         tensors = [t for b in buffers for t in (b if isinstance(b, tuple) else (b,))]
-        registration = self.agent.register([(t.data_ptr(), t.nbytes) for t in tensors], self.local.mem_type)
+        registration = self.agent.register([(t.data_ptr(), t.nbytes) for t in tensors], memory.mem_type,
+                                           memory.device_id)
         addrs = [whole_cache_layer_addrs(f, [t.data_ptr() for t in (b if isinstance(b, tuple) else (b,))])
                  for f, b in zip(formats, buffers)]
-        logger.info("staging pool: %d blocks x %d source rank(s) (%.1f MiB)", capacity, len(formats),
-                    capacity * per_slot / 2**20)
+        logger.info("staging pool in %s: %d blocks x %d source rank(s) (%.1f MiB)", memory.mem_type, capacity,
+                    len(formats), capacity * per_slot / 2**20)
         return Staging(formats, buffers, [block_layout(f) for f in formats], addrs, list(range(capacity)),
-                       registration)
+                       registration, memory)
 
     def _forget_handshakes(self) -> None:
         """Processed handshakes served every waiter of this poll; the next request starts afresh.
@@ -489,8 +500,9 @@ class Receiver:
         t.chunk, t.next_block = (first, end), end
         for k, source in enumerate(remote.sources):
             src = block_descs(remote.layouts[k], source.layer_addrs, ids[first:end])
-            local = dst[0] if remote.staging is None else dst[k]
-            t.reads.append(self.agent.read(remote.agent_names[k], local, src, self.local.mem_type, source.mem_type))
+            local, memory = (dst[0], self.local.memory) if remote.staging is None else (dst[k], remote.staging.memory)
+            t.reads.append(self.agent.read(remote.agent_names[k], local, src, memory,
+                                           Memory(source.mem_type, source.device_id)))
             t.stats.bytes += int(src[:, 1].sum())
         return True
 
@@ -580,6 +592,15 @@ class Receiver:
     def take_bad_blocks(self) -> set[int]:
         out, self.bad_blocks = self.bad_blocks, set()
         return out
+
+
+def describe_path(remote: RemoteEngine) -> str:
+    """How this engine's KV reaches the cache, for the handshake log (the demo prints it)."""
+    source = f"from {remote.sources[0].mem_type}"
+    if remote.staging is None:
+        return f"direct READ {source} into the KV cache (same format)"
+    step = "copy" if remote.plan.is_identity else "translate"
+    return f"READ {source} into {remote.staging.memory.mem_type} staging, then {step} into the KV cache"
 
 
 def _log_release_failure(future: Future) -> None:

@@ -186,7 +186,7 @@ class ConnectorScheduler:
         """Positions to mirror this step. New and resumed requests mirror from position 0: their
         prefix-cache hits were computed by other requests, which may never have been mirrored, and
         a resumed request's block list is replaced, not extended."""
-        if not self._export_blocks or not self.config.export_format:
+        if not self._export_blocks or not self.config.exports:
             return []
         jobs = []
         for req in out.scheduled_new_reqs:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import msgspec
 import torch
 
-from vllm_hetero_pd.config import ConfigError
+from vllm_hetero_pd.config import ConfigError, ConnectorConfig
+from vllm_hetero_pd.connector.host_buffer import allocate_host
 from vllm_hetero_pd.connector.metadata import ExportJob
 from vllm_hetero_pd.formats.format import KVFormat, LayoutError, head_range
 from vllm_hetero_pd.formats.presets import preset
@@ -48,30 +49,22 @@ class ExportArea:
     Shards make one rank look like ``num_shards`` TP ranks of another engine (each holding a
     slice of the heads, GQA replication included), so a decode's TP resharding (gathering heads
     from several source ranks) can be exercised, and served, from a prefill with fewer ranks.
+    With host staging the area lives in host DRAM; without an export format it then holds the
+    native format, so the copy is the device-to-host mirror alone.
     """
 
-    def __init__(self, native: KVFormat, preset_name: str, block_size: int, num_shards: int, device: torch.device):
-        try:
-            rule = preset(preset_name)
-        except LayoutError as e:
-            raise ConfigError(f"kv_connector_extra_config.export_format: {e}") from None
-        export_bs = block_size or rule.block_size
-        if native.block_size % export_bs:
-            raise ConfigError(f"export_block_size {export_bs} must divide the engine's block size "
-                              f"{native.block_size}; pick a divisor or change --block-size")
-        self.ratio = native.block_size // export_bs
-        built = rule.build(num_layers=native.num_layers, num_blocks=native.num_blocks * self.ratio,
-                           num_kv_heads=native.num_kv_heads, head_size=native.head_size,
-                           head_size_v=native.head_size_v, dtype=native.dtype, block_size=export_bs,
-                           k_scales=native.k_scales, v_scales=native.v_scales, layer_names=native.layer_names)
+    def __init__(self, native: KVFormat, config: ConnectorConfig, device: torch.device):
+        built = export_format(native, config)
+        self.ratio = native.block_size // built.block_size
         self.shards = []
-        for r in range(num_shards):
+        for r in range(config.export_tp_size):
             try:
-                first, count = head_range(native.num_heads, r, num_shards)
+                first, count = head_range(native.num_heads, r, config.export_tp_size)
             except LayoutError as e:
-                raise ConfigError(f"kv_connector_extra_config.export_tp_size {num_shards}: {e}") from None
+                raise ConfigError(f"kv_connector_extra_config.export_tp_size {config.export_tp_size}: {e}") from None
             fmt = msgspec.structs.replace(built, head_start=native.head_start + first, num_heads=count)
-            self.shards.append(ExportShard(fmt, plan([native], fmt), allocate(fmt, device)))
+            buffers = allocate_host(fmt) if config.host_staging else allocate(fmt, device)
+            self.shards.append(ExportShard(fmt, plan([native], fmt), buffers))
 
     def write(self, kv_caches: Mapping[str, torch.Tensor], job: ExportJob) -> None:
         """Mirror positions ``[job.start, job.stop)`` of a request into its export blocks."""
@@ -79,3 +72,22 @@ class ExportArea:
         for shard in self.shards:
             translate(shard.plan, [kv_caches], shard.buffers, src_block_ids=job.block_ids,
                       dst_block_ids=export_ids, start=job.start, stop=job.stop)
+
+
+def export_format(native: KVFormat, config: ConnectorConfig) -> KVFormat:
+    """The whole-cache format readers see: the configured preset at the export block size, or
+    (host staging alone) the native format itself."""
+    if not config.export_format:
+        return native
+    try:
+        rule = preset(config.export_format)
+    except LayoutError as e:
+        raise ConfigError(f"kv_connector_extra_config.export_format: {e}") from None
+    export_bs = config.export_block_size or rule.block_size
+    if native.block_size % export_bs:
+        raise ConfigError(f"export_block_size {export_bs} must divide the engine's block size "
+                          f"{native.block_size}; pick a divisor or change --block-size")
+    return rule.build(num_layers=native.num_layers, num_blocks=native.num_blocks * (native.block_size // export_bs),
+                      num_kv_heads=native.num_kv_heads, head_size=native.head_size,
+                      head_size_v=native.head_size_v, dtype=native.dtype, block_size=export_bs,
+                      k_scales=native.k_scales, v_scales=native.v_scales, layer_names=native.layer_names)

@@ -16,6 +16,7 @@ import torch
 from vllm_hetero_pd.config import ConnectorConfig
 from vllm_hetero_pd.connector.control import ControlPlane
 from vllm_hetero_pd.connector.detect import detect
+from vllm_hetero_pd.connector.host_buffer import device_id_of, mem_type_of
 from vllm_hetero_pd.connector.metadata import HeteroConnectorMetadata, RankHandshake, TransferResults
 from vllm_hetero_pd.connector.receiver import LocalCache, Receiver
 from vllm_hetero_pd.connector.sender import ExportArea
@@ -51,19 +52,21 @@ class ConnectorWorker:
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
         fmt = detect(self.vllm_config, kv_caches)
         tensors = [t for entry in kv_caches.values() for t in (entry if isinstance(entry, tuple) else (entry,))]
-        mem_type = "DRAM" if tensors[0].device.type == "cpu" else "VRAM"
+        device = tensors[0].device
+        mem_type, device_id = mem_type_of(device), device_id_of(device)
         storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors}
-        self.agent.register(sorted(storages), mem_type)
+        self.agent.register(sorted(storages), mem_type, device_id)
         parts = 2 if fmt.storage == "split" else 1
         layer_addrs = [[(e[p] if isinstance(e, tuple) else e).data_ptr() for e in kv_caches.values()]
                        for p in range(parts)]
-        self.local = LocalCache(fmt, kv_caches, block_layout(fmt), layer_addrs, mem_type)
+        self.local = LocalCache(fmt, kv_caches, block_layout(fmt), layer_addrs, mem_type, device_id)
         exposed = [(fmt, layer_addrs)]
-        if self.is_producer and self.config.export_format:
-            self.export = ExportArea(fmt, self.config.export_format, self.config.export_block_size,
-                                     self.config.export_tp_size, tensors[0].device)
+        if self.is_producer and self.config.exports:
+            self.export = ExportArea(fmt, self.config, device)
+            if self.config.host_staging:
+                mem_type, device_id = "DRAM", 0
             for shard in self.export.shards:
-                self.agent.register([(t.data_ptr(), t.nbytes) for t in shard.tensors], mem_type)
+                self.agent.register([(t.data_ptr(), t.nbytes) for t in shard.tensors], mem_type, device_id)
                 block_layout(shard.format)  # refuse at start-up a format that NIXL cannot read per block
             exposed = [(shard.format, shard.layer_addrs) for shard in self.export.shards]
         if self.is_consumer:
@@ -72,12 +75,14 @@ class ConnectorWorker:
                                      self.vllm_config.parallel_config.tensor_parallel_size, self.control)
         metadata = self.agent.metadata()
         self.rank_infos = [wire.RankInfo(tp_rank=self.tp_rank * len(exposed) + i, agent_name=self.agent.name,
-                                         agent_metadata=metadata, format=f, layer_addrs=addrs, mem_type=mem_type)
+                                         agent_metadata=metadata, format=f, layer_addrs=addrs, mem_type=mem_type,
+                                         device_id=device_id)
                            for i, (f, addrs) in enumerate(exposed)]
-        logger.info("HeteroNixlConnector rank %d: native format %s (block %d, %d heads from %d, %s)%s",
+        logger.info("HeteroNixlConnector rank %d: native format %s (block %d, %d heads from %d, %s) in %s%s%s",
                     self.tp_rank, fmt.name, fmt.block_size, fmt.num_heads, fmt.head_start, fmt.dtype,
-                    f", exporting {exposed[0][0].name} block {exposed[0][0].block_size} as {len(exposed)} rank(s)"
-                    if self.export else "")
+                    self.local.mem_type, ", host staging on" if self.config.host_staging else "",
+                    f", exporting {exposed[0][0].name} block {exposed[0][0].block_size} as {len(exposed)} rank(s) "
+                    f"in {mem_type}" if self.export else "")
 
     def get_handshake_metadata(self) -> RankHandshake | None:
         return RankHandshake([wire.encode(info) for info in self.rank_infos]) if self.rank_infos else None

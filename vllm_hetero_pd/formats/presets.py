@@ -138,6 +138,17 @@ def _all_presets() -> dict[str, Preset]:
         )
         presets += [_era_c(f"rocm-{arch}/triton_attn", layout, rocm_src.format("triton_attn"), fp8=fp8)
                     for layout in ERA_C_LAYOUTS]
+        # Era B (read in the vllm 0.28.0 wheel): all three return the logical (NB, H, BS, 2D).
+        # TRITON_ATTN has CUDA's NHD/HND stride order; AITER FA (kernel blocks 16/32) and AITER
+        # unified declare none, so physical = logical = [B][H][N][2D] whatever layout is asked for.
+        presets += [_joint(f"rocm-{arch}/triton_attn/B/{order}", "vllm 0.26.0-0.28.0",
+                           rocm_src.format("triton_attn") + "::get_kv_cache_shape/_stride_order", outer, fp8=fp8)
+                    for order, outer in (("NHD", "LBNH"), ("HND", "LBHN"))]
+        presets += [_joint(f"rocm-{arch}/{backend}/B/HND", "vllm 0.26.0-0.28.0",
+                           rocm_src.format(module) + "::get_kv_cache_shape (no stride order)", "LBHN", fp8=fp8,
+                           block_size=block_size)
+                    for backend, module, block_size in (("aiter_fa", "rocm_aiter_fa", 16),
+                                                        ("aiter_unified", "rocm_aiter_unified_attn", 64))]
         # ROCM_ATTN: two head slots [L][slot][B][N][H*D] (LHBNC) re-viewed by
         # PagedAttention.split_kv_cache as K [B, H, D/x, N, x] and V [B, H, D, N]; older
         # releases allocate (2, NB, BS, H, D) and apply the same view, so the bytes agree.

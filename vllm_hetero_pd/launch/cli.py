@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for role in ("prefill", "decode"):
         parser.add_argument(f"--{role}-tp", type=int, default=1)
         parser.add_argument(f"--{role}-block-size", type=int, default=None)
+        parser.add_argument(f"--{role}-python", default=None,
+                            help=f"Python of the environment the {role} runs in, e.g. .venv-028/bin/python for "
+                                 "another vLLM release (default: this one)")
     parser.add_argument("--log-dir", type=Path, default=Path("logs"))
     parser.add_argument("--startup-timeout", type=float, default=300.0)
 
@@ -39,7 +42,7 @@ def pd_specs(args: argparse.Namespace, model: str) -> list[InstanceSpec]:
               "kv_connector_extra_config": args.kv_extra_config}
         return InstanceSpec(role=role, model=model, kv_transfer_config=kv, dtype=args.dtype,
                             tensor_parallel_size=getattr(args, f"{role}_tp"),
-                            block_size=getattr(args, f"{role}_block_size"))
+                            block_size=getattr(args, f"{role}_block_size"), python=getattr(args, f"{role}_python"))
 
     return ([spec("prefill", "kv_producer")] * args.num_prefill) + ([spec("decode", "kv_consumer")] * args.num_decode)
 

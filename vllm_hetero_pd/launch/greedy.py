@@ -28,8 +28,10 @@ def run_disaggregated(prefill_url: str, decode_url: str, prompts: list[list[int]
             for p in prompts]
 
 
-def reference_completions(model_dir: str, prompts: list[list[int]], log_dir: Path,
-                          max_tokens: int = 32) -> list[Completion]:
-    """Greedy completions of a monolithic engine (no connector) on the same model: the ground truth."""
-    with LocalCluster([InstanceSpec(role="monolithic", model=model_dir)], log_dir) as cluster:
+def reference_completions(model_dir: str, prompts: list[list[int]], log_dir: Path, max_tokens: int = 32,
+                          python: str | None = None, block_size: int | None = None) -> list[Completion]:
+    """Greedy completions of a monolithic engine (no connector) on the same model: the ground truth.
+    ``python`` picks the environment (the vLLM release) it runs in."""
+    spec = InstanceSpec(role="monolithic", model=model_dir, python=python, block_size=block_size)
+    with LocalCluster([spec], log_dir) as cluster:
         return run_greedy(cluster.instances[0].url, prompts, max_tokens)

@@ -7,6 +7,7 @@ from pathlib import Path
 from vllm_hetero_pd.testing.tiny_model import sample_text
 
 DEFAULT_LENGTHS = (50, 97, 128, 161, 255, 384, 640, 900)  # spans block boundaries of 16/32/128
+EDGE_LENGTHS = (1, 31, 33, 97, 127, 129, 384, 900)  # 1-900 tokens: block sizes 32 and 128 plus and minus one
 
 
 def make_prompts(model_dir: Path | str, lengths: tuple[int, ...] = DEFAULT_LENGTHS, seed: int = 100) -> list[list[int]]:

@@ -22,6 +22,14 @@ class TransferError(RuntimeError):
     """A NIXL call or transfer failed."""
 
 
+@dataclass(frozen=True)
+class Memory:
+    """Where one side's buffers live, as NIXL names it: ``DRAM``/``VRAM`` and the device index."""
+
+    mem_type: str
+    device_id: int = 0
+
+
 @dataclass
 class Read:
     """One posted READ: poll ``NixlAgent.poll`` until it is no longer running."""
@@ -58,10 +66,10 @@ class NixlAgent:
     def metadata(self) -> bytes:
         return self._agent.get_agent_metadata()
 
-    def register(self, regions: list[tuple[int, int]], mem_type: str) -> object:
-        """Register ``(address, length)`` regions; READs may then touch any byte inside them."""
+    def register(self, regions: list[tuple[int, int]], mem_type: str, device_id: int = 0) -> object:
+        """Register ``(address, length)`` regions on one device; READs may then touch any byte inside them."""
         try:
-            descs = self._agent.get_reg_descs([(addr, length, 0, "") for addr, length in regions], mem_type)
+            descs = self._agent.get_reg_descs([(addr, length, device_id, "") for addr, length in regions], mem_type)
             handle = self._agent.register_memory(descs)
         except Exception as e:
             raise TransferError(f"NIXL could not register {len(regions)} {mem_type} region(s): {e}") from e
@@ -86,11 +94,14 @@ class NixlAgent:
             self._remotes.discard(name)
             self._agent.remove_remote_agent(name)
 
-    def read(self, remote: str, local: np.ndarray, remote_descs: np.ndarray, local_mem: str, remote_mem: str) -> Read:
-        """Post a READ of ``remote_descs`` (Nx2 address, length) into ``local`` (same lengths)."""
+    def read(self, remote: str, local: np.ndarray, remote_descs: np.ndarray, local_mem: Memory,
+             remote_mem: Memory) -> Read:
+        """Post a READ of ``remote_descs`` (Nx2 address, length) into ``local`` (same lengths); each
+        side's descriptors carry that side's memory type and device id, as it registered them."""
         try:
-            local_x = self._agent.get_xfer_descs(_with_device(local), local_mem)
-            remote_x = self._agent.get_xfer_descs(_with_device(remote_descs), remote_mem)
+            local_x = self._agent.get_xfer_descs(_with_device(local, local_mem.device_id), local_mem.mem_type)
+            remote_x = self._agent.get_xfer_descs(_with_device(remote_descs, remote_mem.device_id),
+                                                  remote_mem.mem_type)
             handle = self._agent.initialize_xfer("READ", local_x, remote_x, remote)
         except Exception as e:
             raise TransferError(f"NIXL READ from {remote} could not be prepared: {e}") from e
@@ -145,7 +156,7 @@ class NixlAgent:
         self._registered.clear()
 
 
-def _with_device(descs: np.ndarray) -> np.ndarray:
-    out = np.zeros((len(descs), 3), dtype=np.uint64)
+def _with_device(descs: np.ndarray, device_id: int) -> np.ndarray:
+    out = np.full((len(descs), 3), device_id, dtype=np.uint64)
     out[:, :2] = descs
     return out

@@ -15,10 +15,11 @@ import msgspec
 
 from vllm_hetero_pd.formats.format import KVFormat
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 # History: 1 = first version (handshake with KVFormat per rank, lease pin/release).
 #          2 = lease tokens on pin/release, reader identity per decode request, optional
 #              HMAC-authenticated handshake bound to the address the decode dialled.
+#          3 = each rank's NIXL device id (a GPU other than 0, or host DRAM when staging).
 
 Address = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # NIXL takes uint64; user space is below 2**63
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
@@ -36,6 +37,7 @@ class RankInfo(msgspec.Struct, frozen=True, kw_only=True):
     format: KVFormat
     layer_addrs: list[list[Address]]  # per buffer part (one for joint storage, K and V for split), per layer
     mem_type: Literal["DRAM", "VRAM"]
+    device_id: Annotated[int, msgspec.Meta(ge=0, lt=1 << 16)] = 0  # NIXL's device id of the memory above
 
 
 class HandshakeRequest(msgspec.Struct, frozen=True, kw_only=True, tag=True):
