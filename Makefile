@@ -10,7 +10,8 @@ PY_028 := $(VENV_028)/bin/python
 STAMP_028 := $(VENV_028)/.installed
 # Unit tests that run under vLLM 0.28 too (the rest import 0.32-only modules or test the router/planner).
 TESTS_028 := tests/unit/test_adapters.py tests/unit/test_connector_registration.py tests/unit/test_cpu_attn.py \
-	tests/unit/test_receiver.py tests/unit/test_connector_stats.py tests/unit/test_launch_instance.py
+	tests/unit/test_receiver.py tests/unit/test_connector_stats.py tests/unit/test_launch_instance.py \
+	tests/unit/test_export_area.py tests/unit/test_connector_scheduler.py
 
 .PHONY: demo test setup setup-028 clean
 

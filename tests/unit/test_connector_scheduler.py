@@ -80,6 +80,19 @@ def test_zero_external_tokens_give_a_release_and_no_recv():
     assert meta(decode).releases == [] and meta(decode).recvs == []
 
 
+def test_a_request_that_skips_the_prefix_cache_is_never_loaded_on_any_release():
+    """vLLM 0.31+ zeroes our answer for it; 0.26-0.30 trust it and would load KV the request must
+    compute (its prompt logprobs). The scheduler answers 0 itself, so every release releases."""
+    decode = scheduler(consumer=True)
+    req = request("d-0", PROMPT0, prefill_answer(PROMPT0))
+    req.skip_reading_prefix_cache = True
+    assert decode.get_num_new_matched_tokens(req, 0) == (0, False)
+    decode.update_state_after_alloc(req, blocks(), 0)
+    plain = request("d-1", PROMPT0, prefill_answer(PROMPT0))
+    plain.skip_reading_prefix_cache = False
+    assert decode.get_num_new_matched_tokens(plain, 16) == (len(PROMPT0) - 16, True)
+
+
 def test_params_of_another_prompt_give_a_recv_job_with_an_error():
     """A batch: prompt 1 arrives with prompt 0's params (vLLM returns only prompt 0's)."""
     decode = scheduler(consumer=True)

@@ -56,7 +56,9 @@ class HeteroNixlConnector(ADAPTER.ConnectorAPI, KVConnectorBase_V1):
             self.worker = ConnectorWorker(*args)
 
     # ------------------------------------------------------------------ scheduler side
-    # get_num_new_matched_tokens: in the adapter (0.28 must drop requests that skip the prefix cache)
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 

@@ -101,7 +101,12 @@ class ConnectorScheduler:
 
     # ------------------------------------------------------------------ decode side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        """A request that skips the prefix cache (``prompt_logprobs``, ``echo`` with logprobs) must
+        compute its prompt itself: vLLM 0.31+ zeroes our answer for it, 0.26-0.30 would trust a load.
+        Answering 0 here gives every release the same outcome: the scheduler releases the lease."""
         params = request.kv_transfer_params
+        if getattr(request, "skip_reading_prefix_cache", False):
+            return 0, False
         if self.is_consumer and params and params.get("do_remote_prefill"):
             count = len(request.prompt_token_ids or ()) - num_computed_tokens
             if count > 0:

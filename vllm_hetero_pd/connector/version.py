@@ -9,9 +9,13 @@ from __future__ import annotations
 
 # (major, minor) -> module in connector/adapters/ holding that release's glue.
 RELEASES: dict[tuple[int, int], str] = {
-    (0, 28): "v0_28",  # layout era B; KVConnector API without get_transfer_results
-    (0, 32): "v0_32",  # layout era C (KVCacheLayout enum)
-    (0, 33): "v0_32",  # claimed with 0.32 since the first release of this connector; not re-read here
+    (0, 26): "v0_28",  # era B, 0.28's API; claimed from source (torch 2.11: not installable here)
+    (0, 27): "v0_28",  # era B, 0.28's API; claimed from source
+    (0, 28): "v0_28",  # layout era B; KVConnector API without get_transfer_results; tested end to end
+    (0, 29): "v0_29",  # era C layout with 0.28's API; claimed from source
+    (0, 30): "v0_32",  # claimed from source
+    (0, 31): "v0_32",  # claimed from source
+    (0, 32): "v0_32",  # layout era C (KVCacheLayout enum); tested end to end
 }
 
 

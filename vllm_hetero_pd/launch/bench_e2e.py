@@ -39,7 +39,10 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
     prefill_kv: dict[str, Any] | None = None
     decode_kv: dict[str, Any] | None = None
     prefill_block_size: int = 128
+    decode_block_size: int = 128  # also the monolithic engine's
     connector: str = "none"  # "none", "upstream" or "hetero": which histograms to read
+    prefill_release: str = "0.32"  # vLLM release each side runs: "0.32" (this environment) or "0.28" (--python-028)
+    decode_release: str = "0.32"
 
 
 class ConfigResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,6 +72,18 @@ CONFIGS = (
                 prefill_kv=hetero_kv_config("kv_producer", {"export_format": "cuda/flash_attn/C/LBNHC",
                                                             "export_block_size": 16}),
                 decode_kv=hetero_kv_config("kv_consumer"), connector="hetero"),
+    # Cross-release (issue 11): vLLM 0.28 (era B) on one side, block sizes differ.
+    BenchConfig(name="monolithic-0.28-bs32", decode_block_size=32, decode_release="0.28"),
+    BenchConfig(name="ours-0.32-bs128-to-0.28-bs32", prefill_kv=hetero_kv_config("kv_producer"),
+                decode_kv=hetero_kv_config("kv_consumer"), decode_block_size=32, decode_release="0.28",
+                connector="hetero"),
+    BenchConfig(name="ours-0.28-bs32-to-0.32-bs128", prefill_kv=hetero_kv_config("kv_producer"),
+                decode_kv=hetero_kv_config("kv_consumer"), prefill_block_size=32, prefill_release="0.28",
+                connector="hetero"),
+    BenchConfig(name="ours-0.32-bs128-to-0.28-bs32-host-staging",
+                prefill_kv=hetero_kv_config("kv_producer", {"host_staging": True}),
+                decode_kv=hetero_kv_config("kv_consumer", {"host_staging": True}), decode_block_size=32,
+                decode_release="0.28", connector="hetero"),
 )
 
 # (transfer seconds histogram, translate seconds histogram or None, bytes counter) per connector.
@@ -88,6 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw-repeats", type=int, default=50, help="raw NIXL READs timed for the baseline")
     parser.add_argument("--out", type=Path, default=Path("bench-e2e-out"), help="dir for results.json / results.md")
     parser.add_argument("--seed", type=int, default=None, help="base seed (default: from the clock, fresh per run)")
+    parser.add_argument("--python-028", default=".venv-028/bin/python",
+                        help="interpreter of the vLLM 0.28 environment, for the cross-release rows")
 
 
 def _bench_serve(base_url: str, model: str, args: argparse.Namespace, seed: int, result_dir: Path) -> dict:
@@ -166,7 +183,7 @@ def markdown_table(results: dict[str, ConfigResult], ratio_map: dict[str, float]
 
 def raw_nixl_bytes_per_s(total_bytes: int, desc_bytes: int, repeats: int) -> float:
     """Mean throughput of a two-agent NIXL READ of ``total_bytes`` of DRAM in ``desc_bytes`` descriptors."""
-    from vllm_hetero_pd.transport.nixl_agent import NixlAgent
+    from vllm_hetero_pd.transport.nixl_agent import Memory, NixlAgent
 
     num = max(1, total_bytes // desc_bytes)
     src, dst = np.ones(num * desc_bytes, dtype=np.uint8), np.zeros(num * desc_bytes, dtype=np.uint8)
@@ -183,7 +200,7 @@ def raw_nixl_bytes_per_s(total_bytes: int, desc_bytes: int, repeats: int) -> flo
         elapsed = 0.0
         for _ in range(repeats):
             start = time.perf_counter()
-            read = agents[1].read(remote, local, remote_descs, "DRAM")
+            read = agents[1].read(remote, local, remote_descs, Memory("DRAM"), Memory("DRAM"))
             while (state := agents[1].poll(read)) == "PROC":
                 pass
             elapsed += time.perf_counter() - start
@@ -206,12 +223,16 @@ def _block_desc_bytes(model: str, block_size: int = 128) -> int:
 
 
 def run_config(config: BenchConfig, model: str, args: argparse.Namespace, seed: int, work: Path) -> ConfigResult:
+    pythons = {"0.32": None, "0.28": args.python_028}
     if config.decode_kv is None:
-        specs = [InstanceSpec(role="monolithic", model=model, block_size=128, extra_args=NO_PREFIX_CACHE)]
+        specs = [InstanceSpec(role="monolithic", model=model, block_size=config.decode_block_size,
+                              python=pythons[config.decode_release], extra_args=NO_PREFIX_CACHE)]
     else:
         specs = [InstanceSpec(role="prefill", model=model, block_size=config.prefill_block_size,
-                              kv_transfer_config=config.prefill_kv, extra_args=NO_PREFIX_CACHE),
-                 InstanceSpec(role="decode", model=model, block_size=128, kv_transfer_config=config.decode_kv,
+                              kv_transfer_config=config.prefill_kv, python=pythons[config.prefill_release],
+                              extra_args=NO_PREFIX_CACHE),
+                 InstanceSpec(role="decode", model=model, block_size=config.decode_block_size,
+                              kv_transfer_config=config.decode_kv, python=pythons[config.decode_release],
                               extra_args=NO_PREFIX_CACHE)]
     with LocalCluster(specs, work / config.name / "logs") as cluster:
         if config.decode_kv is None:

@@ -137,8 +137,8 @@ def _cores_for(index: int, spec: InstanceSpec, cores: list[int]) -> str:
 
     Prefills share the first core and decodes the others: while an engine holds a lease (or waits for
     KV), vLLM keeps stepping it and its worker spins a core, and a decode bound to a prefill's core
-    starved for as long as the prefill held any lease (120 s measured on 2 cores). TP instances and
-    monolithic engines take cores round-robin (TP ranks one core each)."""
+    starved for as long as the prefill held any lease (120 s measured on 2 cores). TP instances,
+    kv_both ("both") and monolithic engines take cores round-robin (TP ranks one core each)."""
     tp = spec.tensor_parallel_size
     if tp == 1 and len(cores) > 1 and spec.role in ("prefill", "decode"):
         return str(cores[0] if spec.role == "prefill" else cores[1 + index % (len(cores) - 1)])

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import msgspec
 
-Role = Literal["prefill", "decode", "monolithic"]
+Role = Literal["prefill", "decode", "both", "monolithic"]  # "both": kv_both, prefills and decodes
 
 
 class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -36,7 +36,7 @@ class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 def hetero_kv_config(role: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``--kv-transfer-config`` for HeteroNixlConnector in ``role`` (kv_producer / kv_consumer)."""
+    """``--kv-transfer-config`` for HeteroNixlConnector in ``role`` (kv_producer / kv_consumer / kv_both)."""
     return {"kv_connector": "HeteroNixlConnector", "kv_role": role, "kv_connector_extra_config": extra or {}}
 
 

@@ -1,4 +1,4 @@
-"""vLLM 0.28 (layout era B): the connector API before ``get_transfer_results``.
+"""vLLM 0.26-0.28 (layout era B): the connector API before ``get_transfer_results``.
 
 Differences from 0.32 that live here (file:line in ``docs/compatibility.md``):
 
@@ -7,9 +7,6 @@ Differences from 0.32 that live here (file:line in ``docs/compatibility.md``):
   receiver does both for every failure), which the scheduler turns into a failed receive;
 * there is no ``has_pending_block_frees`` (nor ``get_mem_pool_context`` and the other 0.32
   additions), so nothing is defined for them;
-* the scheduler asks the connector for external tokens even when the request skips the prefix
-  cache (``prompt_logprobs``, ``echo`` with logprobs) and would trust a load; 0.32 zeroes that
-  answer itself, so this adapter does the same before the shared scheduler sees the request;
 * per-layer tensors have the logical shape ``(NB, H, BS, 2*D)`` with the backend's stride
   order: the same bytes as an era-C ``LBHNC`` (identity order, "HND") or ``LBNHC`` ("NHD");
 * CPU_ATTN keeps its kernel ISA on the layer's ``impl``.
@@ -29,11 +26,6 @@ STRIDE_ORDER_LAYOUTS: dict[tuple[int, ...], str] = {(0, 1, 2, 3): "LBHNC", (0, 2
 
 class ConnectorAPI:
     """Release-specific methods of ``HeteroNixlConnector`` (mixed in ahead of ``KVConnectorBase_V1``)."""
-
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        if request.skip_reading_prefix_cache:
-            return 0, False  # what 0.32's scheduler does with our answer; the scheduler then releases the lease
-        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         results = self.worker.get_transfer_results(self._bound())

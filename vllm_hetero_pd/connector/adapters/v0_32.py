@@ -1,10 +1,9 @@
-"""vLLM 0.32 (and 0.33): KV layout era C, the connector API with ``get_transfer_results``.
+"""vLLM 0.30-0.32: KV layout era C, the connector API with ``get_transfer_results``.
 
 Differences from 0.28 that live here (file:line in ``docs/compatibility.md``):
 
 * the model runner calls ``get_transfer_results`` and reads ``failed_recving`` from it;
 * the scheduler asks ``has_pending_block_frees`` before it preempts;
-* it zeroes the connector's answer itself for requests that skip the prefix cache;
 * the layout is the engine-resolved ``KVCacheLayout`` on ``cache_config``;
 * CPU_ATTN's metadata builder sets the kernel ISA on each attention layer.
 """
@@ -13,18 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
-
 ERA = "C"
 
 
 class ConnectorAPI:
     """Release-specific methods of ``HeteroNixlConnector`` (mixed in ahead of ``KVConnectorBase_V1``)."""
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        # imported here: v0_29 borrows this module's layout functions on a release without it
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
-    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         results = self.worker.get_transfer_results(self._bound())
         return KVConnectorTransferResults(finished_sending=results.finished_sending,
                                           finished_recving=results.finished_recving,
