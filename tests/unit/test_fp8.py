@@ -1,15 +1,26 @@
-"""fp8 KV conversions: exhaustive over all 256 codes, against torch's own fp8 dtypes."""
+"""fp8 KV conversions: exhaustive over all 256 codes, against torch's own fp8 dtypes; the table
+lookups that translate uses, bit for bit against the arithmetic reference ``remap``."""
 
 from __future__ import annotations
 
 import math
 
 import msgspec
+import pytest
 import torch
 
 from vllm_hetero_pd.formats import preset
 from vllm_hetero_pd.shim import allocate, decode, encode, plan, translate
-from vllm_hetero_pd.shim.fp8 import dequantize, fn_to_fnuz_bytes, fnuz_to_fn_bytes, quantize
+from vllm_hetero_pd.shim.fp8 import (
+    STORAGE_DTYPES,
+    code_table,
+    converter,
+    dequantize,
+    fn_to_fnuz_bytes,
+    fnuz_to_fn_bytes,
+    quantize,
+    remap,
+)
 
 CODES = torch.arange(256, dtype=torch.int32).to(torch.uint8)
 FN = CODES.view(torch.float8_e4m3fn).float()
@@ -108,3 +119,103 @@ def test_fp8_to_bf16_dequantises_exactly_with_power_of_two_scale():
     k = (torch.randn(2, 20, 2, 32) * 50).to(torch.float8_e4m3fn)
     _, (k_out, _), (k_in, _) = _through(src, dst, k, k)
     assert torch.equal(k_out.float(), k_in.float() * 0.125)
+
+
+# ------------------------------------------------------------------ table lookups against remap
+SPECIALS = {  # per storage width: +-0, NaN, +-inf, largest finite, subnormals, values that saturate fp8
+    8: [0x00, 0x80, 0x7F, 0xFF, 0x7E, 0xFE, 0x01, 0x81, 0x07, 0x87, 0x08, 0x88],
+    16: [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0xFFC1, 0x0001, 0x8001, 0x007F, 0x7F7F, 0xFF7F,
+         0x3C00, 0x7C00, 0xFC00, 0x7E00, 0x43E0, 0x43E1, 0xC3E8],  # bf16, then fp16 1 / inf / NaN, bf16 ~448
+    32: [0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x00000001, 0x80000001, 0x43E00000,
+         0x43E40000, 0x49742400],
+}
+
+
+def _random_codes(shape: tuple[int, ...], storage: torch.dtype, seed: int) -> torch.Tensor:
+    """Every bit pattern is fair game (NaN, inf, -0, subnormals), and the special ones surely occur."""
+    g = torch.Generator().manual_seed(seed)
+    bits = 8 * torch.empty(0, dtype=storage).element_size()
+    codes = torch.randint(0, 2**bits, shape, generator=g, dtype=torch.int64)
+    flat = codes.view(-1)
+    flat[: len(SPECIALS[bits]) * 4] = torch.tensor(SPECIALS[bits]).repeat(4)
+    flat = flat[torch.randperm(flat.numel(), generator=g)]
+    signed = torch.where(flat >= 2 ** (bits - 1), flat - 2**bits, flat) if storage != torch.uint8 else flat
+    return signed.view(shape).to(storage)
+
+
+def _reference(stored: torch.Tensor, conversion: str, src: str, dst: str, scales) -> torch.Tensor:
+    """remap as the code did before tables: one call over the whole tensor, per-layer scale tensors."""
+    shape = (len(scales),) + (1,) * (stored.dim() - 1)
+    s = torch.tensor([a for a, _ in scales]).view(shape)
+    d = torch.tensor([b for _, b in scales]).view(shape)
+    return remap(stored, conversion, src, dst, s, d)
+
+
+@pytest.mark.parametrize("conversion, src, dst, scales", [
+    ("fn_to_fnuz", "float8_e4m3fn", "float8_e4m3fnuz", [(1.0, 1.0)] * 3),
+    ("fnuz_to_fn", "float8_e4m3fnuz", "float8_e4m3fn", [(1.0, 1.0)] * 3),
+    ("convert", "float8_e4m3fn", "float8_e4m3fnuz", [(1.0, 1.0), (0.37, 1.5), (1.0, 1.0)]),
+    ("convert", "float8_e5m2", "float8_e4m3fn", [(0.5, 2.0), (3.0, 0.25), (1.0, 1.0)]),
+    ("convert", "float8_e4m3fn", "bfloat16", [(0.125, 1.0), (0.3, 1.0), (7.0, 1.0)]),
+    ("convert", "bfloat16", "float8_e4m3fn", [(1.0, 1.0), (1.0, 0.37), (1.0, 1.0)]),
+    ("convert", "bfloat16", "float8_e4m3fnuz", [(1.0, 2.0), (1.0, 2.0), (1.0, 1e-3)]),
+    ("convert", "float16", "float8_e4m3fn", [(1.0, 0.5), (1.0, 1.0), (1.0, 3.0)]),
+    ("convert", "float16", "bfloat16", [(1.0, 1.0)] * 3),
+    ("convert", "bfloat16", "float32", [(1.0, 1.0)] * 3),
+    ("convert", "float32", "float8_e4m3fn", [(1.0, 0.5), (1.0, 1.0), (1.0, 3.0)]),  # no table: arithmetic
+])
+def test_converter_matches_remap_bit_for_bit_on_strided_views(conversion, src, dst, scales):
+    """Any bit pattern, per-layer scales (layers 0 and 2 share a table row), views that are
+    neither contiguous nor in memory order on either side, and a layer range that starts late."""
+    convert = converter(conversion, src, dst, scales)
+    src_storage, dst_storage = STORAGE_DTYPES[src], STORAGE_DTYPES[dst]
+    if src_storage != torch.int32:
+        assert len(convert.rows) == len(set(scales)) and code_table.cache_info().maxsize
+    codes = _random_codes((3, 5, 40, 3), src_storage, seed=len(scales) + len(conversion))
+    src_view = codes.permute(0, 2, 1, 3)[:, 3:35, :, :2]  # [L, 32, 5, 2], strided
+    out = torch.zeros(3, 2, 5, 64, dtype=dst_storage)
+    dst_view = out.permute(0, 3, 2, 1)[:, 16:48]  # [L, 32, 5, 2] in another memory order
+    convert(src_view[1:], dst_view[1:], first_layer=1)
+    want = _reference(src_view[1:], conversion, src, dst, scales[1:])
+    assert torch.equal(dst_view[1:], want)
+    assert not out[0].any() and not out[1:, :, :, :16].any(), "nothing outside the view is written"
+    convert(src_view, dst_view, first_layer=0)
+    assert torch.equal(dst_view, _reference(src_view, conversion, src, dst, scales))
+
+
+@pytest.mark.parametrize("src_dtype, dst_dtype, src_scale, dst_scale", [
+    ("fp8", "fp8", 0.25, 0.5), ("fp8", "fp8", 1.0, 1.0), ("bfloat16", "fp8", 1.0, 0.37), ("fp8", "bfloat16", 0.3, 1.0),
+])
+def test_translate_converts_every_byte_like_remap(src_dtype, dst_dtype, src_scale, dst_scale):
+    """End to end through plans (fused K/V, shuffled blocks, a partial block), on raw bit patterns:
+    the destination holds exactly what remap makes of each source element."""
+    src, dst = _case(src_dtype, dst_dtype, src_scale, dst_scale)
+    buf, out = allocate(src), allocate(dst)
+    flat = buf.view(-1)
+    flat.copy_(_random_codes(tuple(flat.shape), flat.dtype, seed=7))
+    p = plan([src], dst)
+    translate(p, [buf], out, src_block_ids=[3, 1], dst_block_ids=[0, 2], stop=29)
+    k_in, v_in = decode(src, buf, [3, 1], 29)
+    k_out, v_out = decode(dst, out, [0, 2], 29)
+    stored = STORAGE_DTYPES[src.dtype]
+    scales = [(src_scale, dst_scale)] * 2 if p.conversion["k"] == "convert" else [(1.0, 1.0)] * 2
+    for got, given in ((k_out, k_in), (v_out, v_in)):
+        want = _reference(given.view(stored), p.conversion["k"], src.dtype, dst.dtype, scales)
+        assert torch.equal(got.view(STORAGE_DTYPES[dst.dtype]), want)
+
+
+def test_k_and_v_scales_that_differ_are_applied_apart():
+    """K and V in one K||V cell on both sides would move as one copy, but their scales differ."""
+    src = preset("cuda/flash_attn/C/LBHNC").build(num_layers=2, num_blocks=4, num_kv_heads=2, head_size=32)
+    dst = preset("cuda/flash_attn/C/LBNHC").build(num_layers=2, num_blocks=4, num_kv_heads=2, head_size=32,
+                                                  dtype="fp8", k_scales=(0.5, 0.25), v_scales=(2.0, 4.0))
+    k = (torch.randn(2, 20, 2, 32) * 20).to(torch.bfloat16)
+    v = (torch.randn(2, 20, 2, 32) * 20).to(torch.bfloat16)
+    buf, out = allocate(src), allocate(dst)
+    encode(src, buf, [1, 3], k, v)
+    assert not plan([src], dst).kv_fused
+    translate(plan([src], dst), [buf], out, src_block_ids=[1, 3], dst_block_ids=[2, 0], stop=20)
+    k_out, v_out = decode(dst, out, [2, 0], 20)
+    for got, given, scales in ((k_out, k, (0.5, 0.25)), (v_out, v, (2.0, 4.0))):
+        want = _reference(given.view(torch.int16), "convert", "bfloat16", "float8_e4m3fn", [(1.0, s) for s in scales])
+        assert torch.equal(got.view(torch.uint8), want)

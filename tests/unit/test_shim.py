@@ -7,6 +7,8 @@ source, and test_cpu_attn.py pins CPU_ATTN to vLLM's kernel.
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgspec
 import pytest
 import torch
@@ -132,6 +134,33 @@ def test_aligned_consecutive_blocks_need_one_copy_per_side():
     b = preset("cpu/cpu_attn/vec").build(num_layers=2, num_blocks=8, num_kv_heads=4, head_size=64)
     copies = plan([a], b).copies(range(64), range(8), 0, 1024)
     assert [c.sizes[:3] for c in copies] == [(8, 8, 16)] * 2
+
+
+@pytest.mark.parametrize("src, dst, fused", [
+    ("cuda/flash_attn/C/LBHNC", "cuda/flash_attn/C/LBNHC", True),  # K||V cells on both sides
+    ("cuda/flash_attn/A2/NHD", "cuda/flash_attn/C/LBHNC", True),  # V half a block after K: another stride
+    ("cuda/flash_attn/C/LBNHC", "cpu/cpu_attn/vec", False),  # CPU_ATTN's K is transposed, V is not
+    ("hpu/gaudi", "cuda/flash_attn/C/LBHNC", False),  # K and V in separate tensors
+])
+def test_kv_fusion_moves_k_and_v_in_one_copy_where_they_are_laid_out_alike(src, dst, fused):
+    geometry = dict(num_layers=2, num_kv_heads=2, head_size=32, block_size=16)
+    a, b = preset(src).build(num_blocks=6, **geometry), preset(dst).build(num_blocks=6, **geometry)
+    p = plan([a], b)
+    apart = dataclasses.replace(p, kv_fused=False)
+    assert p.kv_fused is fused
+    ids = ([4, 1, 2], [0, 5, 3], 3, 40)
+    assert len(p.copies(*ids)) * (2 if fused else 1) == len(apart.copies(*ids))
+    k, v = torch.randn(2, 40, 2, 32).to(torch.bfloat16), torch.randn(2, 40, 2, 32).to(torch.bfloat16)
+    buf = allocate(a)
+    encode(a, buf, ids[0], k, v)
+    outs = []
+    for compiled in (p, apart):
+        outs.append(allocate(b))
+        translate(compiled, [buf], outs[-1], src_block_ids=ids[0], dst_block_ids=ids[1], start=3, stop=40)
+    assert all(torch.equal(x, y) for x, y in zip(*(o if isinstance(o, tuple) else (o,) for o in outs)))
+    k_out, v_out = decode(b, outs[0], ids[1], 40)
+    assert torch.equal(k_out[:, 3:], k[:, 3:]) and torch.equal(v_out[:, 3:], v[:, 3:])
+    assert not k_out[:, :3].any() and not v_out[:, :3].any()
 
 
 @pytest.mark.parametrize("a, b, cuts", [(0, 300, (1, 16, 128)), (5, 140, (1, 16, 128)), (7, 9, (1, 32)),

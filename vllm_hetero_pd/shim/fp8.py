@@ -10,6 +10,10 @@ byte remap plus a scale x2 (fn -> fnuz) or /2 (fnuz -> fn) is exact, except that
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -32,8 +36,8 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-# The remaps below use only bitwise ops, adds and multiplies on uint8 (vectorised by torch on
-# every device); comparisons and torch.where on uint8 run ~50x slower on CPU. For a byte b with
+# The remaps below (the reference that code_table tabulates) use only bitwise ops, adds and
+# multiplies on uint8; comparisons and torch.where on uint8 run ~50x slower on CPU. For a byte b with
 # magnitude bits m = b & 0x7F: (m + 1) & 0x80 is 0x80 exactly when m == 0x7F, and
 # (m + 0x7F) & 0x80 is 0x80 exactly when m != 0.
 
@@ -80,9 +84,77 @@ def quantize(values: torch.Tensor, dtype: str, scale: torch.Tensor | float) -> t
 
 
 def remap(stored: torch.Tensor, conversion: str, src_dtype: str, dst_dtype: str, src_scale, dst_scale) -> torch.Tensor:
-    """Apply one plan conversion to a block of stored source elements."""
+    """Apply one plan conversion to a block of stored source elements (the reference that
+    ``code_table`` tabulates; used directly only for 4-byte sources)."""
     if conversion == "fn_to_fnuz":
         return fn_to_fnuz_bytes(stored)
     if conversion == "fnuz_to_fn":
         return fnuz_to_fn_bytes(stored)
     return quantize(dequantize(stored, src_dtype, src_scale), dst_dtype, dst_scale)
+
+
+TABLE_BITS = 16  # sources up to 2 bytes wide are converted through a table of every code
+
+
+def table_offset(src_dtype: str) -> int:
+    """What to add to a source element (as int32) to get its table index: 16-bit codes are signed."""
+    return 0 if STORAGE_DTYPES[src_dtype] == torch.uint8 else 2 ** 15
+
+
+@functools.lru_cache(maxsize=32)
+def code_table(conversion: str, src_dtype: str, dst_dtype: str, scales: tuple[tuple[float, float], ...],
+               device: str) -> torch.Tensor:
+    """``[len(scales), codes]``: ``remap`` of every source code, one row per (source scale,
+    destination scale) pair; indexed by ``code + table_offset(src_dtype)``.
+
+    Built by the reference itself, element by element the same operations, so a lookup is
+    bit-exact with ``remap`` for every code, NaN, infinity, -0 and subnormals included. One
+    gather replaces the chain of whole-tensor passes that ``remap`` makes (12 for fn -> fnuz,
+    4 with float32 intermediates for a quantisation). At most 2**16 codes per row.
+    """
+    storage = STORAGE_DTYPES[src_dtype]
+    first = -table_offset(src_dtype)
+    codes = torch.arange(first, first + 2 ** (8 * torch.empty(0, dtype=storage).element_size()), dtype=torch.int32)
+    codes = codes.to(storage).view(1, -1)
+    src_scale = torch.tensor([s for s, _ in scales]).view(-1, 1)
+    dst_scale = torch.tensor([d for _, d in scales]).view(-1, 1)
+    rows = remap(codes, conversion, src_dtype, dst_dtype, src_scale, dst_scale)
+    return rows.expand(len(scales), codes.shape[1]).contiguous().to(device)
+
+
+@dataclass(frozen=True, slots=True)
+class Converter:
+    """One K or V part's element conversion, layer by layer (built by ``converter``)."""
+
+    conversion: str
+    src_dtype: str
+    dst_dtype: str
+    rows: tuple[tuple[float, float], ...]  # distinct (source scale, destination scale) pairs
+    row_of_layer: tuple[int, ...]
+
+    def __call__(self, src: torch.Tensor, dst: torch.Tensor, first_layer: int) -> None:
+        """Write converted ``src`` into ``dst``: same-shaped views whose dim 0 runs over layers
+        from ``first_layer``."""
+        rows = self.row_of_layer[first_layer : first_layer + src.shape[0]]
+        shape = (len(rows),) + (1,) * (src.dim() - 1)
+        if src.element_size() * 8 > TABLE_BITS:
+            src_scale = torch.tensor([self.rows[r][0] for r in rows], device=src.device).view(shape)
+            dst_scale = torch.tensor([self.rows[r][1] for r in rows], device=dst.device).view(shape)
+            dst.copy_(remap(src, self.conversion, self.src_dtype, self.dst_dtype, src_scale, dst_scale))
+            return
+        table = code_table(self.conversion, self.src_dtype, self.dst_dtype, self.rows, str(src.device))
+        order = sorted(range(dst.dim()), key=lambda i: -dst.stride(i))  # intermediates in dst's order
+        src, dst = src.permute(order), dst.permute(order)
+        index = torch.empty(src.shape, dtype=torch.int32, device=src.device).copy_(src)
+        bases = [r * table.shape[1] + table_offset(self.src_dtype) for r in rows]
+        if len(set(bases)) > 1:
+            index += torch.tensor(bases, dtype=torch.int32, device=index.device).view(shape).permute(order)
+        elif bases[0]:
+            index += bases[0]
+        dst.copy_(torch.index_select(table.view(-1), 0, index.view(-1)).view(index.shape))
+
+
+def converter(conversion: str, src_dtype: str, dst_dtype: str, scales: Sequence[tuple[float, float]]) -> Converter:
+    """A ``Converter`` for layers with these (source, destination) scales (one pair per layer)."""
+    rows = tuple(dict.fromkeys(scales))
+    return Converter(conversion, src_dtype, dst_dtype, rows, tuple(rows.index(s) for s in scales))

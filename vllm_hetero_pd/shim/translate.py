@@ -11,7 +11,9 @@ Buffers are given per rank in any of the forms a KV cache exists in:
 
 Destination buffers are written in place. Every copy is one ``torch.as_strided`` view per
 side and one vectorised ``copy_`` (bit-exact for same-dtype pairs); layers that sit evenly
-spaced in one allocation are moved by the same copy. Works on any torch device.
+spaced in one allocation are moved by the same copy, and so are K and V where the plan fuses
+them. Dtype conversions gather from a table of every source code (``fp8.Converter``), which is
+bit-exact with the arithmetic reference ``fp8.remap``. Works on any torch device.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_hetero_pd.formats.format import KVFormat, LayoutError
-from vllm_hetero_pd.shim.fp8 import STORAGE_DTYPES, remap
+from vllm_hetero_pd.shim.fp8 import STORAGE_DTYPES, Converter, converter
 from vllm_hetero_pd.shim.plan import Copy, Extent, Side, TranslationPlan, extent
 
 KVBuffers = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Sequence | Mapping
@@ -70,8 +72,9 @@ def translate(
     used = {(c.src, c.side) for c in copies}
     dst_layers = {side: layers(dst, plan.dst, side, plan.dst_extents[side]) for side in {side for _, side in used}}
     src_layers = {(i, side): layers(src[i], plan.src_formats[i], side, plan.src_extents[i, side]) for i, side in used}
+    converters = {key: _converter(plan, *key) for key in used}
     for c in copies:
-        _apply(plan, c, src_layers[c.src, c.side], dst_layers[c.side])
+        _apply(c, src_layers[c.src, c.side], dst_layers[c.side], converters[c.src, c.side])
 
 
 def allocate(fmt: KVFormat, device: torch.device | str = "cpu") -> KVBuffers:
@@ -135,9 +138,22 @@ def _flat(t: torch.Tensor, dtype: torch.dtype, span: int, fmt: KVFormat, flat: t
     return flat, offset
 
 
-def _apply(plan: TranslationPlan, c: Copy, src: Layers, dst: Layers) -> None:
-    conversion = plan.conversion[c.side]
-    src_fmt, dst_fmt = plan.src_formats[c.src], plan.dst
+def _converter(plan: TranslationPlan, src: int, side: Side) -> Converter | None:
+    """How ``src``'s ``side`` elements become the destination's (``None``: byte copies)."""
+    conversion = plan.conversion[side]
+    if conversion == "copy":
+        return None
+    src_fmt, dst_fmt = plan.src_formats[src], plan.dst
+    layers = range(dst_fmt.num_layers)
+    if conversion == "convert":
+        scale_of = "k_scale" if side == "k" else "v_scale"
+        scales = [(getattr(src_fmt, scale_of)(l), getattr(dst_fmt, scale_of)(l)) for l in layers]
+    else:  # fn <-> fnuz with scales exactly 2x apart: the bytes alone carry the value
+        scales = [(1.0, 1.0)] * len(layers)
+    return converter(conversion, src_fmt.dtype, dst_fmt.dtype, scales)
+
+
+def _apply(c: Copy, src: Layers, dst: Layers, convert: Converter | None) -> None:
     s_step, d_step = src.uniform_stride, dst.uniform_stride
     if s_step is not None and d_step is not None:
         groups = [(range(len(src.offsets)), s_step, d_step)]
@@ -148,13 +164,7 @@ def _apply(plan: TranslationPlan, c: Copy, src: Layers, dst: Layers) -> None:
         sizes = (len(ls), *c.sizes)
         s_view = src.flats[l0].as_strided(sizes, (s_step, *c.src_strides), src.offsets[l0] + c.src_offset)
         d_view = dst.flats[l0].as_strided(sizes, (d_step, *c.dst_strides), dst.offsets[l0] + c.dst_offset)
-        if conversion == "copy":
+        if convert is None:
             d_view.copy_(s_view)
-        elif conversion in ("fn_to_fnuz", "fnuz_to_fn"):  # scales differ by exactly 2x: bytes suffice
-            d_view.copy_(remap(s_view, conversion, src_fmt.dtype, dst_fmt.dtype, 1.0, 1.0))
         else:
-            scale_of = "k_scale" if c.side == "k" else "v_scale"
-            shape = (len(ls),) + (1,) * len(c.sizes)
-            s_scale = torch.tensor([getattr(src_fmt, scale_of)(l) for l in ls], device=s_view.device).view(shape)
-            d_scale = torch.tensor([getattr(dst_fmt, scale_of)(l) for l in ls], device=d_view.device).view(shape)
-            d_view.copy_(remap(s_view, conversion, src_fmt.dtype, dst_fmt.dtype, s_scale, d_scale))
+            convert(s_view, d_view, l0)
