@@ -138,7 +138,7 @@ def test_aligned_consecutive_blocks_need_one_copy_per_side():
 
 @pytest.mark.parametrize("src, dst, fused", [
     ("cuda/flash_attn/C/LBHNC", "cuda/flash_attn/C/LBNHC", True),  # K||V cells on both sides
-    ("cuda/flash_attn/A2/NHD", "cuda/flash_attn/C/LBHNC", True),  # V half a block after K: another stride
+    ("cuda/flash_attn/A2/NHD", "cuda/flash_attn/C/LBHNC", False),  # V half a block after K: nothing to merge
     ("cuda/flash_attn/C/LBNHC", "cpu/cpu_attn/vec", False),  # CPU_ATTN's K is transposed, V is not
     ("hpu/gaudi", "cuda/flash_attn/C/LBHNC", False),  # K and V in separate tensors
 ])

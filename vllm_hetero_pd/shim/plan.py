@@ -280,9 +280,10 @@ def _refine(factors: Factors, dims: tuple[int, ...]) -> Factors:
 
 def _kv_fusable(src_formats: tuple[KVFormat, ...], dst: KVFormat, src_maps: dict[tuple[int, Side], AxisMap],
                 dst_maps: dict[tuple[int, Side], AxisMap], conversion: dict[Side, Conversion]) -> bool:
-    """Whether K and V can move as one copy: V sits at a fixed offset from K in one buffer on
-    every side, laid out alike, and is converted alike. Halves the copies, and where V follows
-    K directly (K||V formats) the copy's contiguous rows double or span whole blocks."""
+    """Whether K and V move as one copy: on every side V directly follows K's head dim in the
+    same buffer (K||V cells) and is laid out and converted alike. Each copy's contiguous rows
+    then double (or span whole blocks) and the copies halve. V elsewhere in the block (era A2)
+    is left apart: a size-2 K/V dim that merges with nothing makes torch's copy loops slower."""
     if len(conversion) != 2 or conversion["k"] != conversion["v"]:
         return False
     fmts = (*src_formats, dst)
@@ -290,9 +291,9 @@ def _kv_fusable(src_formats: tuple[KVFormat, ...], dst: KVFormat, src_maps: dict
         return False
     if conversion["k"] == "convert" and any(f.k_scales != f.v_scales for f in fmts):
         return False
-    maps = [m for i in range(len(src_formats)) for m in ((src_maps[i, "k"], src_maps[i, "v"]),
-                                                           (dst_maps[i, "k"], dst_maps[i, "v"]))]
-    return all(replace(k, offset=0) == replace(v, offset=0) for k, v in maps)
+    pairs = [(m[i, "k"], m[i, "v"]) for i in range(len(src_formats)) for m in (src_maps, dst_maps)]
+    return all(replace(k, offset=0) == replace(v, offset=0) and v.offset == k.offset + k.dim[0][0] * k.dim[0][1]
+               for k, v in pairs)
 
 
 def _conversion(src_formats: tuple[KVFormat, ...], dst: KVFormat, side: Side) -> Conversion:
