@@ -4,12 +4,15 @@
 ``bench shim`` subcommand). Needs torch only, so it runs on a bare CUDA box. Default volume:
 one 4k-token prompt of an 8B-class model (32 layers, 8 KV heads, head size 128, bf16), about
 0.5 GiB of KV per side. The baseline is ``dst.copy_(src)`` of two contiguous buffers of the
-same byte count, timed in the same run; the ratio is pair GB/s / baseline GB/s.
+same byte count, timed alternately in the same run; the ratio is baseline seconds / pair
+seconds per round, reported as the mean over the rounds and their range. The load average
+is printed before and after; above 1.5 before the run the table is marked noisy.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -42,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-size", type=int, default=128)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per pair (median reported)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds per pair (at least 3)")
     parser.add_argument("--consecutive", action="store_true", help="consecutive block ids instead of shuffled ones")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--pairs", default="all", help="comma-separated row numbers to run (1-based), or 'all'")
@@ -53,8 +56,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_pair_s(first, second, device: torch.device, repeat: int) -> tuple[float, float]:
-    """Median seconds of two operations timed alternately, so both see the same machine load."""
+def _timed_rounds(first, second, device: torch.device, repeat: int) -> tuple[list[float], list[float]]:
+    """Seconds of two operations per round, timed alternately so both see the same machine load."""
     times: tuple[list[float], list[float]] = ([], [])
     for i in range(repeat + 1):
         for fn, out in ((first, times[0]), (second, times[1])):
@@ -64,7 +67,7 @@ def _median_pair_s(first, second, device: torch.device, repeat: int) -> tuple[fl
             _sync(device)
             if i:  # the first round warms up
                 out.append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return times
 
 
 def _ids(count: int, consecutive: bool, rng: random.Random) -> list[int]:
@@ -75,8 +78,8 @@ def _ids(count: int, consecutive: bool, rng: random.Random) -> list[int]:
 
 
 def _measure(args: argparse.Namespace, device: torch.device, rng: random.Random,
-             pair: tuple) -> tuple[int, float, float]:
-    """Bytes moved, shim seconds and plain-copy seconds for one pair (buffers freed on return)."""
+             pair: tuple) -> tuple[int, list[float], list[float]]:
+    """Bytes moved, shim and plain-copy seconds per round for one pair (buffers freed on return)."""
     src_name, src_bs, dst_name, dst_bs, dtypes = pair
     src_dtype, dst_dtype = DTYPES[dtypes]
     geometry = dict(num_layers=args.layers, num_kv_heads=args.kv_heads, head_size=args.head_size)
@@ -97,11 +100,14 @@ def _measure(args: argparse.Namespace, device: torch.device, rng: random.Random,
     def shim() -> None:
         translate(compiled, [src_buf], dst_buf, src_block_ids=src_ids, dst_block_ids=dst_ids, stop=args.tokens)
 
-    shim_s, copy_s = _median_pair_s(shim, lambda: b.copy_(a), device, args.repeat)
+    shim_s, copy_s = _timed_rounds(shim, lambda: b.copy_(a), device, args.repeat)
     return moved, shim_s, copy_s
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.repeat < 3:
+        print("bench shim: --repeat must be at least 3 (the ratio's spread needs rounds)", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,16 +116,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"shim bench: {args.tokens} tokens x {args.layers} layers x {args.kv_heads} KV heads x head "
           f"{args.head_size}, "
           f"device {device}, {'consecutive' if args.consecutive else 'shuffled'} block ids, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
-    print(f"{'#':>2}  {'source -> destination':<62} {'dtype':<13} {'MiB':>6} {'GB/s':>7} {'copy GB/s':>9} {'ratio':>6}")
+          f"threads {torch.get_num_threads()}, {args.repeat} rounds")
+    load = os.getloadavg()[0]
+    print(f"load average before: {load:.2f}" + (" -- NOISY: above 1.5, do not report these figures" if load > 1.5
+                                                 else ""))
+    print(f"{'#':>2}  {'source -> destination':<62} {'dtype':<13} {'MiB':>6} {'GB/s':>7} {'copy GB/s':>9} "
+          f"{'ratio':>6} {'(min-max)':>11}")
     for row in rows:
         src_name, src_bs, dst_name, dst_bs, dtypes = PAIRS[row - 1]
         moved, shim_s, copy_s = _measure(args, device, rng, PAIRS[row - 1])
-        gbs, copy_gbs = moved / shim_s / 1e9, moved / copy_s / 1e9
+        gbs, copy_gbs = moved / statistics.median(shim_s) / 1e9, moved / statistics.median(copy_s) / 1e9
+        ratios = [c / s for s, c in zip(shim_s, copy_s)]
         label = f"{src_name} bs{src_bs} -> {dst_name} bs{dst_bs}"
         print(f"{row:>2}  {label:<62} {dtypes:<13} {moved / 2**20:>6.0f} {gbs:>7.2f} {copy_gbs:>9.2f} "
-              f"{gbs / copy_gbs:>6.2f}")
+              f"{statistics.mean(ratios):>6.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
         sys.stdout.flush()
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 
 
