@@ -66,12 +66,14 @@ PAIRS = {
 }
 CORRUPT = slice(1, 4)  # prompts of 31, 33 and 97 tokens: the 1-token prompt moves no KV to corrupt
 STAGED = {"host_staging": True}
+NO_PREFIX_CACHE = ("--no-enable-prefix-caching",)
 
 
-def spec(role: str, side: Side, model: str, extra: dict | None = None) -> InstanceSpec:
+def spec(role: str, side: Side, model: str, extra: dict | None = None,
+         extra_args: tuple[str, ...] = ()) -> InstanceSpec:
     kv = None if role == "monolithic" else hetero("kv_producer" if role == "prefill" else "kv_consumer", extra)
     return InstanceSpec(role=role, model=model, block_size=side.block_size, python=PYTHONS[side.release],
-                        kv_transfer_config=kv)
+                        kv_transfer_config=kv, extra_args=list(extra_args))
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +145,8 @@ def test_host_staging_on_prefill_decode_and_both_equals_monolithic(name, tiny_mo
     lease = {"lease_s": 120.0}
     specs = [spec("prefill", pair.prefill, tiny_model, lease),
              spec("prefill", pair.prefill, tiny_model, lease | STAGED),
-             spec("decode", pair.decode, tiny_model), spec("decode", pair.decode, tiny_model, STAGED)]
+             spec("decode", pair.decode, tiny_model, extra_args=NO_PREFIX_CACHE),
+             spec("decode", pair.decode, tiny_model, STAGED, NO_PREFIX_CACHE)]  # each run must transfer again
     with LocalCluster(specs, log_dir) as cluster:
         plain_p, staged_p, plain_d, staged_d = cluster.instances
         combos = {"prefill": (staged_p, plain_d), "decode": (plain_p, staged_d), "both": (staged_p, staged_d)}
