@@ -19,6 +19,7 @@ from vllm_hetero_pd.formats import PRESETS, LayoutError, preset
 from vllm_hetero_pd.shim import allocate, decode, encode, plan, translate
 from vllm_hetero_pd.shim.fp8 import TORCH_DTYPES
 from vllm_hetero_pd.shim.plan import _pieces
+from vllm_hetero_pd.shim.translate import _copy, tiles
 
 LAYOUT_PRESETS = sorted(n for n, p in PRESETS.items() if not p.mla)
 MLA_PRESETS = sorted(n for n, p in PRESETS.items() if p.mla)
@@ -161,6 +162,37 @@ def test_kv_fusion_moves_k_and_v_in_one_copy_where_they_are_laid_out_alike(src, 
     k_out, v_out = decode(b, outs[0], ids[1], 40)
     assert torch.equal(k_out[:, 3:], k[:, 3:]) and torch.equal(v_out[:, 3:], v[:, 3:])
     assert not k_out[:, :3].any() and not v_out[:, :3].any()
+
+
+@pytest.mark.parametrize("sizes, src_strides, dst_strides", [
+    ((2, 8, 256, 128), (2**20, 256, 2048, 1), (2**20, 128 * 256, 1, 256)),  # LBNHC rows -> [D][N] pages
+    ((2, 8, 16, 8, 128), (2**20, 32768, 2048, 256, 1), (2**20, 16, 1, 16384, 128)),  # 8 blocks of 16 -> 128
+    ((2, 384, 8, 128), (2**20, 8 * 128, 128, 1), (2**20, 1, 128 * 384, 384)),  # Gaudi NHD, 3 tiles long
+])
+def test_tiled_transposes_write_what_one_copy_writes(sizes, src_strides, dst_strides):
+    """Copies into CPU_ATTN-like transposed pages are cut into tiles (and still land bit for bit
+    where one copy_ puts them, nothing else written); non-transposes stay one copy."""
+    src = torch.randint(-2**15, 2**15, (2**23,), dtype=torch.int16)
+    out, want = torch.zeros(2**23, dtype=torch.int16), torch.zeros(2**23, dtype=torch.int16)
+    s_view = src.as_strided(sizes, src_strides, 5)
+    d_view, w_view = out.as_strided(sizes, dst_strides, 3), want.as_strided(sizes, dst_strides, 3)
+    assert len(tiles(s_view, d_view)) > 1
+    _copy(s_view, d_view)
+    w_view.copy_(s_view)
+    assert torch.equal(out, want)
+    assert len(tiles(s_view, s_view.clone())) == 1 and len(tiles(s_view[:1, :1], d_view[:1, :1])) == 1
+
+
+def test_long_token_runs_into_cpu_attn_translate_exactly():
+    """A request big enough for tiled transposes both ways (into CPU_ATTN, and decode back out)."""
+    src = preset("cuda/flash_attn/C/LBNHC").build(num_layers=2, num_blocks=20, num_kv_heads=8, head_size=128)
+    dst = preset("cpu/cpu_attn/vec").build(num_layers=2, num_blocks=4, num_kv_heads=8, head_size=128)
+    k, v = torch.randn(2, 300, 8, 128).to(torch.bfloat16), torch.randn(2, 300, 8, 128).to(torch.bfloat16)
+    buf, out = allocate(src), allocate(dst)
+    encode(src, buf, range(1, 20), k, v)
+    translate(plan([src], dst), [buf], out, src_block_ids=range(1, 20), dst_block_ids=[3, 0, 2], stop=300)
+    k_out, v_out = decode(dst, out, [3, 0, 2], 300)
+    assert torch.equal(k_out, k) and torch.equal(v_out, v)
 
 
 @pytest.mark.parametrize("a, b, cuts", [(0, 300, (1, 16, 128)), (5, 140, (1, 16, 128)), (7, 9, (1, 32)),
