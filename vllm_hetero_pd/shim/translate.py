@@ -145,12 +145,11 @@ def _converter(plan: TranslationPlan, src: int, side: Side) -> Converter | None:
     if conversion == "copy":
         return None
     src_fmt, dst_fmt = plan.src_formats[src], plan.dst
-    layers = range(dst_fmt.num_layers)
     if conversion == "convert":
         scale_of = "k_scale" if side == "k" else "v_scale"
-        scales = [(getattr(src_fmt, scale_of)(l), getattr(dst_fmt, scale_of)(l)) for l in layers]
+        scales = [(getattr(src_fmt, scale_of)(l), getattr(dst_fmt, scale_of)(l)) for l in range(dst_fmt.num_layers)]
     else:  # fn <-> fnuz with scales exactly 2x apart: the bytes alone carry the value
-        scales = [(1.0, 1.0)] * len(layers)
+        scales = [(1.0, 1.0)] * dst_fmt.num_layers
     return converter(conversion, src_fmt.dtype, dst_fmt.dtype, scales)
 
 
@@ -177,7 +176,11 @@ TILE_MIN_ELEMENTS = 2**15  # elements per tile below which one copy is faster (P
 
 def _copy(src: torch.Tensor, dst: torch.Tensor) -> None:
     """``dst.copy_(src)``, one tile (see ``tiles``) at a time."""
-    for index in tiles(src, dst):
+    cut = tiles(src, dst)
+    if len(cut) == 1:
+        dst.copy_(src)
+        return
+    for index in cut:
         dst[index].copy_(src[index])
 
 
