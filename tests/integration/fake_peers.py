@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import msgspec
 
+from vllm_hetero_pd.formats.presets import preset
 from vllm_hetero_pd.transport import side_channel, wire
 
 Answer = Callable[[bytes], bytes | None]  # request frame -> reply frame (None: never answer)
@@ -89,6 +90,15 @@ def garbage() -> FakePeer:
 
 def black_hole() -> FakePeer:
     return FakePeer(lambda frame: None)
+
+
+def older_release(engine_id: str) -> FakePeer:
+    """A prefill of an older vllm-hetero-pd release: a well-formed handshake reply of the previous wire version."""
+    fmt = preset("cpu/cpu_attn/vec").build(num_layers=4, num_blocks=8, num_kv_heads=4, head_size=32)
+    rank = wire.RankInfo(tp_rank=0, agent_name=f"{engine_id}-tp0", agent_metadata=b"nixl", format=fmt,
+                         layer_addrs=[[4096] * fmt.num_layers], mem_type="DRAM")
+    reply = wire.encode(wire.HandshakeReply(version=wire.WIRE_VERSION - 1, engine_id=engine_id, ranks=[rank]))
+    return FakePeer(lambda frame: reply)
 
 
 def empty_ranks(engine_id: str) -> FakePeer:

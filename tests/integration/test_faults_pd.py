@@ -32,8 +32,9 @@ from vllm_hetero_pd.launch.request import RequestFailed, post_json
 from vllm_hetero_pd.ports import free_port
 from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare, greedy_body, parse_completion
 from vllm_hetero_pd.testing.metrics import metric_sum, scrape
+from vllm_hetero_pd.transport import wire
 
-from fake_peers import black_hole, empty_ranks, garbage, impostor
+from fake_peers import black_hole, empty_ranks, garbage, impostor, older_release
 from pd_helpers import decode_fails, kv_usage, log_of, prefilled, wait_until
 
 LEASE_S = 6.0
@@ -111,7 +112,8 @@ def test_forged_params_at_a_fake_side_channel_are_refused(cluster, prompts, refe
 def test_hostile_side_channels_fail_alone(cluster, prompts, reference):
     a, _, d = cluster.instances
     baseline = [exact(a, d, prompts[i], reference[i]) for i in (0, 1, 0)]
-    peers = {"garbage": garbage(), "black hole": black_hole(), "ranks=[]": empty_ranks("evil-empty")}
+    peers = {"garbage": garbage(), "black hole": black_hole(), "ranks=[]": empty_ranks("evil-empty"),
+             "older release": older_release("evil-old")}
     template = prefilled(a.url, prompts[1], "template")
     with ThreadPoolExecutor(len(peers)) as pool:
         hostile = {name: pool.submit(decode, d.url, prompts[1],
@@ -128,7 +130,8 @@ def test_hostile_side_channels_fail_alone(cluster, prompts, reference):
         assert "ReleaseRequest" not in peers[name].kinds(), f"released on unverified peer {name}"
     log = log_of(d)
     assert "malformed reply" in log and "unreachable or timed out" in log
-    assert metric_sum(scrape(d.url), "vllm:hetero_pd_handshake_failures_total") >= 3
+    assert f"speaks wire version {wire.WIRE_VERSION - 1}" in log  # names the field and the fix
+    assert metric_sum(scrape(d.url), "vllm:hetero_pd_handshake_failures_total") >= 4
     for peer in peers.values():
         peer.close()
     settled(cluster)
