@@ -17,3 +17,20 @@ def test_serve_command_runs_the_given_python():
     cmd = serve_command(spec, 8000)
     assert cmd[:3] == ["/x/.venv-028/bin/python", "-m", "vllm_hetero_pd.launch.vllm_cli"]
     assert cmd[cmd.index("--block-size") + 1] == "32"
+
+
+def test_launch_stops_on_sigterm_instead_of_orphaning_its_instances():
+    """``vllm-hetero-pd launch`` must reach its ``with LocalCluster`` exit on SIGTERM (a background job
+    ignores SIGINT); an unblocked SIGTERM used to kill it and leave every engine running."""
+    import signal
+    import subprocess
+    import time
+
+    code = ("from vllm_hetero_pd.launch.cli import wait_for_stop; print('waiting', flush=True); "
+            "wait_for_stop(); print('stopped')")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "waiting"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and out.strip() == "stopped"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
 
 import msgspec
 import pytest
@@ -68,3 +70,18 @@ def test_the_bench_command_parses_without_starting_engines():
     from vllm_hetero_pd.bench import BENCHMARKS
 
     assert BENCHMARKS["planner-pd"][0] == "vllm_hetero_pd.planner.pd_validate"
+
+
+def test_quantiles_of_nothing_are_nan_not_an_error():
+    """A 2-token link-calibration request can stream in one chunk: no TPOT, but its TTFT counts."""
+    assert all(math.isnan(q) for q in pd_validate.quantiles([]))
+    assert pd_validate.quantiles([1.0, 3.0])[0] == 2.0
+
+
+def test_measure_uses_the_calibration_clients_timeout():
+    """``_measure`` imports its HTTP client settings from ``calibrate`` lazily: the names must exist."""
+    from vllm_hetero_pd.planner import calibrate
+
+    source = inspect.getsource(pd_validate._measure)
+    imported = source.split("from vllm_hetero_pd.planner.calibrate import ")[1].split("\n")[0]
+    assert all(hasattr(calibrate, name.strip()) for name in imported.split(","))

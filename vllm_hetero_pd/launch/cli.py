@@ -52,6 +52,14 @@ def run(args: argparse.Namespace) -> int:
     with LocalCluster(pd_specs(args, model), args.log_dir, args.startup_timeout) as cluster:
         for inst in cluster.instances:
             print(f"{inst.name:10s} {inst.url}  side-channel {inst.side_channel_port}  log {inst.log_path}")
-        print("all healthy; Ctrl-C stops every instance")
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        print("all healthy; Ctrl-C or SIGTERM stops every instance", flush=True)
+        wait_for_stop()
     return 0
+
+
+def wait_for_stop() -> None:
+    """Block until SIGINT or SIGTERM. Both are blocked first: ``sigwait`` only receives a blocked
+    signal, and an unblocked SIGTERM would kill this process and orphan every instance."""
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    signal.sigwait(stop)

@@ -78,7 +78,8 @@ class PointResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def quantiles(values: list[float]) -> tuple[float, float]:
-    return tuple(float(np.quantile(values, q)) for q in QUANTILES)
+    """NaN where nothing was measured (a 2-token link-calibration request may arrive in one chunk)."""
+    return tuple(float(np.quantile(values, q)) if values else math.nan for q in QUANTILES)
 
 
 def fit_link(model: ModelSpec, prefill: Device, decode: Device, base: Link,
@@ -136,10 +137,10 @@ def table(points: list[PointResult]) -> str:
 async def _measure(url: str, workload: Workload, count: int, vocab: int, seed: int) -> Latencies:
     import aiohttp
 
-    from vllm_hetero_pd.planner.calibrate import _TIMEOUT, complete, random_prompt, served_model
+    from vllm_hetero_pd.planner.calibrate import HTTP_TIMEOUT, complete, random_prompt, served_model
 
     rng = random.Random(seed)
-    async with aiohttp.ClientSession(timeout=_TIMEOUT) as session:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
         name = await served_model(session, url)
 
         async def one(delay: float):
