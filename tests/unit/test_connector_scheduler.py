@@ -87,7 +87,6 @@ def test_a_request_that_skips_the_prefix_cache_is_never_loaded_on_any_release():
     req = request("d-0", PROMPT0, prefill_answer(PROMPT0))
     req.skip_reading_prefix_cache = True
     assert decode.get_num_new_matched_tokens(req, 0) == (0, False)
-    decode.update_state_after_alloc(req, blocks(), 0)
     plain = request("d-1", PROMPT0, prefill_answer(PROMPT0))
     plain.skip_reading_prefix_cache = False
     assert decode.get_num_new_matched_tokens(plain, 16) == (len(PROMPT0) - 16, True)
