@@ -17,6 +17,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "planner-nim": ("vllm_hetero_pd.planner.published", "planner colocated model vs NVIDIA's published NIM table"),
     "planner-pd": ("vllm_hetero_pd.planner.pd_validate", "planner P/D model vs a real CPU prefill+decode pair"),
     "e2e": ("vllm_hetero_pd.launch.bench_e2e", "TTFT/TPOT: monolithic vs upstream NixlConnector vs ours"),
+    "goodput": ("vllm_hetero_pd.launch.bench_goodput", "goodput per arrival rate on the same 2 cores: monolithic "
+                                                       "vs P/D 1+1, measured beside the planner's prediction"),
     "prefix": ("vllm_hetero_pd.launch.bench_routing", "multi-turn chat on 2 prefills: prefix hits, "
                                                       "prefill tokens and TTFT per prefill policy"),
     "decode-capacity": ("vllm_hetero_pd.launch.bench_routing", "a small-KV decode next to a large one: long "

@@ -15,6 +15,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -65,6 +66,30 @@ async def complete(session: aiohttp.ClientSession, url: str, model: str, prompt:
     if not times:
         raise RuntimeError(f"{url} streamed no tokens")
     return Completion(start=start, chunk_times=tuple(times))
+
+
+async def open_loop(url: str, requests: Sequence[tuple[float, list[int], int]]) -> list[Completion | BaseException]:
+    """Send each ``(offset s, prompt, max_tokens)`` at its offset from now without waiting for earlier
+    answers: an open-loop client, so a slow server does not slow the arrivals and its queue builds as
+    it would in production. A request that fails comes back as its exception, in its place, so that a
+    goodput count can score it as a miss (``successes`` raises it instead)."""
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
+        model = await served_model(session, url)
+
+        async def one(offset: float, prompt: list[int], max_tokens: int) -> Completion:
+            await asyncio.sleep(offset)
+            return await complete(session, url, model, prompt, max_tokens)
+
+        return list(await asyncio.gather(*(one(*r) for r in requests), return_exceptions=True))
+
+
+def successes(runs: list[Completion | BaseException]) -> list[Completion]:
+    """The completions of an ``open_loop`` run, raising the first failure (calibration and validation
+    runs must not quietly lose requests)."""
+    for run in runs:
+        if isinstance(run, BaseException):
+            raise run
+    return runs
 
 
 async def measure_prefill(url: str, lengths: list[int], repeats: int, vocab_size: int,

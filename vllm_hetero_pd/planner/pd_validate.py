@@ -35,6 +35,7 @@ import random
 import statistics
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -97,14 +98,20 @@ def fit_link(model: ModelSpec, prefill: Device, decode: Device, base: Link,
                                    source=f"fitted: sequential TTFTs through the router at {sorted(kv.tolist())} B")
 
 
-def predict(model: ModelSpec, prefill: Device, decode: Device, link: Link, workload: Workload) -> Latencies:
-    """The P/D model's TTFT and TPOT quantiles for one prefill and one decode instance at TP1."""
+def latency_at(model: ModelSpec, prefill: Device, decode: Device, link: Link, workload: Workload,
+               q: float) -> tuple[float, float]:
+    """The P/D model's (TTFT, TPOT) q-quantiles for one prefill and one decode instance at TP1."""
     service = perf.prefill_s(model, prefill, 1, workload.isl)
     kv = perf.kv_transfer_s(model, prefill, 1, perf.endpoint(decode, 1), link, workload.isl)
     batch = perf.decode_batch(model, decode, 1, workload, workload.rate)
     first = perf.decode_step_s(model, decode, 1, 1 + batch, workload.mean_context)
-    ttft = tuple(perf.prefill_ttft_s(service, kv + first, workload.rate, q) for q in QUANTILES)
-    tpot = tuple(perf.decode_tpot_s(model, decode, 1, workload, workload.rate, q) for q in QUANTILES)
+    return (perf.prefill_ttft_s(service, kv + first, workload.rate, q),
+            perf.decode_tpot_s(model, decode, 1, workload, workload.rate, q))
+
+
+def predict(model: ModelSpec, prefill: Device, decode: Device, link: Link, workload: Workload) -> Latencies:
+    """The P/D model's TTFT and TPOT p50/p90 for one prefill and one decode instance at TP1."""
+    ttft, tpot = zip(*(latency_at(model, prefill, decode, link, workload, q) for q in QUANTILES))
     return Latencies(ttft=ttft, tpot=tpot)
 
 
@@ -135,35 +142,30 @@ def table(points: list[PointResult]) -> str:
 
 
 async def _measure(url: str, workload: Workload, count: int, vocab: int, seed: int) -> Latencies:
-    import aiohttp
-
-    from vllm_hetero_pd.planner.calibrate import HTTP_TIMEOUT, complete, random_prompt, served_model
+    from vllm_hetero_pd.planner.calibrate import open_loop, random_prompt, successes
 
     rng = random.Random(seed)
-    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
-        name = await served_model(session, url)
-
-        async def one(delay: float):
-            await asyncio.sleep(delay)
-            return await complete(session, url, name, random_prompt(rng, workload.isl, vocab), workload.osl)
-
-        runs = await asyncio.gather(*(one(d) for d in arrivals(workload.rate, count, seed)))
+    delays = arrivals(workload.rate, count, seed)
+    runs = successes(await open_loop(url, [(d, random_prompt(rng, workload.isl, vocab), workload.osl) for d in delays]))
     tpots = [(r.chunk_times[-1] - r.chunk_times[0]) / (len(r.chunk_times) - 1) for r in runs if len(r.chunk_times) > 1]
     return Latencies(ttft=quantiles([r.ttft_s for r in runs]), tpot=quantiles(tpots))
 
 
-def _calibrate(model: ModelSpec, prefill_url: str, decode_url: str, router_url: str) -> tuple[Device, Link]:
-    """Fit the CPU device (prefill terms on the prefill engine, decode terms on the decode engine) and
-    the link, on calibration runs only."""
+def calibrate_pair(model: ModelSpec, prefill_url: str, decode_url: str, router_url: str,
+                   name: str = "CPU-calibrated", lengths: Sequence[int] = (32, 128, 256, 512),
+                   contexts: Sequence[int] = (64, 256)) -> tuple[Device, Link]:
+    """Fit the CPU device (prefill terms on the prefill engine at ``lengths``, decode terms on the
+    decode engine at ``contexts``) and the link, on calibration runs only: give lengths and contexts
+    that span the workload, since the fit extrapolates the attention terms poorly."""
     from vllm_hetero_pd.planner.calibrate import measure_decode, measure_prefill
     from vllm_hetero_pd.planner.catalog import load_catalog
     from vllm_hetero_pd.planner.fit import fit_device
 
     catalog = load_catalog()
     base = catalog.device("CPU")
-    pre_samples = asyncio.run(measure_prefill(prefill_url, [32, 128, 256, 512], 5, model.vocab_size))
-    dec_samples = asyncio.run(measure_decode(decode_url, [1, 2, 4, 8], [64, 256], 32, model.vocab_size))
-    device, _ = fit_device(base, model, 1, pre_samples, dec_samples, "CPU-calibrated", f"{prefill_url} + {decode_url}")
+    pre_samples = asyncio.run(measure_prefill(prefill_url, list(lengths), 5, model.vocab_size))
+    dec_samples = asyncio.run(measure_decode(decode_url, [1, 2, 4, 8], list(contexts), 32, model.vocab_size))
+    device, _ = fit_device(base, model, 1, pre_samples, dec_samples, name, f"{prefill_url} + {decode_url}")
     link_samples = []
     for tokens in (64, 512):
         for seed in range(3):  # sequential requests: no queueing
@@ -193,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     model = load_model(args.model, weight_dtype="bf16")
-    device, link = _calibrate(model, args.prefill_url, args.decode_url, args.router_url)
+    device, link = calibrate_pair(model, args.prefill_url, args.decode_url, args.router_url)
     capacity = 1 / perf.prefill_s(model, device, 1, args.isl)
     points = []
     for i, frac in enumerate(float(x) for x in args.load.split(",")):

@@ -20,11 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import aiohttp
 import msgspec
 
 from vllm_hetero_pd.planner import colocated
-from vllm_hetero_pd.planner.calibrate import HTTP_TIMEOUT, calibrate, complete, random_prompt, served_model
+from vllm_hetero_pd.planner.calibrate import calibrate, open_loop, random_prompt, successes
 from vllm_hetero_pd.planner.catalog import CatalogFile, load_catalog
 from vllm_hetero_pd.planner.fit import fit_device
 from vllm_hetero_pd.planner.model import load_model
@@ -68,18 +67,11 @@ async def measure_point(url: str, isl: int, osl: int, rate: float, num_requests:
                         seed: int) -> tuple[float, float]:
     """Median client-side TTFT and TPOT under Poisson arrivals at ``rate``."""
     rng = random.Random(seed)
-    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
-        model = await served_model(session, url)
-
-        async def one(delay: float):
-            await asyncio.sleep(delay)
-            return await complete(session, url, model, random_prompt(rng, isl, vocab_size), osl)
-
-        delays, t = [], 0.0
-        for _ in range(num_requests):
-            delays.append(t)
-            t += rng.expovariate(rate)
-        runs = await asyncio.gather(*(one(d) for d in delays))
+    delays, t = [], 0.0
+    for _ in range(num_requests):
+        delays.append(t)
+        t += rng.expovariate(rate)
+    runs = successes(await open_loop(url, [(d, random_prompt(rng, isl, vocab_size), osl) for d in delays]))
     ttfts = [r.ttft_s for r in runs]
     tpots = [(r.chunk_times[-1] - r.chunk_times[0]) / (len(r.chunk_times) - 1) for r in runs
              if len(r.chunk_times) > 1]
