@@ -27,6 +27,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                                                              "always remote, per min_disagg_tokens"),
     "soak": ("vllm_hetero_pd.launch.bench_soak", "a random mix of client requests through the router, a decode "
                                                  "restarted mid-run: requests lost, KV blocks left"),
+    "dynamic": ("vllm_hetero_pd.launch.bench_dynamic", "3 kv_both instances, a prefill-heavy then decode-heavy "
+                                                       "workload: goodput of 2P:1D, 1P:2D and the ratio controller"),
 }
 
 

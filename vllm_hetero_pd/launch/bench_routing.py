@@ -113,10 +113,13 @@ def instance_args(cluster: LocalCluster, router_args: list[str]) -> tuple[list[s
     return urls[:num_prefill], urls[num_prefill:]
 
 
-def reset_caches(cluster: LocalCluster) -> None:
+def reset_caches(cluster: LocalCluster) -> bool:
+    """Empty every instance's prefix cache (vLLM dev mode); False when one refused (blocks still held)."""
+    done = True
     for inst in cluster.instances:
         request = urllib.request.Request(inst.url + "/reset_prefix_cache", data=b"", method="POST")
-        urllib.request.urlopen(request, timeout=30).read()
+        done &= json.loads(urllib.request.urlopen(request, timeout=30).read() or b"{}").get("success", True)
+    return done
 
 
 def counters(urls: list[str]) -> dict[str, float]:

@@ -10,7 +10,11 @@ from prometheus_client.parser import text_string_to_metric_families
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """All samples of ``url``/metrics keyed by (name, sorted labels)."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
+        return parse_samples(resp.read().decode())
+
+
+def parse_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Samples of one Prometheus text page keyed by (name, sorted labels), as ``scrape`` returns them."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 

@@ -1,0 +1,171 @@
+"""``bench dynamic``'s numbers: goodput and latency quantiles per phase, the results table and the plot.
+
+A request is *good* when it was not lost and met both SLOs: TTFT at most ``Slo.ttft_s`` and TPOT
+at most ``Slo.tpot_s`` (a request whose tokens all came in its first chunk has no TPOT and is
+judged by its TTFT alone). Goodput is the count of good requests and their share of the phase's
+scheduled requests, so a lost request counts against it. Quantiles are ``pd_validate.quantiles``
+(p50, p90; NaN with nothing measured) over the requests that were not lost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+
+from vllm_hetero_pd.launch.phased_workload import ScheduledRequest
+from vllm_hetero_pd.launch.role_timeline import RoleSample
+from vllm_hetero_pd.launch.timed_stream import StreamResult
+from vllm_hetero_pd.planner.pd_validate import quantiles
+from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, Completion, compare
+
+ALL = "whole run"
+
+
+class Slo(msgspec.Struct, frozen=True, kw_only=True):
+    """The per-request targets goodput counts against, and where they came from."""
+
+    ttft_s: float
+    tpot_s: float
+    source: str
+
+    def met(self, result: StreamResult) -> bool:
+        return (not result.lost and result.ttft_s <= self.ttft_s
+                and (result.tpot_s is None or result.tpot_s <= self.tpot_s))
+
+
+class PhaseStats(msgspec.Struct, frozen=True, kw_only=True):
+    """One configuration's requests of one phase (or of the whole run)."""
+
+    requests: int
+    lost: int
+    good: int
+    ttft_p50_s: float
+    ttft_p90_s: float
+    tpot_p50_s: float
+    tpot_p90_s: float
+
+    @property
+    def goodput(self) -> float:
+        return self.good / self.requests if self.requests else math.nan
+
+
+class ConfigReport(msgspec.Struct, frozen=True, kw_only=True):
+    """One configuration's run: per phase (and ``ALL``), flips, correctness and the engines afterwards."""
+
+    name: str
+    phases: dict[str, PhaseStats]
+    role_flips: int
+    mismatches: int
+    in_flight_during_flips: int
+    mismatches_during_flips: int
+    kv_usage_after: dict[str, float]
+
+    @property
+    def lost(self) -> int:
+        return self.phases[ALL].lost
+
+
+def phase_stats(results: Sequence[StreamResult], slo: Slo) -> PhaseStats:
+    """Goodput and quantiles of ``results``; pure."""
+    kept = [r for r in results if not r.lost]
+    ttft = quantiles([r.ttft_s for r in kept])
+    tpot = quantiles([r.tpot_s for r in kept if r.tpot_s is not None])
+    return PhaseStats(requests=len(results), lost=len(results) - len(kept), good=sum(slo.met(r) for r in results),
+                      ttft_p50_s=ttft[0], ttft_p90_s=ttft[1], tpot_p50_s=tpot[0], tpot_p90_s=tpot[1])
+
+
+def stats_by_phase(requests: Sequence[ScheduledRequest], results: Sequence[StreamResult], slo: Slo,
+                   phase_names: Sequence[str]) -> dict[str, PhaseStats]:
+    """``phase_stats`` of each phase's requests (by schedule, not by when they finished), then of all."""
+    out = {name: phase_stats([res for req, res in zip(requests, results, strict=True) if req.phase == name], slo)
+           for name in phase_names}
+    out[ALL] = phase_stats(results, slo)
+    return out
+
+
+def mismatches(references: Sequence[Completion], results: Sequence[StreamResult]) -> dict[int, str]:
+    """Request index -> how its answer differs from the monolithic one (``testing.compare``), over the
+    requests that were not lost (those count as lost, not as mismatches)."""
+    kept = [r for r in results if not r.lost]
+    found = compare([references[r.index] for r in kept], [r.completion for r in kept], LOGPROB_TOLERANCE)
+    return {kept[m.prompt_index].index: m.reason for m in found}
+
+
+def goal_lines(reports: Sequence[ConfigReport], dynamic: str) -> list[str]:
+    """Issue 15's goal, checked: dynamic goodput >= the better static split in each phase, > both overall."""
+    by = {r.name: r for r in reports}
+    if dynamic not in by or len(by) < 2:
+        return []
+    statics = [r for r in reports if r.name != dynamic]
+    lines = []
+    for phase in by[dynamic].phases:
+        best = max(statics, key=lambda r: r.phases[phase].good)
+        got, bar = by[dynamic].phases[phase].good, best.phases[phase].good
+        above = got > bar if phase == ALL else got >= bar
+        need = ">" if phase == ALL else ">="
+        lines.append(f"* {phase}: dynamic {got} good vs best static {bar} ({best.name}): "
+                     f"{'met' if above else 'missed'} (goal {need})")
+    return lines
+
+
+def markdown(reports: Sequence[ConfigReport], slo: Slo, header: Sequence[str], dynamic: str) -> str:
+    """The results table (one row per configuration and phase), the goal check and the correctness table."""
+    lines = [*header, "", f"SLO: TTFT <= {slo.ttft_s * 1e3:.0f} ms and TPOT <= {slo.tpot_s * 1e3:.1f} ms "
+             f"({slo.source}).", "",
+             "| config | phase | requests | good | goodput | TTFT p50 ms | TTFT p90 ms | TPOT p50 ms | TPOT p90 ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        for phase, s in r.phases.items():
+            lines.append(f"| {r.name} | {phase} | {s.requests} | {s.good} | {s.goodput:.2f} | {_ms(s.ttft_p50_s)} | "
+                         f"{_ms(s.ttft_p90_s)} | {_ms(s.tpot_p50_s, 1)} | {_ms(s.tpot_p90_s, 1)} |")
+    lines += ["", *goal_lines(reports, dynamic), "",
+              "| config | role flips | requests lost | outputs != monolithic | in flight during a flip | "
+              "of those != monolithic | KV usage after |", "|---|---|---|---|---|---|---|"]
+    for r in reports:
+        usage = ", ".join(f"{v:.2f}" for v in r.kv_usage_after.values())
+        lines.append(f"| {r.name} | {r.role_flips} | {r.lost} | {r.mismatches} | {r.in_flight_during_flips} | "
+                     f"{r.mismatches_during_flips} | {usage} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ms(seconds: float, digits: int = 0) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1e3:.{digits}f}"
+
+
+def plot(series: Sequence[RoleSample], run_start_s: float, phase_starts: Sequence[float], title: str,
+         path: Path) -> None:
+    """Roles of each instance and desired replicas per pool over time, phase boundaries dashed. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"prefill": "tab:orange", "decode": "tab:blue", "draining": "tab:gray", "both": "tab:green"}
+    times = [s.at_s - run_start_s for s in series]
+    instances = sorted({url for s in series for url in s.roles})
+    fig, (roles_ax, replicas_ax) = plt.subplots(2, 1, sharex=True, figsize=(10, 5.5))
+    for row, url in enumerate(instances):
+        for t, nxt, sample in zip(times, [*times[1:], times[-1] + 1], series):
+            role = sample.roles.get(url)
+            if role is not None:
+                roles_ax.broken_barh([(t, nxt - t)], (row - 0.4, 0.8), color=colours[role])
+    roles_ax.set_yticks(range(len(instances)), [url.rsplit(":", 1)[-1] for url in instances])
+    roles_ax.set_ylabel("instance (port)")
+    roles_ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c, label=n) for n, c in colours.items()],
+                    loc="upper right", ncols=4, fontsize="small")
+    for pool in sorted({p for s in series for p in s.desired_replicas}):
+        replicas_ax.step(times, [s.desired_replicas.get(pool, math.nan) for s in series], where="post",
+                         label=f"desired_replicas{{{pool}}}", color=colours.get(pool))
+    replicas_ax.set_ylabel("replicas")
+    replicas_ax.set_xlabel("seconds from the start of the schedule")
+    replicas_ax.legend(loc="upper right", fontsize="small")
+    for ax in (roles_ax, replicas_ax):
+        for start in phase_starts[1:]:
+            ax.axvline(start, linestyle="--", color="black", linewidth=0.8)
+    roles_ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
