@@ -39,3 +39,25 @@ def wait_until(predicate, timeout_s: float) -> bool:
 
 def log_of(instance) -> str:
     return instance.log_path.read_text(errors="replace")
+
+
+LOAD_COUNTERS = {"transfers": "vllm:hetero_pd_transfer_seconds_count",
+                 "failed_loads": "vllm:hetero_pd_failed_loads_total",
+                 "translate_s": "vllm:hetero_pd_translate_seconds_sum"}
+
+
+def load_counters(decode_url: str) -> dict[str, float]:
+    """A decode's cumulative KV-loading counters: prompt tokens by source and the connector's loads."""
+    samples = scrape(decode_url)
+    counters = {key: metric_sum(samples, name) for key, name in LOAD_COUNTERS.items()}
+    for source in ("local_compute", "local_cache_hit", "external_kv_transfer"):
+        counters[source] = metric_sum(samples, "vllm:prompt_tokens_by_source_total", source=source)
+    return counters
+
+
+def counted(decode_url: str, run):
+    """``run()`` and what it added to the decode's counters: tests sharing one decode see only their own."""
+    before = load_counters(decode_url)
+    result = run()
+    after = load_counters(decode_url)
+    return result, {key: after[key] - before[key] for key in after}

@@ -18,11 +18,17 @@ Pairs:
 Host-DRAM staging (``host_staging``), in both cross-release directions, on the prefill alone
 (the decode READs the prefill's host mirror), on the decode alone (it READs into a host pool,
 then copies into its cache) and on both.
+
+The engines start once per decode side (``engines_for``): a monolithic reference of the decode's
+release, a prefill with and one without host staging of each release that prefills for it, and
+three decodes (plain, staged, corrupting). Decodes run without prefix caching, so every request transfers again, and
+each test reads only what its own requests added to a decode's counters (``counted``).
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,10 +40,9 @@ from vllm_hetero_pd.launch.greedy import run_disaggregated, run_greedy
 from vllm_hetero_pd.launch.instance import InstanceSpec
 from vllm_hetero_pd.launch.instance import hetero_kv_config as hetero
 from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare
-from vllm_hetero_pd.testing.metrics import metric_sum, prompt_tokens_by_source, scrape
 from vllm_hetero_pd.testing.prompts import EDGE_LENGTHS, make_prompts
 
-from pd_helpers import log_of
+from pd_helpers import counted, log_of
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHONS = {"0.32": sys.executable, "0.28": str(ROOT / ".venv-028" / "bin" / "python")}
@@ -59,21 +64,33 @@ class Pair(NamedTuple):
     decode: Side
 
 
+SIDES = (Side("0.32", 128), Side("0.28", 32))
 PAIRS = {
-    "0.32-bs128-to-0.28-bs32": Pair(Side("0.32", 128), Side("0.28", 32)),
-    "0.28-bs32-to-0.32-bs128": Pair(Side("0.28", 32), Side("0.32", 128)),
-    "0.28-bs32-to-0.28-bs32": Pair(Side("0.28", 32), Side("0.28", 32)),
+    "0.32-bs128-to-0.28-bs32": Pair(SIDES[0], SIDES[1]),
+    "0.28-bs32-to-0.32-bs128": Pair(SIDES[1], SIDES[0]),
+    "0.28-bs32-to-0.28-bs32": Pair(SIDES[1], SIDES[1]),
 }
 CORRUPT = slice(1, 4)  # prompts of 31, 33 and 97 tokens: the 1-token prompt moves no KV to corrupt
+LEASE = {"lease_s": 120.0}
 STAGED = {"host_staging": True}
 NO_PREFIX_CACHE = ("--no-enable-prefix-caching",)
+KV_GIB = 0.25  # 128k tokens of the tiny model's KV (2 KiB each): ample, and eight engines fit in memory at once
+# name -> (role, connector extra config, vLLM args); one of each per side
+KINDS = {
+    "monolithic": ("monolithic", None, ()),
+    "prefill": ("prefill", LEASE, ()),
+    "staged_prefill": ("prefill", LEASE | STAGED, ()),
+    "decode": ("decode", None, NO_PREFIX_CACHE),
+    "staged_decode": ("decode", STAGED, NO_PREFIX_CACHE),
+    "corrupt_decode": ("decode", {"debug_corrupt_transfers": True}, NO_PREFIX_CACHE),
+}
 
 
-def spec(role: str, side: Side, model: str, extra: dict | None = None,
-         extra_args: tuple[str, ...] = ()) -> InstanceSpec:
+def spec(kind: str, side: Side, model: str) -> InstanceSpec:
+    role, extra, args = KINDS[kind]
     kv = None if role == "monolithic" else hetero("kv_producer" if role == "prefill" else "kv_consumer", extra)
     return InstanceSpec(role=role, model=model, block_size=side.block_size, python=PYTHONS[side.release],
-                        kv_transfer_config=kv, extra_args=list(extra_args))
+                        kv_transfer_config=kv, extra_args=list(args), kv_cache_space_gib=KV_GIB)
 
 
 @pytest.fixture(scope="module")
@@ -81,87 +98,104 @@ def prompts(tiny_model) -> list[list[int]]:
     return make_prompts(tiny_model, EDGE_LENGTHS)
 
 
+def engine_keys(decode: Side) -> list[tuple[str, Side]]:
+    """What the pairs decoding on ``decode`` need: its reference, decodes, and both kinds of prefill of
+    every release that prefills for it."""
+    prefills = {pair.prefill for pair in PAIRS.values() if pair.decode == decode}
+    prefill_keys = [(kind, side) for side in sorted(prefills) for kind in ("prefill", "staged_prefill")]
+    decode_keys = [(kind, decode) for kind in ("decode", "staged_decode", "corrupt_decode")]
+    return [("monolithic", decode), *prefill_keys, *decode_keys]
+
+
 @pytest.fixture(scope="module")
-def reference_of(tiny_model, prompts, tmp_path_factory):
-    """Greedy completions of a monolithic engine of one release and block size, computed once each."""
+def engines_for(tiny_model, tmp_path_factory):
+    """``engines_for(decode_side)[kind, side]``: one cluster per decode side, started when first asked
+    for and stopped when the tests move to the other side (both at once would not fit in 24 GiB)."""
+    running: dict = {}
+    with ExitStack() as stack:
+        def engines(decode: Side) -> dict:
+            if running.get("decode") != decode:
+                stack.close()
+                keys = engine_keys(decode)
+                specs = [spec(kind, side, tiny_model) for kind, side in keys]
+                log_dir = tmp_path_factory.mktemp(f"decode-{decode.release}-bs{decode.block_size}")
+                cluster = stack.enter_context(LocalCluster(specs, log_dir, startup_timeout_s=600))
+                running.update(decode=decode, engines=dict(zip(keys, cluster.instances)))
+            return running["engines"]
+
+        yield engines
+
+
+@pytest.fixture(scope="module")
+def reference_of(engines_for, prompts):
+    """Greedy completions of the monolithic engine of one release and block size, computed once each."""
     cache = {}
 
     def reference(side: Side):
         if side not in cache:
-            log_dir = tmp_path_factory.mktemp(f"monolithic-{side.release}-bs{side.block_size}")
-            with LocalCluster([spec("monolithic", side, tiny_model)], log_dir) as cluster:
-                cache[side] = run_greedy(cluster.instances[0].url, prompts)
+            cache[side] = run_greedy(engines_for(side)["monolithic", side].url, prompts)
         return cache[side]
 
     return reference
 
 
-@pytest.mark.parametrize("name", list(PAIRS))
-def test_cross_release_output_equals_the_decode_releases_monolithic(name, tiny_model, prompts, reference_of,
-                                                                    log_dir):
-    pair = PAIRS[name]
-    reference = reference_of(pair.decode)
-    specs = [spec("prefill", pair.prefill, tiny_model, {"lease_s": 120.0}),
-             spec("decode", pair.decode, tiny_model),
-             spec("decode", pair.decode, tiny_model, {"debug_corrupt_transfers": True})]
-    with LocalCluster(specs, log_dir) as cluster:
-        prefill, decode, corrupt = cluster.instances
-        got = run_disaggregated(prefill.url, decode.url, prompts)
-        on_decode = prompt_tokens_by_source(decode.url)
-        samples = scrape(decode.url)
-        scrambled = run_disaggregated(prefill.url, corrupt.url, prompts[CORRUPT])
-        logs = {inst.name: log_of(inst) for inst in cluster.instances}
+def assert_loaded_everything(added: dict[str, float], prompts: list[list[int]]) -> None:
+    """The decode computed at most one prompt token per request, the rest arrived over NIXL."""
+    total = sum(len(p) for p in prompts)
+    assert added["local_compute"] <= len(prompts), added
+    assert added["external_kv_transfer"] >= total - len(prompts), added
+    assert added["transfers"] == len(prompts), added
+    assert added["failed_loads"] == 0, added
+
+
+def check_output_equals_the_decode_releases_monolithic(pair: Pair, engines: dict, prompts, reference) -> None:
+    prefill, decode = engines["prefill", pair.prefill], engines["decode", pair.decode]
+    corrupt = engines["corrupt_decode", pair.decode]
+    got, added = counted(decode.url, lambda: run_disaggregated(prefill.url, decode.url, prompts))
+    scrambled = run_disaggregated(prefill.url, corrupt.url, prompts[CORRUPT])
 
     assert compare(reference, got, LOGPROB_TOLERANCE) == []
-    total = sum(len(p) for p in prompts)
-    assert on_decode["local_compute"] <= len(prompts), on_decode
-    assert on_decode["external_kv_transfer"] >= total - len(prompts), on_decode
-    assert metric_sum(samples, "vllm:hetero_pd_transfer_seconds_count") == len(prompts)
-    assert metric_sum(samples, "vllm:hetero_pd_failed_loads_total") == 0
-    translated = metric_sum(samples, "vllm:hetero_pd_translate_seconds_sum") > 0
+    assert_loaded_everything(added, prompts)
+    translated = added["translate_s"] > 0
     assert translated == (pair.prefill.block_size != pair.decode.block_size), "only equal formats skip the shim"
     # every engine runs its release and describes its cache as CPU_ATTN LBHNC (era B and C alike)
     for inst, side in ((prefill, pair.prefill), (decode, pair.decode)):
-        assert "native format detected/CPU_ATTN/LBHNC" in logs[inst.name], inst.name
-        assert f"V1 LLM engine (v{side.release}." in logs[inst.name], (inst.name, side)
+        log = log_of(inst)
+        assert "native format detected/CPU_ATTN/LBHNC" in log, inst.name
+        assert f"V1 LLM engine (v{side.release}." in log, (inst.name, side)
     # negative control: one scrambled block per transfer must break the comparison
     mismatches = compare(reference[CORRUPT], scrambled, LOGPROB_TOLERANCE)
     assert len(mismatches) == len(scrambled), mismatches
 
 
-def assert_loaded_everything(decode_url: str, prompts: list[list[int]], runs: int) -> None:
-    """The decode computed at most one prompt token per request, the rest arrived over NIXL."""
-    on_decode = prompt_tokens_by_source(decode_url)
-    total = sum(len(p) for p in prompts)
-    assert on_decode["local_compute"] <= runs * len(prompts), on_decode
-    assert on_decode["external_kv_transfer"] >= runs * (total - len(prompts)), on_decode
-    assert metric_sum(scrape(decode_url), "vllm:hetero_pd_failed_loads_total") == 0
+def check_host_staging_on_prefill_decode_and_both(pair: Pair, engines: dict, prompts, reference) -> None:
+    plain_p, staged_p = engines["prefill", pair.prefill], engines["staged_prefill", pair.prefill]
+    plain_d, staged_d = engines["decode", pair.decode], engines["staged_decode", pair.decode]
+    combos = {"prefill": (staged_p, plain_d), "decode": (plain_p, staged_d), "both": (staged_p, staged_d)}
+    for combo, (p, d) in combos.items():
+        got, added = counted(d.url, lambda p=p, d=d: run_disaggregated(p.url, d.url, prompts))
+        assert compare(reference, got, LOGPROB_TOLERANCE) == [], combo
+        assert_loaded_everything(added, prompts)
 
-
-@pytest.mark.parametrize("name", list(PAIRS))
-def test_host_staging_on_prefill_decode_and_both_equals_monolithic(name, tiny_model, prompts, reference_of, log_dir):
-    pair = PAIRS[name]
-    reference = reference_of(pair.decode)
-    lease = {"lease_s": 120.0}
-    specs = [spec("prefill", pair.prefill, tiny_model, lease),
-             spec("prefill", pair.prefill, tiny_model, lease | STAGED),
-             spec("decode", pair.decode, tiny_model, extra_args=NO_PREFIX_CACHE),
-             spec("decode", pair.decode, tiny_model, STAGED, NO_PREFIX_CACHE)]  # each run must transfer again
-    with LocalCluster(specs, log_dir) as cluster:
-        plain_p, staged_p, plain_d, staged_d = cluster.instances
-        combos = {"prefill": (staged_p, plain_d), "decode": (plain_p, staged_d), "both": (staged_p, staged_d)}
-        got = {combo: run_disaggregated(p.url, d.url, prompts) for combo, (p, d) in combos.items()}
-        assert_loaded_everything(plain_d.url, prompts, runs=1)
-        assert_loaded_everything(staged_d.url, prompts, runs=2)
-        logs = {inst.name: log_of(inst) for inst in cluster.instances}
-
-    for combo, completions in got.items():
-        assert compare(reference, completions, LOGPROB_TOLERANCE) == [], combo
-    assert "host staging on" in logs[staged_p.name] and "rank(s) in DRAM" in logs[staged_p.name]
-    assert "host staging on" not in logs[plain_p.name]
+    staged_log, plain_log = log_of(staged_p), log_of(plain_p)
+    assert "host staging on" in staged_log and "rank(s) in DRAM" in staged_log
+    assert "host staging on" not in plain_log
     # each decode logs where it READs from and into; the staging prefill advertises its host mirror
     step = "translate" if pair.prefill.block_size != pair.decode.block_size else "copy"
-    assert f"READ from DRAM into DRAM staging, then {step} into the KV cache" in logs[staged_d.name]
-    assert "staging pool in DRAM" in logs[staged_d.name]
+    assert f"READ from DRAM into DRAM staging, then {step} into the KV cache" in log_of(staged_d)
+    assert "staging pool in DRAM" in log_of(staged_d)
     if step == "copy":  # same format: only the staging decode stages; the other READs the host mirror directly
-        assert "direct READ from DRAM into the KV cache" in logs[plain_d.name]
+        assert "direct READ from DRAM into the KV cache" in log_of(plain_d)
+
+
+CHECKS = {"equals-monolithic": check_output_equals_the_decode_releases_monolithic,
+          "host-staging": check_host_staging_on_prefill_decode_and_both}
+# grouped by decode side, so that each side's engines start once
+CASES = [(name, check) for decode in SIDES for name, pair in PAIRS.items() if pair.decode == decode for check in CHECKS]
+
+
+@pytest.mark.parametrize(("name", "check"), CASES, ids=[f"{n}-{c}" for n, c in CASES])
+def test_cross_release(name, check, engines_for, prompts, reference_of):
+    pair = PAIRS[name]
+    reference = reference_of(pair.decode)
+    CHECKS[check](pair, engines_for(pair.decode), prompts, reference)

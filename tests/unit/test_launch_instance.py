@@ -34,3 +34,9 @@ def test_launch_stops_on_sigterm_instead_of_orphaning_its_instances():
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0 and out.strip() == "stopped"
+
+
+def test_kv_cache_size_is_a_flag_in_bytes_so_fractions_of_a_gib_work():
+    spec = InstanceSpec(role="monolithic", model="m", kv_cache_space_gib=0.25)
+    cmd = serve_command(spec, 8000)
+    assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(2**28)

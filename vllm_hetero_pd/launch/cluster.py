@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from vllm_hetero_pd.launch.instance import InstanceSpec, serve_command, serve_env
+from vllm_hetero_pd.launch.instance import UNSET_ENV, InstanceSpec, serve_command, serve_env
 from vllm_hetero_pd.ports import free_port, is_free
 
 
@@ -48,7 +48,8 @@ class Instance:
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.log_path = log_dir / f"{name}.log"
         self.command = serve_command(spec, self.http_port)
-        env = {**os.environ, **serve_env(spec, self.side_channel_port, spec.cpu_cores or cpu_cores)}
+        inherited = {k: v for k, v in os.environ.items() if k not in UNSET_ENV}
+        env = {**inherited, **serve_env(spec, self.side_channel_port, spec.cpu_cores or cpu_cores)}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)

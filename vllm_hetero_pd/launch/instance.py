@@ -23,7 +23,7 @@ class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     dtype: str | None = None
     kv_transfer_config: dict[str, Any] | None = None
     cpu_cores: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "0" or "0|1" for TP 2
-    kv_cache_space_gib: int = 1
+    kv_cache_space_gib: float = 1.0  # KV cache in GiB (--kv-cache-memory-bytes)
     env: dict[str, str] = {}
     extra_args: list[str] = []
     python: str | None = None  # interpreter of another environment (e.g. ".venv-028/bin/python"); default: ours
@@ -44,7 +44,8 @@ def serve_command(spec: InstanceSpec, http_port: int) -> list[str]:
     """The exact ``vllm serve`` command line for ``spec`` (through our version-fixing wrapper)."""
     cmd = [spec.python or sys.executable, "-m", "vllm_hetero_pd.launch.vllm_cli", "serve", spec.model,
            "--host", "127.0.0.1", "--port", str(http_port), "--enforce-eager",
-           "--tensor-parallel-size", str(spec.tensor_parallel_size)]
+           "--tensor-parallel-size", str(spec.tensor_parallel_size),
+           "--kv-cache-memory-bytes", str(int(spec.kv_cache_space_gib * 2**30))]
     if spec.block_size is not None:
         cmd += ["--block-size", str(spec.block_size)]
     if spec.dtype is not None:
@@ -54,11 +55,15 @@ def serve_command(spec: InstanceSpec, http_port: int) -> list[str]:
     return cmd + list(spec.extra_args)
 
 
+# Dropped from the inherited environment: vLLM's legacy whole-GiB KV setting would replace
+# ``--kv-cache-memory-bytes`` (and an empty value fails vLLM 0.28's env parsing).
+UNSET_ENV = ("VLLM_CPU_KVCACHE_SPACE",)
+
+
 def serve_env(spec: InstanceSpec, side_channel_port: int, cpu_cores: str) -> dict[str, str]:
-    """Per-instance environment: CPU KV space, NIXL side channel, thread pinning, NIXL progress delay."""
+    """Per-instance environment: NIXL side channel, thread pinning, NIXL progress delay."""
     env = {
         "VLLM_TARGET_DEVICE": "cpu",
-        "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_space_gib),
         "VLLM_CPU_OMP_THREADS_BIND": cpu_cores,
         "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
         "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_channel_port),
