@@ -5,6 +5,11 @@ Each configuration starts a prefill and a decode engine, serves the eight sessio
 ``LOGPROB_TOLERANCE`` = 1e-3) against the monolithic engine, plus the proof that the decode
 loaded the prompt KV instead of computing it. Formats of other vendors are produced on CPU by
 the prefill's export area, in the exact byte layout of that backend (see formats/presets.py).
+
+The single-engine configurations share one set of engines started once (``engines``): one prefill
+per prefill-side setting and one decode per decode block size, plus a corrupting decode. Decodes
+run without prefix caching, so each configuration transfers every prompt again, and each test reads
+only what its own requests added to the decode's counters (``counted``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from vllm_hetero_pd.launch.greedy import run_disaggregated
 from vllm_hetero_pd.launch.instance import InstanceSpec
 from vllm_hetero_pd.launch.instance import hetero_kv_config as hetero
 from vllm_hetero_pd.testing.compare import LOGPROB_TOLERANCE, compare
-from vllm_hetero_pd.testing.metrics import metric_sum, prompt_tokens_by_source, scrape
+
+from pd_helpers import counted
 
 
 class Config(NamedTuple):
@@ -54,38 +60,74 @@ NEEDS_CORES = pytest.mark.skipif(os.environ.get("HETERO_PD_TEST_REAL_TP") != "1"
                                         "set HETERO_PD_TEST_REAL_TP=1 on a host with >= 4 cores")
 
 
-def pd_specs(model: str, config: Config, decode_extra: dict | None = None) -> list[InstanceSpec]:
-    return [InstanceSpec(role="prefill", model=model, block_size=config.prefill_bs,
-                         tensor_parallel_size=config.prefill_tp,
-                         kv_transfer_config=hetero("kv_producer", config.prefill_extra)),
-            InstanceSpec(role="decode", model=model, block_size=config.decode_bs, tensor_parallel_size=config.decode_tp,
-                         kv_transfer_config=hetero("kv_consumer", decode_extra or {}))]
+NO_PREFIX_CACHE = ["--no-enable-prefix-caching"]
+KV_GIB = 0.25  # 128k tokens of the tiny model's KV (2 KiB each): ample, and eight engines fit in memory at once
 
 
-@pytest.mark.parametrize("name", [*CONFIGS, *(pytest.param(n, marks=NEEDS_CORES) for n in REAL_TP)])
-def test_disaggregated_output_equals_monolithic(name, tiny_model, prompts, reference, log_dir):
-    config = CONFIGS.get(name) or REAL_TP[name]
-    with LocalCluster(pd_specs(tiny_model, config), log_dir) as cluster:
-        prefill, decode = cluster.instances
-        got = run_disaggregated(prefill.url, decode.url, prompts)
-        on_decode = prompt_tokens_by_source(decode.url)
-        samples = scrape(decode.url)
+def prefill_spec(model: str, config: Config) -> InstanceSpec:
+    return InstanceSpec(role="prefill", model=model, block_size=config.prefill_bs,
+                        tensor_parallel_size=config.prefill_tp,
+                        kv_transfer_config=hetero("kv_producer", config.prefill_extra), kv_cache_space_gib=KV_GIB)
+
+
+def decode_spec(model: str, config: Config, decode_extra: dict | None = None) -> InstanceSpec:
+    return InstanceSpec(role="decode", model=model, block_size=config.decode_bs, tensor_parallel_size=config.decode_tp,
+                        kv_transfer_config=hetero("kv_consumer", decode_extra or {}), extra_args=NO_PREFIX_CACHE,
+                        kv_cache_space_gib=KV_GIB)
+
+
+def prefill_key(config: Config) -> tuple:
+    return config.prefill_bs, repr(sorted(config.prefill_extra.items()))
+
+
+CORRUPT = "corrupt"
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model, tmp_path_factory):
+    """The instances of every configuration in CONFIGS, each started once: ``engines[key]`` with keys
+    ``prefill_key(config)``, a decode block size, or ``CORRUPT`` (a bs128 decode scrambling a block)."""
+    prefills = {prefill_key(c): c for c in CONFIGS.values()}
+    decodes = {c.decode_bs: c for c in CONFIGS.values()}
+    specs = {**{key: prefill_spec(tiny_model, c) for key, c in prefills.items()},
+             **{bs: decode_spec(tiny_model, c) for bs, c in decodes.items()},
+             CORRUPT: decode_spec(tiny_model, Config(), {"debug_corrupt_transfers": True})}
+    with LocalCluster(list(specs.values()), tmp_path_factory.mktemp("hetero-pd"), startup_timeout_s=900) as cluster:
+        yield dict(zip(specs, cluster.instances))
+
+
+def assert_equal_and_loaded(name: str, config: Config, got, added: dict, prompts, reference) -> None:
     assert compare(reference, got, LOGPROB_TOLERANCE) == []
     total = sum(len(p) for p in prompts)
-    assert on_decode["local_compute"] <= len(prompts), on_decode
-    assert on_decode["external_kv_transfer"] >= total - len(prompts), on_decode
+    assert added["local_compute"] <= len(prompts), added
+    assert added["external_kv_transfer"] >= total - len(prompts), added
     # one load per request per decode TP rank
-    assert metric_sum(samples, "vllm:hetero_pd_transfer_seconds_count") == len(prompts) * config.decode_tp
-    assert metric_sum(samples, "vllm:hetero_pd_failed_loads_total") == 0
-    translated = metric_sum(samples, "vllm:hetero_pd_translate_seconds_sum") > 0
+    assert added["transfers"] == len(prompts) * config.decode_tp, added
+    assert added["failed_loads"] == 0, added
+    translated = added["translate_s"] > 0
     assert translated == (name != "same-format-bs128"), "the fast path must skip the shim, and only it"
 
 
-def test_corrupted_transfer_is_caught(tiny_model, prompts, reference, log_dir):
-    """Negative control: the same comparison fails when one transferred block is scrambled."""
-    specs = pd_specs(tiny_model, Config(), {"debug_corrupt_transfers": True})
-    with LocalCluster(specs, log_dir) as cluster:
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_disaggregated_output_equals_monolithic(name, engines, prompts, reference):
+    config = CONFIGS[name]
+    prefill, decode = engines[prefill_key(config)], engines[config.decode_bs]
+    got, added = counted(decode.url, lambda: run_disaggregated(prefill.url, decode.url, prompts))
+    assert_equal_and_loaded(name, config, got, added, prompts, reference)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=NEEDS_CORES) for n in REAL_TP])
+def test_real_tp_output_equals_monolithic(name, tiny_model, prompts, reference, log_dir):
+    config = REAL_TP[name]
+    with LocalCluster([prefill_spec(tiny_model, config), decode_spec(tiny_model, config)], log_dir) as cluster:
         prefill, decode = cluster.instances
-        got = run_disaggregated(prefill.url, decode.url, prompts[:3])
+        got, added = counted(decode.url, lambda: run_disaggregated(prefill.url, decode.url, prompts))
+    assert_equal_and_loaded(name, config, got, added, prompts, reference)
+
+
+def test_corrupted_transfer_is_caught(engines, prompts, reference):
+    """Negative control: the same comparison fails when one transferred block is scrambled."""
+    prefill, corrupt = engines[prefill_key(Config())], engines[CORRUPT]
+    got = run_disaggregated(prefill.url, corrupt.url, prompts[:3])
     mismatches = compare(reference[:3], got, LOGPROB_TOLERANCE)
     assert len(mismatches) == 3, mismatches
