@@ -170,6 +170,21 @@ class Opened:
         self._untrack()
 
 
+class StreamEnd(NamedTuple):
+    """How a relayed stream ends: ``last``, the bytes sent with the end of the HTTP stream (the
+    ``[DONE]`` chunk, or the SSE error event when ``broke``)."""
+
+    last: bytes
+    broke: bool
+
+
+class _SseResponse(web.StreamResponse):
+    """A streamed answer whose HTTP headers leave with its first chunk, in one write instead of two
+    (what aiohttp's ``Response`` does; ``_send_headers_immediately`` is its switch, aiohttp >= 3.11)."""
+
+    _send_headers_immediately = False
+
+
 class AdminChange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Body of ``POST /admin/{add,remove,drain}``; ``weight`` and the ``kv_*`` fields (as in
     ``InstanceConfig``) are used by ``add`` only."""
@@ -638,20 +653,19 @@ class Router:
     async def _relay(self, request: web.Request, parts: list[ClientRequest], opened: list[Opened], request_id: str,
                      outcome: RequestOutcome) -> web.StreamResponse:
         """Stream the answer; a stream that breaks after the first byte ends with an SSE error, no [DONE]."""
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                               REQUEST_ID_HEADER: request_id})
+        response = _SseResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                         REQUEST_ID_HEADER: request_id})
         try:
             await response.prepare(request)
             if len(opened) == 1:
-                error_event = await self._relay_one(response, opened[0], request_id)
+                end = await self._relay_one(response, opened[0], request_id)
             else:
-                error_event = await self._relay_merged(response, parts, opened, request_id)
-            if error_event is None:
-                outcome.ok()
-            else:
+                end = await self._relay_merged(response, parts, opened, request_id)
+            if end.broke:
                 outcome.error(ErrorCause.STREAM_INTERRUPTED)
-                await response.write(error_event)
-            await response.write_eof()
+            else:
+                outcome.ok()
+            await response.write_eof(end.last)
         except ConnectionResetError:
             outcome.error(ErrorCause.CLIENT_DISCONNECTED)
         finally:
@@ -659,11 +673,17 @@ class Router:
                 o.close()
         return response
 
-    async def _relay_one(self, response: web.StreamResponse, opened: Opened, request_id: str) -> bytes | None:
-        """Relay one decode stream byte for byte; the SSE error to end with if it broke, else None."""
-        await response.write(opened.head)
-        tail = opened.head[-len(_DONE_EVENT):]
+    async def _relay_one(self, response: web.StreamResponse, opened: Opened, request_id: str) -> StreamEnd:
+        """Relay one decode stream byte for byte, parsing nothing.
+
+        A chunk that ends with ``[DONE]`` is held back until the decode's stream ends (vLLM ends it
+        right after), so that it leaves with the end of the HTTP stream in one write, not two."""
+        held = opened.head
+        tail = held[-len(_DONE_EVENT):]
         while True:
+            if held and not tail.endswith(_DONE_EVENT):
+                await response.write(held)
+                held = b""
             try:
                 chunk = await opened.upstream.content.readany()
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -672,18 +692,20 @@ class Router:
             if not chunk:
                 reason = None if tail.endswith(_DONE_EVENT) else f"decode {opened.instance.url} ended without [DONE]"
                 break
-            tail = (tail + chunk)[-len(_DONE_EVENT):]
-            await response.write(chunk)
+            if held:
+                await response.write(held)
+            held = chunk
+            tail = chunk[-len(_DONE_EVENT):] if len(chunk) >= len(_DONE_EVENT) else (tail + chunk)[-len(_DONE_EVENT):]
         if reason is None:
             self._decode_succeeded(opened)
-            return None
+            return StreamEnd(held, broke=False)
         self._stream_broke(opened, reason, request_id)
-        return (b"" if tail.endswith(b"\n\n") else b"\n\n") + _sse_error(502, reason)
+        return StreamEnd(held + (b"" if tail.endswith(b"\n\n") else b"\n\n") + _sse_error(502, reason), broke=True)
 
     async def _relay_merged(self, response: web.StreamResponse, parts: list[ClientRequest], opened: list[Opened],
-                            request_id: str) -> bytes | None:
+                            request_id: str) -> StreamEnd:
         """Relay the parts' streams as vLLM streams a batch: chunks as they come with their choice
-        index, one merged usage chunk, one ``[DONE]``. Returns the SSE error if a part broke."""
+        index, then one merged usage chunk and one ``[DONE]`` (or the SSE error if a part broke)."""
         first = _first_chunk(opened[0].head)
         queue: asyncio.Queue[tuple[int, dict[str, Any] | str | None]] = asyncio.Queue(_MERGE_QUEUE_CHUNKS)
         readers = [asyncio.ensure_future(_read_part(o, i, queue)) for i, o in enumerate(opened)]
@@ -702,17 +724,16 @@ class Router:
                     self._decode_succeeded(opened[index])
                 else:
                     self._stream_broke(opened[index], item, request_id)
-                    return _sse_error(502, f"{parts[index].part_label}: {item}")
+                    return StreamEnd(_sse_error(502, f"{parts[index].part_label}: {item}"), broke=True)
         finally:
             for reader in readers:
                 reader.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
         template = next((chunk for chunk in usage_chunks if chunk is not None), None)
-        if template is not None:
-            usage = merge_usage(parts, [chunk and chunk["usage"] for chunk in usage_chunks])
-            await response.write(_sse_data({**relabel_chunk(template, 0, first), "usage": usage}))
-        await response.write(_DONE_EVENT)
-        return None
+        if template is None:
+            return StreamEnd(_DONE_EVENT, broke=False)
+        usage = merge_usage(parts, [chunk and chunk["usage"] for chunk in usage_chunks])
+        return StreamEnd(_sse_data({**relabel_chunk(template, 0, first), "usage": usage}) + _DONE_EVENT, broke=False)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -14,7 +14,9 @@ generator here, each on uvloop when installed.
 * router CPU per request: the router process's user+system CPU time (``/proc``, so Linux only)
   over the routed throughput loop, divided by its requests. On a shared machine req/s depends on
   what else runs; CPU per request does much less, and ``1e6 / cpu_us`` is the req/s one core
-  could route.
+  could route;
+* the goal of issue 13, per mode: at most 1 ms added at p50 and at least 0.8x direct req/s, both
+  from this run (``ModeResult.meets_goal``).
 
 Run: ``python -m vllm_hetero_pd.router.bench`` (or as the ``router`` part of ``vllm-hetero-pd bench``).
 """
@@ -36,6 +38,9 @@ import msgspec
 from vllm_hetero_pd.ports import free_ports
 from vllm_hetero_pd.router.protocol import prefill_body
 
+GOAL_ADDED_P50_MS = 1.0
+GOAL_THROUGHPUT_RATIO = 0.8
+
 
 class ModeResult(msgspec.Struct, frozen=True, kw_only=True):
     stream: bool
@@ -54,6 +59,16 @@ class ModeResult(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def added_p99_ms(self) -> float:
         return self.router_p99_ms - self.direct_p99_ms
+
+    @property
+    def throughput_ratio(self) -> float:
+        """Routed req/s over direct req/s, measured back to back in this run (issue 13's second goal)."""
+        return self.router_req_per_s / self.direct_req_per_s
+
+    @property
+    def meets_goal(self) -> bool:
+        """Issue 13's goal: at most ``GOAL_ADDED_P50_MS`` added at p50, at least ``GOAL_THROUGHPUT_RATIO`` of direct."""
+        return self.added_p50_ms <= GOAL_ADDED_P50_MS and self.throughput_ratio >= GOAL_THROUGHPUT_RATIO
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "wb") as f:
             f.write(msgspec.json.format(msgspec.json.encode(
-                [{**msgspec.structs.asdict(r), "added_p50_ms": r.added_p50_ms, "added_p99_ms": r.added_p99_ms}
-                 for r in results])))
+                [{**msgspec.structs.asdict(r), "added_p50_ms": r.added_p50_ms, "added_p99_ms": r.added_p99_ms,
+                  "throughput_ratio": r.throughput_ratio, "meets_goal": r.meets_goal} for r in results])))
     return 0
 
 
@@ -189,13 +204,15 @@ def _print_table(results: list[ModeResult], args: argparse.Namespace) -> None:
           f"latency: {args.latency_requests} sequential requests each, throughput: {args.requests} requests "
           f"at concurrency {args.concurrency})")
     print("| mode | direct p50 ms | router p50 ms | added p50 ms | direct p99 ms | router p99 ms | added p99 ms "
-          "| direct req/s | router req/s | router/direct req/s | router CPU µs/req |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| direct req/s | router req/s | router/direct req/s | router CPU µs/req | goal met |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {'streaming' if r.stream else 'non-streaming'} | {r.direct_p50_ms:.3f} | {r.router_p50_ms:.3f} "
               f"| {r.added_p50_ms:.3f} | {r.direct_p99_ms:.3f} | {r.router_p99_ms:.3f} | {r.added_p99_ms:.3f} "
-              f"| {r.direct_req_per_s:.0f} | {r.router_req_per_s:.0f} | {r.router_req_per_s / r.direct_req_per_s:.2f} "
-              f"| {r.router_cpu_us_per_req:.0f} |")
+              f"| {r.direct_req_per_s:.0f} | {r.router_req_per_s:.0f} | {r.throughput_ratio:.2f} "
+              f"| {r.router_cpu_us_per_req:.0f} | {'yes' if r.meets_goal else 'no'} |")
+    print(f"goal: added p50 <= {GOAL_ADDED_P50_MS} ms and router/direct req/s >= {GOAL_THROUGHPUT_RATIO}, "
+          "both from this run")
 
 
 def _serve_fakes(prefill_port: int, decode_port: int) -> None:

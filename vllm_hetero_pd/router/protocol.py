@@ -167,11 +167,21 @@ def decode_body(request: ClientRequest, kv_transfer_params: dict[str, Any] | Non
     return encode_body({**request.body, "kv_transfer_params": kv_transfer_params})
 
 
+class _PrefillAnswer(msgspec.Struct):
+    """The one field the router reads from a prefill's answer; decoding skips the rest (choices,
+    usage ...) without building Python objects for them."""
+
+    kv_transfer_params: Any = None
+
+
+_PREFILL_ANSWER = msgspec.json.Decoder(_PrefillAnswer)
+
+
 def read_kv_transfer_params(raw: bytes, url: str) -> dict[str, Any]:
     """Extract prefill's ``kv_transfer_params``; a missing dict means the instance is misconfigured."""
     try:
-        params = msgspec.json.decode(raw).get("kv_transfer_params")
-    except (msgspec.DecodeError, AttributeError, RecursionError):
+        params = _PREFILL_ANSWER.decode(raw).kv_transfer_params
+    except (msgspec.DecodeError, RecursionError):  # msgspec.ValidationError (not an object) is a DecodeError
         raise PrefillError(f"prefill {url} answered with a body that is not a JSON object") from None
     if not isinstance(params, dict) or not params.get("do_remote_prefill"):
         raise PrefillError(
