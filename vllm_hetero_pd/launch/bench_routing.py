@@ -40,6 +40,7 @@ from vllm_hetero_pd.launch.cluster import LocalCluster
 from vllm_hetero_pd.launch.instance import InstanceSpec, hetero_kv_config
 from vllm_hetero_pd.launch.router_process import running_router
 from vllm_hetero_pd.ports import free_port
+from vllm_hetero_pd.router.config import Policy, PoolConfig, RouterConfig, ScoringConfig, parse_instance
 from vllm_hetero_pd.testing.metrics import metric_sum, scrape
 from vllm_hetero_pd.testing.tiny_model import sample_text
 
@@ -56,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--policies", nargs="*", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--prefix-weights", type=float, nargs="*", default=[ScoringConfig().prefix_weight],
+                        help="prefix: one kv_aware run per scoring.prefix_weight (default: the router's default)")
     parser.add_argument("--small-kv-blocks", type=int, default=96,
                         help="decode-capacity: KV blocks of the small decode (x16 tokens)")
     parser.add_argument("--thresholds", type=int, nargs="*", default=[32, 64, 128, 256],
@@ -216,11 +219,14 @@ def run_prefix(args: argparse.Namespace) -> dict[str, Any]:
     with LocalCluster(specs, work / "engines") as cluster:
         prefill_args, decode_args = instance_args(cluster, router_args)
         prefill_urls = [i.url for i in cluster.by_role("prefill")]
-        for policy in args.policies:
+        for policy, weight in prefix_variants(args):
             reset_caches(cluster)
             before = counters(prefill_urls)
-            with running_router(prefill_args, decode_args, work / f"router-{policy}.log",
-                                ("--prefill-policy", policy, "--tokenizer", args.model)) as router:
+            label = policy if weight is None else f"kv_aware (prefix_weight {weight:g})"
+            config = work / f"router-{policy}-{weight}.yaml"
+            config.write_bytes(msgspec.yaml.encode(prefix_router_config(prefill_args, decode_args, policy, weight,
+                                                                        args.model)))
+            with running_router([], [], work / f"router-{policy}-{weight}.log", ("--config", str(config))) as router:
                 ttfts, mismatches = [], 0
                 for t, bodies in enumerate(rounds):
                     for c, (text, ttft) in enumerate(asyncio.run(run_bodies(router, _named(bodies, args.model),
@@ -230,7 +236,7 @@ def run_prefix(args: argparse.Namespace) -> dict[str, Any]:
                 routed = scrape(router)
             d = delta(counters(prefill_urls), before)
             outputs_equal &= mismatches == 0
-            rows.append({"policy": policy, "requests": len(ttfts), "hit_rate": d["hits"] / max(d["queries"], 1),
+            rows.append({"policy": label, "requests": len(ttfts), "hit_rate": d["hits"] / max(d["queries"], 1),
                          "prefill_tokens_computed": d["computed"], "ttft_p50_ms": 1e3 * percentile(ttfts, 50),
                          "ttft_p90_ms": 1e3 * percentile(ttfts, 90), "mismatches": mismatches,
                          "router_expected_hit_tokens": metric_sum(routed, "hetero_pd_router_prefix_hit_tokens_total",
@@ -239,12 +245,29 @@ def run_prefix(args: argparse.Namespace) -> dict[str, Any]:
              "| outputs != monolithic |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['policy']} | {r['requests']} | {r['hit_rate']:.3f} | {r['prefill_tokens_computed']:.0f} | "
               f"{r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | {r['mismatches']} |" for r in rows]
-    by = {r["policy"]: r for r in rows}
-    if "kv_aware" in by and "least_work" in by:
-        ratio = by["kv_aware"]["prefill_tokens_computed"] / max(by["least_work"]["prefill_tokens_computed"], 1)
-        lines.append(f"\nkv_aware / least_work prefill tokens computed: {ratio:.3f} (goal <= 0.70); TTFT p50 "
-                     f"{by['kv_aware']['ttft_p50_ms']:.1f} vs {by['least_work']['ttft_p50_ms']:.1f} ms")
+    least = next((r for r in rows if r["policy"] == "least_work"), None)
+    for r in rows:
+        if least is not None and r["policy"].startswith("kv_aware"):
+            ratio = r["prefill_tokens_computed"] / max(least["prefill_tokens_computed"], 1)
+            lines.append(f"\n{r['policy']} / least_work prefill tokens computed: {ratio:.3f} (goal <= 0.70); "
+                         f"TTFT p50 {r['ttft_p50_ms']:.1f} vs {least['ttft_p50_ms']:.1f} ms")
     return {"rows": rows, "outputs_equal": outputs_equal, "table": "\n".join(lines)}
+
+
+def prefix_variants(args: argparse.Namespace) -> list[tuple[str, float | None]]:
+    """The prefill policies to compare, kv_aware once per prefix weight (its only knob in this workload)."""
+    plain = [(p, None) for p in args.policies if p != "kv_aware"]
+    return plain + ([("kv_aware", w) for w in args.prefix_weights] if "kv_aware" in args.policies else [])
+
+
+def prefix_router_config(prefill_args: list[str], decode_args: list[str], policy: str, prefix_weight: float | None,
+                         model: str) -> RouterConfig:
+    """The router of one ``prefix`` row: ``policy`` on the prefills, with ``prefix_weight`` when kv_aware."""
+    scoring = ScoringConfig() if prefix_weight is None else ScoringConfig(prefix_weight=prefix_weight)
+    return RouterConfig(prefill=PoolConfig(instances=tuple(parse_instance(a) for a in prefill_args),
+                                           policy=Policy(policy)),
+                        decode=PoolConfig(instances=tuple(parse_instance(a) for a in decode_args)),
+                        tokenizer=model, scoring=scoring)
 
 
 def _named(bodies: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
