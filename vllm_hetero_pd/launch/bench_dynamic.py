@@ -77,7 +77,7 @@ NOISY_LOAD_AVERAGE = 1.5  # as bench shim: above this before the run, the table 
 TTFT_SLO_FACTOR = 4.0  # default TTFT SLO: x the calibrated prefill of the longest prompt
 TPOT_SLO_FACTOR = 2.5  # default TPOT SLO: x the calibrated batch-1 decode step of the decode-heavy phase
 MIN_REQUESTS = 150  # issue 15's floor for a full run
-CORE_LAYOUT = (0, 1, 0)  # core index of instances 0, 1, 2 (--core-layout): the flipping instance 1 alone
+FLOATING = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}  # one thread, placed by the kernel
 
 
 class ControllerTimings(msgspec.Struct, frozen=True, kw_only=True):
@@ -141,8 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"TPOT SLO (default {TPOT_SLO_FACTOR:g} x the calibrated batch-1 decode step)")
     parser.add_argument("--initial-prefill", type=int, default=None,
                         help="dynamic: mixed instances that start as prefill (default: the controller's, 1)")
-    parser.add_argument("--core-layout", type=lambda t: tuple(int(x) for x in t.split(",")), default=CORE_LAYOUT,
-                        metavar="I,J,K", help="core index (among this process's cores) of instances 0, 1 and 2")
+    parser.add_argument("--core-layout", type=lambda t: tuple(int(x) for x in t.split(",")), default=None,
+                        metavar="I,J,K", help="bind instances 0, 1, 2 to these core indices (default: unbound)")
     parser.add_argument("--reference-concurrency", type=int, default=4,
                         help="requests in flight on the monolithic reference engine")
 
@@ -157,18 +157,23 @@ def phases(args: argparse.Namespace) -> tuple[Phase, Phase]:
 
 # ---------------------------------------------------------------------------------------------- engines
 
-def engine_specs(model: str, layout: tuple[int, ...] = CORE_LAYOUT) -> list[InstanceSpec]:
-    """Three kv_both instances in URL order, instance ``i`` bound to core ``layout[i]`` of this process's.
+def engine_specs(model: str, layout: tuple[int, ...] | None = None) -> list[InstanceSpec]:
+    """Three kv_both instances in URL order, each with one compute thread.
 
-    The default gives the flipping instance 1 a core of its own. It also puts instance 0 (prefill) and
-    2 (decode) on one core, the pairing ``cluster._cores_for`` avoids for pinned roles (a decode next
-    to a lease-holding prefill starved until the lease expired); with three engines on two cores one
-    pair must share, and this one keeps the split meaningful: it decides what the second core serves.
+    By default no thread is bound to a core and the kernel places them (``FLOATING``). Three engines
+    on two cores must share one, and two engines bound to one core do not work as a P/D pair: the
+    decode made no progress until the prefill's lease expired (20-30 s, measured with both pinned to
+    core 0; the same two engines unbound served each request in 2-6 s). ``layout`` binds instance
+    ``i`` to core ``layout[i]`` instead.
     """
     cores = sorted(os.sched_getaffinity(0))
     ports = sorted((free_port() for _ in range(3)), key=lambda p: f"http://127.0.0.1:{p}")
     kv = hetero_kv_config("kv_both")
     dev_mode = {"VLLM_SERVER_DEV_MODE": "1"}  # for /reset_prefix_cache between configurations
+    if layout is None:
+        return [InstanceSpec(role="both", model=model, http_port=port, kv_transfer_config=kv,
+                             cpu_cores=FLOATING["VLLM_CPU_OMP_THREADS_BIND"], env=dev_mode | FLOATING)
+                for port in ports]
     return [InstanceSpec(role="both", model=model, http_port=port, kv_transfer_config=kv,
                          cpu_cores=str(cores[core % len(cores)]), env=dev_mode)
             for port, core in zip(ports, layout, strict=True)]

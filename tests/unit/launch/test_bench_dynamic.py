@@ -272,13 +272,14 @@ def test_router_configs_pin_the_static_splits_and_mix_the_dynamic_one(tmp_path):
                       "dynamic": ([], [], urls, True)}
 
 
-def test_engines_are_numbered_by_url_with_the_flipping_one_on_its_own_core(monkeypatch):
+def test_engines_are_numbered_by_url_unbound_with_one_thread_unless_a_layout_binds_them(monkeypatch):
     monkeypatch.setattr(bench_dynamic.os, "sched_getaffinity", lambda _: {0, 1})
     specs = bench_dynamic.engine_specs("/model")
     urls = [f"http://127.0.0.1:{s.http_port}" for s in specs]
     assert urls == sorted(urls)
-    assert [s.cpu_cores for s in specs] == ["0", "1", "0"]
+    assert [s.cpu_cores for s in specs] == ["nobind"] * 3 and {s.env["OMP_NUM_THREADS"] for s in specs} == {"1"}
     assert {s.role for s in specs} == {"both"} and specs[0].kv_transfer_config["kv_role"] == "kv_both"
+    assert [s.cpu_cores for s in bench_dynamic.engine_specs("/model", (0, 1, 0))] == ["0", "1", "0"]
 
 
 def test_the_report_of_a_whole_run_is_written_and_fails_on_a_mismatch(tmp_path):
