@@ -45,6 +45,7 @@ from vllm_hetero_pd.launch.cluster import LocalCluster
 from vllm_hetero_pd.launch.dynamic_report import (
     ConfigReport,
     Slo,
+    largest_delta,
     markdown,
     mismatches,
     plot,
@@ -112,7 +113,7 @@ class CalibrationPlan(msgspec.Struct, frozen=True, kw_only=True):
 CONTROLLER = ControllerTimings()
 CALIBRATION = {False: CalibrationPlan(), True: CalibrationPlan(lengths=(32, 512, 1800), repeats=2,
                                                                 batches=(1, 4, 16), steps=32)}
-PHASE_S = {False: (60.0, 40.0), True: (20.0, 20.0)}  # (prefill-heavy, decode-heavy) durations, by --quick
+PHASE_S = {False: (60.0, 60.0), True: (20.0, 20.0)}  # (prefill-heavy, decode-heavy) durations, by --quick
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -123,16 +124,16 @@ def _range(text: str) -> tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-dynamic-out"))
     parser.add_argument("--quick", action="store_true",
-                        help="pilot: 20 s phases (60 requests at seed 0) and a shorter calibration")
+                        help="pilot: 20 s phases (63 requests at seed 0) and a shorter calibration")
     parser.add_argument("--model", default=None, help="model dir (default: the tiny llama-gqa-d32 bf16 test model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the schedule")
     parser.add_argument("--configs", nargs="*", default=list(SPLITS), choices=list(SPLITS))
-    parser.add_argument("--prefill-rate", type=float, default=1.3, help="prefill-heavy phase: requests/s")
+    parser.add_argument("--prefill-rate", type=float, default=0.8, help="prefill-heavy phase: requests/s")
     parser.add_argument("--prefill-s", type=float, default=None, help="prefill-heavy phase: seconds (60; quick 20)")
     parser.add_argument("--prefill-prompt-tokens", type=_range, default=(1024, 1800), metavar="LOW,HIGH")
     parser.add_argument("--prefill-max-tokens", type=_range, default=(4, 8), metavar="LOW,HIGH")
-    parser.add_argument("--decode-rate", type=float, default=2.5, help="decode-heavy phase: requests/s")
-    parser.add_argument("--decode-s", type=float, default=None, help="decode-heavy phase: seconds (40; quick 20)")
+    parser.add_argument("--decode-rate", type=float, default=2.0, help="decode-heavy phase: requests/s")
+    parser.add_argument("--decode-s", type=float, default=None, help="decode-heavy phase: seconds (60; quick 20)")
     parser.add_argument("--decode-prompt-tokens", type=_range, default=(16, 64), metavar="LOW,HIGH")
     parser.add_argument("--decode-max-tokens", type=_range, default=(128, 256), metavar="LOW,HIGH")
     parser.add_argument("--ttft-slo-ms", type=float, default=None,
@@ -143,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dynamic: mixed instances that start as prefill (default: the controller's, 1)")
     parser.add_argument("--core-layout", type=lambda t: tuple(int(x) for x in t.split(",")), default=None,
                         metavar="I,J,K", help="bind instances 0, 1, 2 to these core indices (default: unbound)")
-    parser.add_argument("--reference-concurrency", type=int, default=4,
+    parser.add_argument("--reference-concurrency", type=int, default=1,
                         help="requests in flight on the monolithic reference engine")
 
 
@@ -179,12 +180,15 @@ def engine_specs(model: str, layout: tuple[int, ...] | None = None) -> list[Inst
             for port, core in zip(ports, layout, strict=True)]
 
 
-def reference(model: str, requests: list[ScheduledRequest], log_dir: Path, concurrency: int) -> list[Completion]:
-    """The monolithic engine's answer to every request (same prompt and max_tokens), through ``run_greedy``."""
+def reference(model: str, requests: list[ScheduledRequest], log_dir: Path, concurrency: int
+              ) -> tuple[list[Completion], list[StreamResult]]:
+    """The monolithic engine's answer to every request (same prompt and max_tokens), through ``run_greedy``,
+    and the same engine's answers when it replays the schedule: the control for batching effects."""
     with LocalCluster([InstanceSpec(role="monolithic", model=model)], log_dir) as cluster:
         url = cluster.instances[0].url
         with ThreadPoolExecutor(concurrency) as pool:
-            return list(pool.map(lambda r: run_greedy(url, [r.prompt], r.max_tokens)[0], requests))
+            references = list(pool.map(lambda r: run_greedy(url, [r.prompt], r.max_tokens)[0], requests))
+        return references, asyncio.run(run_schedule(url, requests, "control"))
 
 
 def warm_up(urls: list[str], vocab_size: int) -> None:
@@ -331,7 +335,7 @@ def summarise(run: ConfigRun, requests: list[ScheduledRequest], references: list
     report = ConfigReport(name=run.name, phases=stats_by_phase(requests, run.results, slo, phase_names),
                           role_flips=len(run.flips), mismatches=len(differing), in_flight_during_flips=len(flagged),
                           mismatches_during_flips=len(differing.keys() & set(flagged)),
-                          kv_usage_after=run.kv_usage_after)
+                          max_logprob_delta=largest_delta(references, run.results), kv_usage_after=run.kv_usage_after)
     return Verdict(report=report, differing=differing, in_flight_during_flips=flagged,
                    lost={r.index: r.error for r in run.results if r.lost})
 
@@ -372,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
     workload = phases(args)
     requests = schedule(workload, model.vocab_size, args.seed)
     logger.info("%d requests; computing the monolithic reference", len(requests))
-    references = reference(args.model, requests, out / "logs" / "monolithic", args.reference_concurrency)
+    references, control = reference(args.model, requests, out / "logs" / "monolithic", args.reference_concurrency)
     runs = []
     with LocalCluster(engine_specs(args.model, args.core_layout), out / "logs" / "engines") as cluster:
         urls = [inst.url for inst in cluster.instances]
@@ -383,22 +387,24 @@ def run(args: argparse.Namespace) -> int:
         for name in args.configs:
             logger.info("configuration %s", name)
             runs.append(run_config(name, cluster, requests, router_config(name, urls, args.model, ratio), out))
-    return _report(args, out, workload, requests, references, runs, slo, device, ratio, load_before)
+    return _report(args, out, workload, requests, references, control, runs, slo, device, ratio, load_before)
 
 
 def _report(args: argparse.Namespace, out: Path, workload: tuple[Phase, Phase], requests: list[ScheduledRequest],
-            references: list[Completion], runs: list[ConfigRun], slo: Slo, device: Device, ratio: RatioConfig,
-            load_before: float) -> int:
+            references: list[Completion], control: list[StreamResult], runs: list[ConfigRun], slo: Slo,
+            device: Device, ratio: RatioConfig, load_before: float) -> int:
     names = [p.name for p in workload]
     verdicts = [summarise(r, requests, references, slo, names) for r in runs]
     reports = [v.report for v in verdicts]
+    control_differing = mismatches(references, control)
     table = markdown(reports, slo, header(args, workload, requests, load_before, os.getloadavg()[0], device, ratio),
-                     DYNAMIC)
+                     DYNAMIC, (len(control_differing), largest_delta(references, control)))
     (out / "results.md").write_text(table)
     (out / "results.json").write_bytes(msgspec.json.encode({
         "phases": workload, "controller": CONTROLLER, "calibration": CALIBRATION[args.quick], "slo": slo,
         "device": device, "seed": args.seed, "quick": args.quick, "load_average": [load_before, os.getloadavg()[0]],
-        "verdicts": verdicts, "goodput": {r.name: {p: s.goodput for p, s in r.phases.items()} for r in reports}}))
+        "control": {"lost": sum(r.lost for r in control), "differing": control_differing}, "verdicts": verdicts,
+        "goodput": {r.name: {p: s.goodput for p, s in r.phases.items()} for r in reports}}))
     (out / "timeseries.json").write_bytes(msgspec.json.encode(
         {r.name: {"start_s": r.start_s, "end_s": r.end_s, "samples": r.series, "flips": r.flips} for r in runs}))
     for r in runs:
