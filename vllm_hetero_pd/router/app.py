@@ -43,7 +43,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import aiohttp
 import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -70,6 +69,14 @@ from vllm_hetero_pd.router.protocol import (
 )
 from vllm_hetero_pd.router.roles import RoleController
 from vllm_hetero_pd.router.routing import Route, Routing, output_tokens
+from vllm_hetero_pd.router.upstream import (
+    Response,
+    Timeouts,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +153,7 @@ class Opened:
 
     __slots__ = ("instance", "start", "head", "upstream", "_untrack")
 
-    def __init__(self, instance: Instance, start: float, head: bytes, upstream: aiohttp.ClientResponse | None,
+    def __init__(self, instance: Instance, start: float, head: bytes, upstream: Response | None,
                  untrack: Callable[[], None]) -> None:
         self.instance = instance
         self.start = start
@@ -198,7 +205,7 @@ class AdminChange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 class Router:
-    """Pools, the upstream HTTP session, metrics and the P/D flow of one router."""
+    """Pools, the upstream HTTP client, metrics and the P/D flow of one router."""
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
@@ -213,14 +220,13 @@ class Router:
         self.roles = RoleController(config, self.pools, self.metrics)
         self.routing = Routing(config, self.pools, self.metrics)
         t = config.timeouts
-        self._prefill_timeout = aiohttp.ClientTimeout(total=t.prefill_s, connect=t.connect_s)
-        self._decode_timeout = aiohttp.ClientTimeout(total=t.decode_total_s, connect=t.connect_s)
-        self._stream_timeout = aiohttp.ClientTimeout(total=t.decode_total_s, connect=t.connect_s,
-                                                     sock_read=t.decode_idle_s)
+        self._prefill_timeout = Timeouts(total_s=t.prefill_s, connect_s=t.connect_s)
+        self._decode_timeout = Timeouts(total_s=t.decode_total_s, connect_s=t.connect_s)
+        self._stream_timeout = Timeouts(total_s=t.decode_total_s, connect_s=t.connect_s, idle_s=t.decode_idle_s)
         self._upstream_auth = {"Authorization": f"Bearer {config.upstream_api_key}"} if config.upstream_api_key else {}
         self._same_decode_recovery = (RecoveryAction.SAME_DECODE_FRESH_PREFILL,) + (
             (RecoveryAction.LOCAL_PREFILL,) if config.local_prefill_fallback else ())
-        self.session: aiohttp.ClientSession | None = None
+        self.upstream = UpstreamClient()
 
     @property
     def prefill(self) -> Pool:
@@ -284,14 +290,15 @@ class Router:
         failures = []
         for instance in [i for i in self.decode.instances if i.available]:
             try:
-                async with self.session.get(instance.url + "/v1/models", headers=self._upstream_auth,
-                                            timeout=self._prefill_timeout) as response:
-                    body = await response.read()
-                    if response.status == 200:
-                        return web.Response(body=body, content_type="application/json")
-                    failures.append(f"{instance.url}: HTTP {response.status}")
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                response = await self.upstream.request("GET", instance.url, "/v1/models", self._prefill_timeout,
+                                                       self._upstream_auth)
+                body = await response.read()
+            except UpstreamError as exc:
                 failures.append(f"{instance.url}: {exc!r}")
+                continue
+            if response.status == 200:
+                return web.Response(body=body, content_type="application/json")
+            failures.append(f"{instance.url}: HTTP {response.status}")
         return error_response(503, "no decode instance listed its models: " + ("; ".join(failures) or "none available"),
                               None)
 
@@ -479,8 +486,8 @@ class Router:
     async def _call_prefill(self, instance: Instance, endpoint: Endpoint, body: bytes,
                             request_id: str) -> dict[str, Any]:
         start = time.perf_counter()
-        raw = await self._post(f"prefill {instance.url}", instance.url + endpoint.value, body, request_id,
-                               self._prefill_timeout, self.config.timeouts.prefill_s)
+        raw = await self._post(f"prefill {instance.url}", instance.url, endpoint.value, body, request_id,
+                               self._prefill_timeout)
         try:
             params = read_kv_transfer_params(raw, instance.url)
         except PrefillError as exc:
@@ -489,18 +496,16 @@ class Router:
         instance.latency_histogram.observe(time.perf_counter() - start)
         return params
 
-    async def _post(self, who: str, url: str, body: bytes, request_id: str, timeout: aiohttp.ClientTimeout,
-                    timeout_s: float) -> bytes:
+    async def _post(self, who: str, url: str, path: str, body: bytes, request_id: str, timeouts: Timeouts) -> bytes:
         """One non-streaming upstream call; transport failures become ``UpstreamFailure`` naming ``who``."""
         try:
-            async with self.session.post(url, data=body, headers=self._headers(request_id),
-                                         timeout=timeout) as response:
-                raw = await response.read()
-        except aiohttp.ClientConnectorError as exc:
+            response = await self.upstream.request("POST", url, path, timeouts, self._headers(request_id), body)
+            raw = await response.read()
+        except UpstreamUnreachable as exc:
             raise UpstreamFailure(f"{who} unreachable: {exc.os_error!r}", delivered=False) from None
-        except asyncio.TimeoutError:
-            raise UpstreamFailure(f"{who} timed out after {timeout_s} s") from None
-        except aiohttp.ClientError as exc:
+        except UpstreamTimeout:
+            raise UpstreamFailure(f"{who} timed out after {timeouts.total_s} s") from None
+        except UpstreamError as exc:
             raise UpstreamFailure(f"{who} failed: {exc!r}") from None
         _check_status(response, raw, who)
         return raw
@@ -576,8 +581,8 @@ class Router:
                 upstream, head = await self._open_stream(instance, parsed, params, request_id)
             else:
                 upstream, head = None, await self._post(
-                    f"decode {instance.url}", instance.url + parsed.endpoint.value, decode_body(parsed, params),
-                    request_id, self._decode_timeout, self.config.timeouts.decode_total_s)
+                    f"decode {instance.url}", instance.url, parsed.endpoint.value, decode_body(parsed, params),
+                    request_id, self._decode_timeout)
         except BaseException as exc:
             tracked.close()
             if isinstance(exc, UpstreamFailure) and exc.answered_5xx and prefilled is not None:
@@ -596,28 +601,28 @@ class Router:
         self.decode.record_failure(opened.instance, reason)
 
     async def _open_stream(self, instance: Instance, parsed: ClientRequest, params: dict[str, Any] | None,
-                           request_id: str) -> tuple[aiohttp.ClientResponse, bytes]:
+                           request_id: str) -> tuple[Response, bytes]:
         """Send the streaming decode request and read its first SSE event, within decode_first_byte_s."""
         first_byte_s = self.config.timeouts.decode_first_byte_s
         try:
             return await asyncio.wait_for(self._first_event(instance, parsed, params, request_id), first_byte_s)
-        except aiohttp.ClientConnectorError as exc:
+        except UpstreamUnreachable as exc:
             raise UpstreamFailure(f"decode {instance.url} unreachable: {exc.os_error!r}", delivered=False) from None
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, UpstreamTimeout):
             raise UpstreamFailure(f"decode {instance.url} sent no first event within {first_byte_s} s") from None
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             raise UpstreamFailure(f"decode {instance.url} failed before its first event: {exc!r}") from None
 
     async def _first_event(self, instance: Instance, parsed: ClientRequest, params: dict[str, Any] | None,
-                           request_id: str) -> tuple[aiohttp.ClientResponse, bytes]:
-        upstream = await self.session.post(instance.url + parsed.endpoint.value, data=decode_body(parsed, params),
-                                           headers=self._headers(request_id), timeout=self._stream_timeout)
+                           request_id: str) -> tuple[Response, bytes]:
+        upstream = await self.upstream.request("POST", instance.url, parsed.endpoint.value, self._stream_timeout,
+                                               self._headers(request_id), decode_body(parsed, params))
         try:
             if upstream.status >= 400:
                 _check_status(upstream, await upstream.read(), f"decode {instance.url}")
             head = b""
             while b"\n\n" not in head and len(head) < _PEEK_LIMIT_BYTES:
-                chunk = await upstream.content.readany()
+                chunk = await upstream.read_chunk()
                 if not chunk:
                     break
                 head += chunk
@@ -685,8 +690,8 @@ class Router:
                 await response.write(held)
                 held = b""
             try:
-                chunk = await opened.upstream.content.readany()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                chunk = await opened.upstream.read_chunk()
+            except UpstreamError as exc:
                 reason = f"decode {opened.instance.url} stream broke: {exc!r}"
                 break
             if not chunk:
@@ -741,10 +746,10 @@ class Router:
         """Probe all instances every ``health.interval_s`` until cancelled; they start out admitted."""
         while True:
             await asyncio.sleep(self.config.health.interval_s)
-            await asyncio.gather(*(pool.probe(self.session, self.config.health) for pool in self.pools.values()))
+            await asyncio.gather(*(pool.probe(self.upstream, self.config.health) for pool in self.pools.values()))
 
 
-def _check_status(response: aiohttp.ClientResponse, raw: bytes, who: str) -> None:
+def _check_status(response: Response, raw: bytes, who: str) -> None:
     if response.status >= 500:
         raise UpstreamFailure(f"{who} answered HTTP {response.status}: {raw[:300]!r}", status=response.status)
     if response.status >= 400:
@@ -814,8 +819,8 @@ async def _pump_part(opened: Opened, index: int, queue: asyncio.Queue) -> str | 
                 return f"decode {url} streamed {data[:300]!r} instead of a completion chunk"
             await queue.put((index, chunk))
         try:
-            more = await opened.upstream.content.readany()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            more = await opened.upstream.read_chunk()
+        except UpstreamError as exc:
             return f"decode {url} stream broke: {exc!r}"
         if not more:
             return f"decode {url} ended without [DONE]"
@@ -857,25 +862,22 @@ ROUTER_KEY = web.AppKey("router", Router)
 
 
 def build_app(config: RouterConfig) -> web.Application:
-    """The aiohttp application; the upstream session and health probes start with it."""
+    """The aiohttp application; the health probes start with it and the upstream client closes with it."""
     router = Router(config)
     app = web.Application(client_max_size=config.max_body_bytes)
     app[ROUTER_KEY] = router
 
     async def lifecycle(app: web.Application):
-        # no cookie jar: instances set no cookies, and a jar costs work on every request
-        router.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
-                                               cookie_jar=aiohttp.DummyCookieJar())
         tasks = [asyncio.create_task(router.run_health_probes())]
         if router.roles.active:
             tasks.append(asyncio.create_task(router.roles.run()))
-        router.routing.start(router.session)
+        router.routing.start(router.upstream)
         yield
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await router.routing.stop()
-        await router.session.close()
+        router.upstream.close()
 
     app.cleanup_ctx.append(lifecycle)
     for endpoint in Endpoint:

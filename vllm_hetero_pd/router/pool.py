@@ -20,13 +20,12 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import aiohttp
-
 from vllm_hetero_pd.router.config import HealthConfig, InstanceConfig, Policy, Role, ScoringConfig
 from vllm_hetero_pd.router.load import LoadSample, TransferRate
 from vllm_hetero_pd.router.metrics import RouterMetrics
 from vllm_hetero_pd.router.policy import Candidate, choose
 from vllm_hetero_pd.router.prefix import PrefixView
+from vllm_hetero_pd.router.upstream import Timeouts, UpstreamClient, UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -183,17 +182,18 @@ class Pool:
         self.metrics.healthy.labels(self.role.value, instance.url).set(1)
         logger.info("re-admitted %s instance %s: its health probe succeeded", self.role.value, instance.url)
 
-    async def probe(self, session: aiohttp.ClientSession, health: HealthConfig) -> None:
+    async def probe(self, client: UpstreamClient, health: HealthConfig) -> None:
         """Probe every instance once, concurrently; ejects and re-admits as results say."""
-        await asyncio.gather(*(self._probe_one(session, health, i) for i in list(self.instances)))
+        timeouts = Timeouts(total_s=health.timeout_s, connect_s=health.timeout_s)
+        await asyncio.gather(*(self._probe_one(client, health.path, timeouts, i) for i in list(self.instances)))
 
-    async def _probe_one(self, session: aiohttp.ClientSession, health: HealthConfig, instance: Instance) -> None:
+    async def _probe_one(self, client: UpstreamClient, path: str, timeouts: Timeouts, instance: Instance) -> None:
         try:
-            async with session.get(instance.url + health.path,
-                                   timeout=aiohttp.ClientTimeout(total=health.timeout_s)) as response:
-                ok = response.status == 200
-                reason = f"health probe answered HTTP {response.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            response = await client.request("GET", instance.url, path, timeouts)
+            await response.read()  # to the end, so the connection is reused
+            ok = response.status == 200
+            reason = f"health probe answered HTTP {response.status}"
+        except UpstreamError as exc:
             ok, reason = False, f"health probe failed: {exc!r}"
         self.record_probe(instance, ok, reason)
 

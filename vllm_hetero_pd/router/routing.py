@@ -20,7 +20,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from vllm_hetero_pd.router.config import Policy, Role, RouterConfig
@@ -39,6 +38,7 @@ from vllm_hetero_pd.router.scoring import (
     compatible,
 )
 from vllm_hetero_pd.router.tokens import CHARS_PER_TOKEN, Prompt, PromptTokenizer, prompt_of
+from vllm_hetero_pd.router.upstream import Timeouts, UpstreamClient, UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -277,14 +277,14 @@ class Routing:
 
     # ------------------------------------------------------------------ background
 
-    def start(self, session: aiohttp.ClientSession) -> None:
+    def start(self, client: UpstreamClient) -> None:
         """Start the subscribers and the /metrics poll (when enabled); ``stop()`` ends them."""
         if not self.enabled:
             return
         for pool in self.pools.values():
             for instance in pool.instances:
                 self.watch(instance)
-        self._tasks["/metrics"] = asyncio.create_task(self._poll_metrics(session))
+        self._tasks["/metrics"] = asyncio.create_task(self._poll_metrics(client))
 
     def watch(self, instance: Instance) -> None:
         """Follow a (new) instance's KV events, if it publishes any."""
@@ -315,24 +315,26 @@ class Routing:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _poll_metrics(self, session: aiohttp.ClientSession) -> None:
-        timeout = aiohttp.ClientTimeout(total=max(self.scoring.metrics_interval_s, 1.0))
+    async def _poll_metrics(self, client: UpstreamClient) -> None:
+        timeout_s = max(self.scoring.metrics_interval_s, 1.0)
+        timeouts = Timeouts(total_s=timeout_s, connect_s=timeout_s)
         while True:
             instances = [i for pool in self.pools.values() for i in pool.instances if not i.ejected]
-            await asyncio.gather(*(self._scrape(session, i, timeout) for i in instances))
+            await asyncio.gather(*(self._scrape(client, i, timeouts) for i in instances))
             now = self.clock()
             for instance in instances:
                 self.metrics.prefix_view_synced.labels(instance.role.value, instance.url).set(
                     1 if instance.prefix.synced(now) else 0)
             await asyncio.sleep(self.scoring.metrics_interval_s)
 
-    async def _scrape(self, session: aiohttp.ClientSession, instance: Instance, timeout: aiohttp.ClientTimeout) -> None:
+    async def _scrape(self, client: UpstreamClient, instance: Instance, timeouts: Timeouts) -> None:
         try:
-            async with session.get(instance.url + "/metrics", timeout=timeout) as response:
-                if response.status != 200:
-                    raise aiohttp.ClientResponseError(response.request_info, (), status=response.status)
-                text = await response.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError) as exc:
+            response = await client.request("GET", instance.url, "/metrics", timeouts)
+            raw = await response.read()
+            if response.status != 200:
+                raise UpstreamError(f"HTTP {response.status}")
+            text = raw.decode()
+        except (UpstreamError, UnicodeDecodeError) as exc:
             self.metrics.scrape_failures.labels(instance.url).inc()
             logger.debug("polling %s/metrics failed: %r", instance.url, exc)
             return
