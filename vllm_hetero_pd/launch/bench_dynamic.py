@@ -78,6 +78,7 @@ NOISY_LOAD_AVERAGE = 1.5  # as bench shim: above this before the run, the table 
 TTFT_SLO_FACTOR = 4.0  # default TTFT SLO: x the calibrated prefill of the longest prompt
 TPOT_SLO_FACTOR = 2.5  # default TPOT SLO: x the calibrated batch-1 decode step of the decode-heavy phase
 MIN_REQUESTS = 150  # issue 15's floor for a full run
+MAX_FIT_ERROR = 1.0  # a calibration fitting worse than this (3903% on a loaded host) makes the run meaningless
 FLOATING = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}  # one thread, placed by the kernel
 
 
@@ -223,6 +224,10 @@ def calibrated_device(url: str, model: ModelSpec, plan: CalibrationPlan, out: Pa
     (out / "catalog.yaml").write_bytes(msgspec.yaml.encode(CatalogFile(devices=[device])))
     logger.info("calibrated %s: fit RMS error prefill %.1f%%, decode %.1f%%", DEVICE,
                 100 * report.prefill_rms_rel_error, 100 * report.decode_rms_rel_error)
+    worst = max(report.prefill_rms_rel_error, report.decode_rms_rel_error)
+    if worst > MAX_FIT_ERROR:
+        raise RuntimeError(f"calibration fit RMS error {100 * worst:.0f}% > {100 * MAX_FIT_ERROR:.0f}%: the SLO and "
+                           "the controller would rest on noise; rerun on a quiet host (nothing else running)")
     return device
 
 
@@ -324,19 +329,20 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     report: ConfigReport
     differing: dict[int, str]  # request index -> how its answer differs from the monolithic one
     in_flight_during_flips: list[int]
+    near_ties: list[int]  # requests whose greedy ids diverged from the monolithic ones at a near tie
     lost: dict[int, str]  # request index -> why it counts as lost
 
 
 def summarise(run: ConfigRun, requests: list[ScheduledRequest], references: list[Completion], slo: Slo,
               phase_names: list[str]) -> Verdict:
     """Goodput, quantiles and correctness of one configuration; flips are counted from the router log."""
-    differing = mismatches(references, run.results)
+    differing, near_ties = mismatches(references, run.results)
     flagged = sorted(r.index for r in run.results if in_flight_during(r.start_s, r.end_s, run.flips, run.end_s))
     report = ConfigReport(name=run.name, phases=stats_by_phase(requests, run.results, slo, phase_names),
                           role_flips=len(run.flips), mismatches=len(differing), in_flight_during_flips=len(flagged),
-                          mismatches_during_flips=len(differing.keys() & set(flagged)),
+                          mismatches_during_flips=len(differing.keys() & set(flagged)), near_ties=len(near_ties),
                           max_logprob_delta=largest_delta(references, run.results), kv_usage_after=run.kv_usage_after)
-    return Verdict(report=report, differing=differing, in_flight_during_flips=flagged,
+    return Verdict(report=report, differing=differing, in_flight_during_flips=flagged, near_ties=near_ties,
                    lost={r.index: r.error for r in run.results if r.lost})
 
 
@@ -396,14 +402,15 @@ def _report(args: argparse.Namespace, out: Path, workload: tuple[Phase, Phase], 
     names = [p.name for p in workload]
     verdicts = [summarise(r, requests, references, slo, names) for r in runs]
     reports = [v.report for v in verdicts]
-    control_differing = mismatches(references, control)
+    control_differing, control_ties = mismatches(references, control)
     table = markdown(reports, slo, header(args, workload, requests, load_before, os.getloadavg()[0], device, ratio),
-                     DYNAMIC, (len(control_differing), largest_delta(references, control)))
+                     DYNAMIC, (len(control_differing), len(control_ties), largest_delta(references, control)))
     (out / "results.md").write_text(table)
     (out / "results.json").write_bytes(msgspec.json.encode({
         "phases": workload, "controller": CONTROLLER, "calibration": CALIBRATION[args.quick], "slo": slo,
         "device": device, "seed": args.seed, "quick": args.quick, "load_average": [load_before, os.getloadavg()[0]],
-        "control": {"lost": sum(r.lost for r in control), "differing": control_differing}, "verdicts": verdicts,
+        "control": {"lost": sum(r.lost for r in control), "differing": control_differing, "near_ties": control_ties},
+        "verdicts": verdicts,
         "goodput": {r.name: {p: s.goodput for p, s in r.phases.items()} for r in reports}}))
     (out / "timeseries.json").write_bytes(msgspec.json.encode(
         {r.name: {"start_s": r.start_s, "end_s": r.end_s, "samples": r.series, "flips": r.flips} for r in runs}))

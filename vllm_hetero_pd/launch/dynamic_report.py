@@ -19,16 +19,18 @@ from vllm_hetero_pd.launch.phased_workload import ScheduledRequest
 from vllm_hetero_pd.launch.role_timeline import RoleSample
 from vllm_hetero_pd.launch.timed_stream import StreamResult
 from vllm_hetero_pd.planner.pd_validate import quantiles
-from vllm_hetero_pd.testing.compare import Completion, compare, max_logprob_delta
+from vllm_hetero_pd.testing.compare import Completion, compare_batched, max_logprob_delta
 
 ALL = "whole run"
 BATCHED_LOGPROB_TOLERANCE = 0.25
 """Top-logprob tolerance for answers served under load. The reference is computed one request at a
 time; under load vLLM batches each request with others and chunks long prompts differently, and
 in bf16 that alone moves logprobs: the first pilot's answers, all with equal greedy ids, differed
-by 0.06-0.12 in every configuration, static ones included. Greedy ids must still be equal, and the
-monolithic engine replaying the same schedule (the control in the results) shows the size of the
-effect without any P/D."""
+by 0.06-0.12 in every configuration, static ones included, and the monolithic engine replaying the
+same schedule (the control in the results) flipped a greedy id at a near tie. So answers are compared
+with ``testing.compare.compare_batched``: a flip is accepted only at a near tie within this tolerance.
+It is a coarse guard: KV errors that move logprobs by less pass it; the strict check (1e-3, one request
+at a time) is the end-to-end tests'."""
 
 
 class Slo(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,6 +70,7 @@ class ConfigReport(msgspec.Struct, frozen=True, kw_only=True):
     mismatches: int
     in_flight_during_flips: int
     mismatches_during_flips: int
+    near_ties: int
     max_logprob_delta: float
     kv_usage_after: dict[str, float]
 
@@ -95,12 +98,12 @@ def stats_by_phase(requests: Sequence[ScheduledRequest], results: Sequence[Strea
 
 
 def mismatches(references: Sequence[Completion], results: Sequence[StreamResult],
-               tolerance: float = BATCHED_LOGPROB_TOLERANCE) -> dict[int, str]:
-    """Request index -> how its answer differs from the monolithic one (``testing.compare``), over the
-    requests that were not lost (those count as lost, not as mismatches)."""
+               tolerance: float = BATCHED_LOGPROB_TOLERANCE) -> tuple[dict[int, str], list[int]]:
+    """Request index -> how its answer differs from the monolithic one (``compare_batched``), and the
+    requests whose ids diverged at a near tie, over the requests that were not lost (those count as lost)."""
     kept = [r for r in results if not r.lost]
-    found = compare([references[r.index] for r in kept], [r.completion for r in kept], tolerance)
-    return {kept[m.prompt_index].index: m.reason for m in found}
+    found, near = compare_batched([references[r.index] for r in kept], [r.completion for r in kept], tolerance)
+    return {kept[m.prompt_index].index: m.reason for m in found}, [kept[i].index for i in near]
 
 
 def largest_delta(references: Sequence[Completion], results: Sequence[StreamResult]) -> float:
@@ -128,9 +131,9 @@ def goal_lines(reports: Sequence[ConfigReport], dynamic: str) -> list[str]:
 
 
 def markdown(reports: Sequence[ConfigReport], slo: Slo, header: Sequence[str], dynamic: str,
-             control: tuple[int, float] | None = None) -> str:
+             control: tuple[int, int, float] | None = None) -> str:
     """The results table (one row per configuration and phase), the goal check and the correctness table;
-    ``control`` is (answers differing, largest delta) of the monolithic engine replaying the schedule."""
+    ``control`` is (answers differing, near ties, largest delta) of the monolithic engine replaying the schedule."""
     lines = [*header, "", f"SLO: TTFT <= {slo.ttft_s * 1e3:.0f} ms and TPOT <= {slo.tpot_s * 1e3:.1f} ms "
              f"({slo.source}).", "",
              "| config | phase | requests | good | goodput | TTFT p50 ms | TTFT p90 ms | TPOT p50 ms | TPOT p90 ms |",
@@ -141,16 +144,18 @@ def markdown(reports: Sequence[ConfigReport], slo: Slo, header: Sequence[str], d
                          f"{_ms(s.ttft_p90_s)} | {_ms(s.tpot_p50_s, 1)} | {_ms(s.tpot_p90_s, 1)} |")
     lines += ["", *goal_lines(reports, dynamic), "",
               f"Outputs are compared with a monolithic engine answering one request at a time: greedy ids "
-              f"equal, top-5 logprobs within {BATCHED_LOGPROB_TOLERANCE:g} (batching under load moves bf16 "
-              f"logprobs; see the control).", "",
-              "| config | role flips | requests lost | outputs != monolithic | largest logprob delta | "
-              "in flight during a flip | of those != monolithic | KV usage after |", "|---" * 8 + "|"]
+              f"equal and top-5 logprobs within {BATCHED_LOGPROB_TOLERANCE:g}, or ids diverging at a near tie "
+              f"within it (batching under load moves bf16 logprobs; see the control).", "",
+              "| config | role flips | requests lost | outputs != monolithic | near-tie divergences | largest "
+              "logprob delta | in flight during a flip | of those != monolithic | KV usage after |", "|---" * 9 + "|"]
     if control is not None:
-        lines.append(f"| monolithic, same schedule (control) | - | - | {control[0]} | {control[1]:.3f} | - | - | - |")
+        lines.append(f"| monolithic, same schedule (control) | - | - | {control[0]} | {control[1]} | {control[2]:.3f} "
+                     "| - | - | - |")
     for r in reports:
         usage = ", ".join(f"{v:.2f}" for v in r.kv_usage_after.values())
-        lines.append(f"| {r.name} | {r.role_flips} | {r.lost} | {r.mismatches} | {r.max_logprob_delta:.3f} | "
-                     f"{r.in_flight_during_flips} | {r.mismatches_during_flips} | {usage} |")
+        lines.append(f"| {r.name} | {r.role_flips} | {r.lost} | {r.mismatches} | {r.near_ties} | "
+                     f"{r.max_logprob_delta:.3f} | {r.in_flight_during_flips} | {r.mismatches_during_flips} | "
+                     f"{usage} |")
     return "\n".join(lines) + "\n"
 
 

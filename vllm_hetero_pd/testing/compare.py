@@ -62,6 +62,39 @@ def compare(reference: list[Completion], candidate: list[Completion], tolerance:
     return out
 
 
+def compare_batched(reference: list[Completion], candidate: list[Completion], tolerance: float
+                    ) -> tuple[list[Mismatch], list[int]]:
+    """``compare`` for answers computed in different batches (vLLM's ``check_logprobs_close`` rule).
+
+    Batched with other requests, the same model's logprobs move within ``tolerance`` and a near tie
+    can flip the greedy id. Up to the first differing id the top logprobs must agree within
+    ``tolerance``; at that id each side's token must be in the other's top-k, within ``tolerance`` of
+    that side's top logprob, and the rest is not compared (the two go on from different text).
+    Returns the mismatches and the indices of the answers that diverged at such a near tie."""
+    out, near_ties = [], []
+    for i, (ref, got) in enumerate(zip(reference, candidate, strict=True)):
+        first = next((j for j, (a, b) in enumerate(zip(ref.token_ids, got.token_ids)) if a != b), None)
+        agreed = first if first is not None else len(ref.token_ids)
+        delta = max_logprob_delta(Completion(ref.token_ids[:agreed], ref.top_logprobs[:agreed]),
+                                  Completion(got.token_ids[:agreed], got.top_logprobs[:agreed]))
+        if delta > tolerance:
+            out.append(Mismatch(i, f"top logprobs differ by {delta:.3g} > tolerance {tolerance:g}"))
+        elif first is not None:
+            if _near_tie(ref, got, first, tolerance) and _near_tie(got, ref, first, tolerance):
+                near_ties.append(i)
+            else:
+                out.append(Mismatch(i, f"token ids differ from position {first}: {ref.token_ids[first]} vs "
+                                       f"{got.token_ids[first]}, not a near tie within {tolerance:g}"))
+    return out, near_ties
+
+
+def _near_tie(a: Completion, b: Completion, position: int, tolerance: float) -> bool:
+    """``b``'s token at ``position`` is in ``a``'s top-k there, within ``tolerance`` of ``a``'s top logprob."""
+    top = a.top_logprobs[position]
+    other = top.get(f"token_id:{b.token_ids[position]}")
+    return other is not None and max(top.values()) - other <= tolerance
+
+
 def max_logprob_delta(ref: Completion, got: Completion) -> float:
     """Largest |Δ logprob| over tokens present in both top-k sets; inf if a top-k set changed."""
     worst = 0.0

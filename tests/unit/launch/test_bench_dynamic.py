@@ -151,10 +151,10 @@ def test_mismatches_name_the_request_and_skip_lost_ones():
     results = [result(0, 0.1), result(1, None), result(2, 0.1), result(3, 0.1)]
     results[2] = msgspec.structs.replace(results[2], completion=Completion(token_ids=[9], top_logprobs=[{"a": -1.0}]))
     results[3] = msgspec.structs.replace(results[3], completion=Completion(token_ids=[3], top_logprobs=[{"a": -1.1}]))
-    found = mismatches(references, results)
-    assert set(found) == {2}, "0.1 is within the batched tolerance"
+    found, near = mismatches(references, results)
+    assert set(found) == {2} and near == [], "0.1 is within the batched tolerance; 9 is not in the top-k"
     assert "token ids differ" in found[2]
-    strict = mismatches(references, results, tolerance=0.05)
+    strict, _ = mismatches(references, results, tolerance=0.05)
     assert set(strict) == {2, 3} and "logprobs differ" in strict[3]
     assert largest_delta(references, results) == pytest.approx(0.1)  # over answers with equal ids only
 
@@ -216,7 +216,7 @@ def test_flips_come_from_the_router_log_with_open_ones_left_open():
 def report(name: str, good: dict[str, int], **kw) -> ConfigReport:
     phases = {p: phase_stats([result(i, 0.1) for i in range(g)] + [result(99, 5.0)], SLO) for p, g in good.items()}
     fields = dict(role_flips=0, mismatches=0, in_flight_during_flips=0, mismatches_during_flips=0,
-                  max_logprob_delta=0.0, kv_usage_after={"a": 0.0})
+                  near_ties=0, max_logprob_delta=0.0, kv_usage_after={"a": 0.0})
     return ConfigReport(name=name, phases=phases, **{**fields, **kw})
 
 
@@ -234,11 +234,11 @@ def test_goal_lines_compare_with_the_better_static_split_per_phase():
 def test_markdown_has_a_row_per_config_and_phase_and_the_correctness_table():
     reports = [report("static-2p1d", {"p1": 3, ALL: 3}),
                report("dynamic", {"p1": 3, ALL: 3}, role_flips=2, in_flight_during_flips=5)]
-    text = markdown(reports, SLO, ["# title"], "dynamic", control=(2, 0.125))
+    text = markdown(reports, SLO, ["# title"], "dynamic", control=(2, 1, 0.125))
     assert text.startswith("# title\n\nSLO: TTFT <= 1000 ms and TPOT <= 20.0 ms (test).")
     assert "| static-2p1d | p1 | 4 | 3 | 0.75 | 100 | 3530 | 10.0 | 10.0 |" in text
-    assert "| dynamic | 2 | 0 | 0 | 0.000 | 5 | 0 | 0.00 |" in text
-    assert "| monolithic, same schedule (control) | - | - | 2 | 0.125 | - | - | - |" in text
+    assert "| dynamic | 2 | 0 | 0 | 0 | 0.000 | 5 | 0 | 0.00 |" in text
+    assert "| monolithic, same schedule (control) | - | - | 2 | 1 | 0.125 | - | - | - |" in text
     assert "* whole run: dynamic 3 good vs best static 3 (static-2p1d): missed (goal >)" in text
 
 
@@ -320,10 +320,10 @@ def test_the_report_of_a_whole_run_is_written_and_fails_on_a_mismatch(tmp_path):
                                  0.5)
     assert code == 1  # request 10 differs
     table = (tmp_path / "results.md").read_text()
-    assert "| phase | rate | ISL | OSL |" in table and "| dynamic | 1 | 0 | 1 | 0.000 |" in table
+    assert "| phase | rate | ISL | OSL |" in table and "| dynamic | 1 | 0 | 1 | 0 | 0.000 |" in table
     saved = msgspec.json.decode((tmp_path / "results.json").read_bytes())
     dynamic = saved["verdicts"][2]
-    assert dynamic["differing"] == {"10": "token ids differ from position 0: 10 vs 11"}
+    assert dynamic["differing"] == {"10": "token ids differ from position 0: 10 vs 11, not a near tie within 0.25"}
     assert dynamic["in_flight_during_flips"] == [r.index for r in requests if 9.0 < r.at_s < 11.0]
     assert set(msgspec.json.decode((tmp_path / "timeseries.json").read_bytes())) == set(bench_dynamic.SPLITS)
     assert (tmp_path / "roles-dynamic.png").exists()
