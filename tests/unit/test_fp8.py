@@ -6,14 +6,12 @@ from __future__ import annotations
 import math
 
 import msgspec
-import numpy as np
 import pytest
 import torch
 
 from vllm_hetero_pd.formats import preset
-from vllm_hetero_pd.shim import allocate, decode, encode, fp8, plan, translate
+from vllm_hetero_pd.shim import allocate, decode, encode, plan, translate
 from vllm_hetero_pd.shim.fp8 import (
-    BYTE_REMAPS,
     STORAGE_DTYPES,
     code_table,
     converter,
@@ -44,30 +42,6 @@ def test_fnuz_to_fn_byte_remap_is_exact_except_240():
     assert torch.equal(out[exact], FNUZ[exact] * 2)
     assert torch.equal(out[FNUZ.abs() == 240], torch.tensor([448.0, -448.0]))  # saturated, 6.7 % low
     assert out[~finite].isnan().all() and int((~finite).sum()) == 1
-
-
-# Each remap changes exactly these bytes (the definition the shim has always had), all others are kept.
-CHANGED = {"fn_to_fnuz": {0x7F: 0x80, 0xFF: 0x80, 0x80: 0x00}, "fnuz_to_fn": {0x7F: 0x7E, 0xFF: 0xFE, 0x80: 0x7F}}
-
-
-@pytest.mark.parametrize("conversion", sorted(BYTE_REMAPS))
-def test_byte_remaps_change_only_their_three_codes_in_numpy_and_torch(conversion):
-    """The one formula runs on numpy arrays (CPU) and torch tensors (other devices): the same
-    bytes for all 256 codes either way, and the input is left as it was."""
-    want = torch.tensor([CHANGED[conversion].get(b, b) for b in range(256)], dtype=torch.uint8)
-    codes = CODES.clone()
-    assert torch.equal(BYTE_REMAPS[conversion](codes), want)
-    assert np.array_equal(BYTE_REMAPS[conversion](codes.numpy()), want.numpy())
-    assert torch.equal(codes, CODES)
-
-
-def test_pieces_cover_every_element_once():
-    for shape, limit in (((3, 5, 40, 3), 7), ((3, 5, 40, 3), 300), ((3, 5, 40, 3), 10**6), ((2, 1000), 64)):
-        seen = np.zeros(shape, dtype=np.int64)
-        for piece in fp8._pieces(shape, limit):
-            assert seen[piece].size <= max(limit, shape[-1])
-            seen[piece] += 1
-        assert (seen == 1).all(), (shape, limit)
 
 
 def _nearest_even(x: float, table: torch.Tensor, limit: float) -> float:
@@ -207,23 +181,6 @@ def test_converter_matches_remap_bit_for_bit_on_strided_views(conversion, src, d
     assert not out[0].any() and not out[1:, :, :, :16].any(), "nothing outside the view is written"
     convert(src_view, dst_view, first_layer=0)
     assert torch.equal(dst_view, _reference(src_view, conversion, src, dst, scales))
-
-
-@pytest.mark.parametrize("conversion, src, dst", [
-    ("fn_to_fnuz", "float8_e4m3fn", "float8_e4m3fnuz"), ("fnuz_to_fn", "float8_e4m3fnuz", "float8_e4m3fn")])
-@pytest.mark.parametrize("piece", [7, 300])
-def test_byte_remaps_in_pieces_on_threads_match_remap(conversion, src, dst, piece, monkeypatch):
-    """Pieces cut inside a layer (7 elements: single rows) and across layers (300), spread over
-    the thread pool, on strided views in two memory orders: the reference's bytes, nothing else."""
-    monkeypatch.setattr(fp8, "PIECE_ELEMENTS", piece)
-    convert = converter(conversion, src, dst, [(1.0, 1.0)] * 3)
-    codes = _random_codes((3, 5, 40, 3), torch.uint8, seed=piece)
-    src_view = codes.permute(0, 2, 1, 3)[:, 3:35, :, :2]
-    out = torch.zeros(3, 2, 5, 64, dtype=torch.uint8)
-    dst_view = out.permute(0, 3, 2, 1)[:, 16:48]
-    convert(src_view, dst_view, first_layer=0)
-    assert torch.equal(dst_view, remap(src_view, conversion, src, dst, 1.0, 1.0))
-    assert not out[:, :, :, :16].any() and not out[:, :, :, 48:].any(), "nothing outside the view is written"
 
 
 @pytest.mark.parametrize("src_dtype, dst_dtype, src_scale, dst_scale", [

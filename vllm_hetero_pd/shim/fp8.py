@@ -11,13 +11,9 @@ byte remap plus a scale x2 (fn -> fnuz) or /2 (fnuz -> fn) is exact, except that
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
-import numpy as np
 import torch
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -40,51 +36,32 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-# The byte remaps below are written once for numpy arrays and torch tensors alike (operators
-# only), on uint8 with wrap-around adds: numpy runs them on CPU (SIMD loops that release the GIL,
-# so ``Converter`` spreads pieces over threads; ~3-4x faster there than a 256-entry gather, which
-# numpy and torch only do with int64 indices), torch on other devices. Comparisons and torch.where
-# on uint8 run ~50x slower on CPU. For a byte b with magnitude bits m = b & 0x7F: (m + 1) >> 7 is
-# 1 exactly when m == 0x7F, and (m + 0x7F) & 0x80 is 0x80 exactly when m != 0.
-Bytes = TypeVar("Bytes", np.ndarray, torch.Tensor)  # uint8
+# The remaps below (the reference that code_table tabulates) use only bitwise ops, adds and
+# multiplies on uint8; comparisons and torch.where on uint8 run ~50x slower on CPU. For a byte b with
+# magnitude bits m = b & 0x7F: (m + 1) & 0x80 is 0x80 exactly when m == 0x7F, and
+# (m + 0x7F) & 0x80 is 0x80 exactly when m != 0.
 
 
-def fn_to_fnuz_bytes(code: Bytes) -> Bytes:
+def fn_to_fnuz_bytes(code: torch.Tensor) -> torch.Tensor:
     """e4m3fn bytes -> e4m3fnuz bytes of half the value (pair with a doubled scale). Lossless.
 
-    NaN (0x7F, 0xFF) -> 0x80; -0 (0x80) -> 0x00; every other byte is kept. 8 passes (masking
-    each case took 12): the sign survives only where m != 0, and the NaN magnitude 0x7F becomes
-    0x80 by adding its own carry bit.
+    NaN (0x7F, 0xFF) -> 0x80; -0 (0x80) -> 0x00; every other byte is kept.
     """
     m = code & 0x7F
-    sign = m + 0x7F
-    sign &= 0x80
-    sign &= code
-    carry = m + 1
-    carry >>= 7
-    m += carry
-    m |= sign
-    return m
+    nan = (m + 1) & 0x80  # 0x80 for NaN codes
+    out = (code & ~((nan >> 7) * 0xFF)) | nan  # NaN -> 0x80, others unchanged
+    return out & (((m + 0x7F) & 0x80) | 0x7F)  # clear the sign of -0 (m == 0)
 
 
-def fnuz_to_fn_bytes(code: Bytes) -> Bytes:
+def fnuz_to_fn_bytes(code: torch.Tensor) -> torch.Tensor:
     """e4m3fnuz bytes -> e4m3fn bytes of twice the value (pair with a halved scale).
 
     Exact except +-240 (0x7F / 0xFF), which would be +-480 and saturate to +-448; NaN (0x80) -> 0x7F.
-    All three results are one less than the byte, so this subtracts two 0/1 indicators (10 passes, was 13).
     """
     m = code & 0x7F
-    nan = m + 0x7F
-    nan >>= 7
-    nan ^= 1
-    nan &= code >> 7  # 1 only for 0x80
-    m += 1
-    m >>= 7
-    m += nan
-    return code - m
-
-
-BYTE_REMAPS = {"fn_to_fnuz": fn_to_fnuz_bytes, "fnuz_to_fn": fnuz_to_fn_bytes}
+    out = code - (((m + 1) & 0x80) >> 7)  # 0x7F -> 0x7E, 0xFF -> 0xFE
+    nan = (code & 0x80) & ~((m + 0x7F) & 0x80)  # 0x80 only for the NaN code 0x80
+    return out ^ ((nan >> 7) * 0xFF)  # 0x80 -> 0x7F
 
 
 def dequantize(stored: torch.Tensor, dtype: str, scale: torch.Tensor | float) -> torch.Tensor:
@@ -107,11 +84,12 @@ def quantize(values: torch.Tensor, dtype: str, scale: torch.Tensor | float) -> t
 
 
 def remap(stored: torch.Tensor, conversion: str, src_dtype: str, dst_dtype: str, src_scale, dst_scale) -> torch.Tensor:
-    """Apply one plan conversion to a block of stored source elements: the reference that
-    ``code_table`` tabulates for ``convert`` (used directly for 4-byte sources); the byte remaps
-    are what ``Converter`` runs itself."""
-    if conversion in BYTE_REMAPS:
-        return BYTE_REMAPS[conversion](stored)
+    """Apply one plan conversion to a block of stored source elements (the reference that
+    ``code_table`` tabulates; used directly only for 4-byte sources)."""
+    if conversion == "fn_to_fnuz":
+        return fn_to_fnuz_bytes(stored)
+    if conversion == "fnuz_to_fn":
+        return fnuz_to_fn_bytes(stored)
     return quantize(dequantize(stored, src_dtype, src_scale), dst_dtype, dst_scale)
 
 
@@ -131,8 +109,8 @@ def code_table(conversion: str, src_dtype: str, dst_dtype: str, scales: tuple[tu
 
     Built by the reference itself, element by element the same operations, so a lookup is
     bit-exact with ``remap`` for every code, NaN, infinity, -0 and subnormals included. One
-    gather replaces the chain of whole-tensor passes that ``remap`` makes (4 with float32
-    intermediates for a quantisation). At most 2**16 codes per row.
+    gather replaces the chain of whole-tensor passes that ``remap`` makes (12 for fn -> fnuz,
+    4 with float32 intermediates for a quantisation). At most 2**16 codes per row.
     """
     storage = STORAGE_DTYPES[src_dtype]
     first = -table_offset(src_dtype)
@@ -157,9 +135,6 @@ class Converter:
     def __call__(self, src: torch.Tensor, dst: torch.Tensor, first_layer: int) -> None:
         """Write converted ``src`` into ``dst``: same-shaped views whose dim 0 runs over layers
         from ``first_layer``."""
-        if self.conversion in BYTE_REMAPS:
-            _in_pieces(functools.partial(_remap_into, BYTE_REMAPS[self.conversion]), src, dst)
-            return
         rows = self.row_of_layer[first_layer : first_layer + src.shape[0]]
         shape = (len(rows),) + (1,) * (src.dim() - 1)
         if src.element_size() * 8 > TABLE_BITS:
@@ -177,50 +152,6 @@ class Converter:
         elif bases[0]:
             index += bases[0]
         dst.copy_(torch.index_select(table.view(-1), 0, index.view(-1)).view(index.shape))
-
-
-# Bytes per task: its passes run in L2/L3, and a 1M-element copy (one block of 32 layers) still
-# spreads over 2 cores (2**16-2**20 timed on a loaded host: 2**18-2**19 best).
-PIECE_ELEMENTS = 2**18
-
-
-def _remap_into(remap_bytes: Callable[[Bytes], Bytes], src: Bytes, dst: Bytes) -> None:
-    """``dst[...] = remap_bytes(src)``: the first pass reads the strided source, the last writes the
-    strided destination, so the layout change costs no pass of its own."""
-    dst[...] = remap_bytes(src)
-
-
-def _in_pieces(work: Callable, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Run ``work(src piece, dst piece)`` over same-shaped views: on CPU over numpy views of
-    cache-sized pieces on torch's thread count (numpy's loops release the GIL, and a piece that
-    fits in L2 is read from DRAM once for all its passes), elsewhere once over the tensors."""
-    if dst.device.type != "cpu":
-        work(src, dst)
-        return
-    s, d = src.numpy(), dst.numpy()
-    pieces = _pieces(d.shape, PIECE_ELEMENTS)
-    if len(pieces) == 1:
-        work(s, d)
-        return
-    list(_pool(torch.get_num_threads()).map(lambda p: work(s[p], d[p]), pieces))
-
-
-def _pieces(shape: tuple[int, ...], limit: int) -> list[tuple]:
-    """Index tuples that cut an array of ``shape`` along its leading dims into pieces of at most
-    ``limit`` elements (or one element of the trailing dims, when those alone exceed it)."""
-    inner = math.prod(shape[1:])
-    if not shape or inner * shape[0] <= limit:
-        return [()]
-    if inner <= limit:
-        step = limit // inner
-        return [(slice(i, i + step),) for i in range(0, shape[0], step)]
-    return [(i, *rest) for i in range(shape[0]) for rest in _pieces(shape[1:], limit)]
-
-
-@functools.lru_cache(maxsize=4)
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """One long-lived pool per thread count (threads cost ~50 us to start; a request has many copies)."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shim-fp8")
 
 
 def converter(conversion: str, src_dtype: str, dst_dtype: str, scales: Sequence[tuple[float, float]]) -> Converter:

@@ -12,10 +12,8 @@ Buffers are given per rank in any of the forms a KV cache exists in:
 Destination buffers are written in place. Every copy is one ``torch.as_strided`` view per
 side and one vectorised ``copy_`` (bit-exact for same-dtype pairs); layers that sit evenly
 spaced in one allocation are moved by the same copy, and so are K and V where the plan fuses
-them. Dtype conversions go through ``fp8.Converter``: the e4m3fn <-> e4m3fnuz byte remaps as
-integer passes that read the source and write the destination views directly (on CPU numpy
-passes over cache-sized pieces, on threads), others as a gather from a table of every source
-code; both bit-exact with the reference ``fp8.remap``. Works on any torch device.
+them. Dtype conversions gather from a table of every source code (``fp8.Converter``), which is
+bit-exact with the arithmetic reference ``fp8.remap``. Works on any torch device.
 """
 
 from __future__ import annotations
