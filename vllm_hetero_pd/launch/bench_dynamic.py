@@ -79,7 +79,7 @@ TTFT_SLO_FACTOR = 4.0  # default TTFT SLO: x the calibrated prefill of the longe
 TPOT_SLO_FACTOR = 2.5  # default TPOT SLO: x the calibrated batch-1 decode step of the decode-heavy phase
 MIN_REQUESTS = 150  # issue 15's floor for a full run
 MAX_FIT_ERROR = 1.0  # a calibration fitting worse than this (3903% on a loaded host) makes the run meaningless
-FLOATING = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}  # one thread, placed by the kernel
+UNBOUND = "nobind"  # VLLM_CPU_OMP_THREADS_BIND value: no core binding; with OMP_NUM_THREADS=1, one thread each
 
 
 class ControllerTimings(msgspec.Struct, frozen=True, kw_only=True):
@@ -162,7 +162,7 @@ def phases(args: argparse.Namespace) -> tuple[Phase, Phase]:
 def engine_specs(model: str, layout: tuple[int, ...] | None = None) -> list[InstanceSpec]:
     """Three kv_both instances in URL order, each with one compute thread.
 
-    By default no thread is bound to a core and the kernel places them (``FLOATING``). Three engines
+    By default no thread is bound to a core and the kernel places them (``UNBOUND``). Three engines
     on two cores must share one, and two engines bound to one core do not work as a P/D pair: the
     decode made no progress until the prefill's lease expired (20-30 s, measured with both pinned to
     core 0; the same two engines unbound served each request in 2-6 s). ``layout`` binds instance
@@ -174,7 +174,7 @@ def engine_specs(model: str, layout: tuple[int, ...] | None = None) -> list[Inst
     dev_mode = {"VLLM_SERVER_DEV_MODE": "1"}  # for /reset_prefix_cache between configurations
     if layout is None:
         return [InstanceSpec(role="both", model=model, http_port=port, kv_transfer_config=kv,
-                             cpu_cores=FLOATING["VLLM_CPU_OMP_THREADS_BIND"], env=dev_mode | FLOATING)
+                             cpu_cores=UNBOUND, env=dev_mode | {"OMP_NUM_THREADS": "1"})
                 for port in ports]
     return [InstanceSpec(role="both", model=model, http_port=port, kv_transfer_config=kv,
                          cpu_cores=str(cores[core % len(cores)]), env=dev_mode)
