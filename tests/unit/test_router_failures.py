@@ -1,7 +1,9 @@
 """Every retry and fallback path of the router, over real HTTP against fake vLLM servers.
 
 Instances are "killed" by closing their server (connection refused afterwards), and faults are
-injected through ``FakeVllm.faults``. Timeouts are shortened so that no test waits long.
+injected through ``FakeVllm.faults``. Deadlines are generous by default, so that a slow, loaded host
+never turns a healthy answer into a timeout; a test of one deadline shortens only that one and
+delays the fake ten times longer, then checks that the router did not wait the delay out.
 """
 
 import asyncio
@@ -15,12 +17,17 @@ from vllm_hetero_pd.testing.fake_backend import FakeCluster, output_tokens
 
 # Probes run every 30 s, i.e. not during a test: ejection is driven by request failures alone,
 # so counts are exact. Tests of re-admission pass PROBING.
-FAST = dict(
-    timeouts=TimeoutConfig(connect_s=0.5, prefill_s=0.5, decode_first_byte_s=0.5, decode_idle_s=0.5,
-                           decode_total_s=5.0),
-    health=HealthConfig(interval_s=30, timeout_s=0.2, max_failures=2),
-)
-PROBING = HealthConfig(interval_s=0.05, timeout_s=0.2, max_failures=2)
+GENEROUS = TimeoutConfig(connect_s=5.0, prefill_s=10.0, decode_first_byte_s=10.0, decode_idle_s=10.0,
+                         decode_total_s=30.0)
+FAST = dict(timeouts=GENEROUS, health=HealthConfig(interval_s=30, timeout_s=2.0, max_failures=2))
+PROBING = HealthConfig(interval_s=0.05, timeout_s=2.0, max_failures=2)
+SHORT_S = 0.5  # the one deadline a test exercises
+DELAY_S = 5.0  # how long the fake then stalls: the router must give up long before
+
+
+def short(*names: str) -> TimeoutConfig:
+    """The generous deadlines with the ones named cut to SHORT_S."""
+    return msgspec.structs.replace(GENEROUS, **dict.fromkeys(names, SHORT_S))
 STREAM = {**COMPLETION, "stream": True, "stream_options": {"include_usage": True}}
 
 
@@ -49,12 +56,12 @@ async def test_failed_prefill_is_retried_on_another_prefill_instance():
 
 @run_async
 async def test_prefill_without_kv_transfer_params_or_too_slow_counts_as_a_failure():
-    async with rr_cluster(num_prefill=3) as cluster:
+    async with rr_cluster(num_prefill=3, timeouts=short("prefill_s")) as cluster:
         cluster.prefill[0].faults.omit_kv_params = True
-        cluster.prefill[1].faults.delay_s = 2.0  # beyond prefill_s=0.5
+        cluster.prefill[1].faults.delay_s = DELAY_S
         start = time.perf_counter()
         status, _, _ = await post(cluster, "/v1/completions", COMPLETION)
-        assert status == 200 and time.perf_counter() - start < 1.5
+        assert status == 200 and time.perf_counter() - start < DELAY_S
         assert cluster.decode[0].received[0].body["kv_transfer_params"]["remote_engine_id"] == "prefill-2"
 
 
@@ -170,12 +177,12 @@ async def test_streaming_decode_that_errors_before_the_first_token_is_retried():
 
 @run_async
 async def test_slow_first_byte_is_retried_and_nothing_hangs():
-    async with rr_cluster(num_decode=2) as cluster:
-        cluster.decode[0].faults.delay_s = 3.0  # beyond decode_first_byte_s=0.5
+    async with rr_cluster(num_decode=2, timeouts=short("decode_first_byte_s")) as cluster:
+        cluster.decode[0].faults.delay_s = DELAY_S
         start = time.perf_counter()
         status, _, raw = await post(cluster, "/v1/completions", STREAM)
         assert status == 200 and sse_events(raw)[-1] == "[DONE]"
-        assert time.perf_counter() - start < 1.5
+        assert time.perf_counter() - start < DELAY_S
 
 
 @run_async
@@ -256,8 +263,8 @@ async def test_a_kv_load_failure_nothing_recovers_is_a_502_naming_decode_prefill
 
 @run_async
 async def test_a_decode_that_times_out_is_not_retried_on_itself():
-    async with rr_cluster() as cluster:
-        cluster.decode[0].faults.delay_s = 3.0  # beyond decode_first_byte_s=0.5: no answer, no 5xx
+    async with rr_cluster(timeouts=short("decode_first_byte_s")) as cluster:
+        cluster.decode[0].faults.delay_s = DELAY_S  # no answer, no 5xx
         status, _, _ = await post(cluster, "/v1/completions", STREAM)
         assert status == 502 and cluster.decode[0].num_requests == 1
 
@@ -274,13 +281,22 @@ async def test_no_decode_instance_left_is_a_503_and_health_says_so():
 
 @run_async
 async def test_a_stream_idle_longer_than_decode_idle_s_ends_with_an_sse_error_event():
-    async with rr_cluster(token_interval_s=1.0) as cluster:  # decode_idle_s is 0.5
+    async with rr_cluster(token_interval_s=DELAY_S, timeouts=short("decode_idle_s")) as cluster:
         start = time.perf_counter()
         status, _, raw = await post(cluster, "/v1/completions", STREAM)
         events = sse_events(raw)
-        assert status == 200 and time.perf_counter() - start < 1.5
+        assert status == 200 and time.perf_counter() - start < DELAY_S
         assert events[0]["choices"][0]["text"] == output_tokens(STREAM)[0]
         assert "[DONE]" not in events and "stream broke" in events[-1]["error"]["message"]
+
+
+@run_async
+async def test_the_wait_for_a_streams_first_event_is_bounded_by_first_byte_not_idle():
+    async with rr_cluster(timeouts=short("decode_idle_s")) as cluster:
+        cluster.decode[0].faults.first_event_delay_s = 3 * SHORT_S  # headers at once, then a slow KV load
+        status, _, raw = await post(cluster, "/v1/completions", STREAM)
+        assert status == 200 and sse_events(raw)[-1] == "[DONE]"
+        assert cluster.decode[0].num_requests == 1
 
 
 @run_async

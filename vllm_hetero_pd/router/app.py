@@ -622,7 +622,7 @@ class Router:
                 _check_status(upstream, await upstream.read(), f"decode {instance.url}")
             head = b""
             while b"\n\n" not in head and len(head) < _PEEK_LIMIT_BYTES:
-                chunk = await upstream.read_chunk()
+                chunk = await upstream.read_chunk(idle_bound=False)  # _open_stream bounds this wait
                 if not chunk:
                     break
                 head += chunk

@@ -96,14 +96,17 @@ class Response:
         self.release()
         return b"".join(pieces)
 
-    async def read_chunk(self) -> bytes:
-        """The body that arrived since the last call (waiting for some), or b"" once it has ended."""
+    async def read_chunk(self, *, idle_bound: bool = True) -> bytes:
+        """The body that arrived since the last call (waiting for some), or b"" once it has ended.
+
+        ``idle_bound=False`` waits up to the call's whole deadline instead of ``idle_s``: the caller
+        bounds that wait itself (a stream's first event may take as long as a prefill's KV load)."""
         connection = self._connection
         if connection is None:
             return b""
         try:
             while not connection.num_buffered_bytes and not connection.complete:
-                await connection.wait(self._read_deadline())
+                await connection.wait(self._read_deadline() if idle_bound else self._deadline)
         except BaseException:
             self.close()
             raise

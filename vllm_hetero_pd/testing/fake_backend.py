@@ -74,6 +74,8 @@ class Faults:
     ``break_after_events``: drop the connection after this many SSE events.
     ``omit_kv_params``: a prefill instance answers without ``kv_transfer_params`` (misconfigured).
     ``delay_s``: wait this long before answering a generate request.
+    ``first_event_delay_s``: after a stream's headers, wait this long before its first event (as vLLM
+    does while it loads remote KV and computes the first token).
     ``health_status``: status of ``GET /health``.
     """
 
@@ -85,6 +87,7 @@ class Faults:
         self.break_after_events: int | None = None
         self.omit_kv_params = False
         self.delay_s = 0.0
+        self.first_event_delay_s = 0.0
         self.health_status = 200
 
 
@@ -497,6 +500,8 @@ class FakeVllm:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         try:
+            if self.faults.first_event_delay_s:
+                await asyncio.sleep(self.faults.first_event_delay_s)
             for i, event in enumerate(events):
                 if self.faults.break_after_events is not None and i >= self.faults.break_after_events:
                     request.transport.close()  # an instance dying mid-stream
