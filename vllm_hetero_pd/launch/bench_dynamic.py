@@ -49,7 +49,9 @@ from vllm_hetero_pd.launch.dynamic_report import (
     markdown,
     mismatches,
     plot,
+    sensitivity_lines,
     stats_by_phase,
+    summary_lines,
 )
 from vllm_hetero_pd.launch.greedy import run_greedy
 from vllm_hetero_pd.launch.instance import InstanceSpec, hetero_kv_config
@@ -85,18 +87,21 @@ UNBOUND = "nobind"  # VLLM_CPU_OMP_THREADS_BIND value: no core binding; with OMP
 class ControllerTimings(msgspec.Struct, frozen=True, kw_only=True):
     """The ratio controller's pace, scaled to phases of about a minute (docs/router.md explains each key).
 
-    A 20 s window holds 25-50 requests at the default rates: means that are stable yet turn over
-    within the decode-heavy phase. A decision every 2 s, a proposal held 4 s and 8 s between flips
-    let a phase change be acted on about 10 s after the window's mix tips, while one slow request
-    cannot flip anything; 6 requests are enough to decide on from the start. A flip needs a 10 %
-    lower load (the controller's default), and a drain may take 30 s, far beyond a phase-2 stream.
+    The best split depends on the window's ISL/OSL mix, not on its rate (a split's load is the
+    rate over a capacity, for both roles alike), and within a phase that mix is steady: so a short
+    window turns over quickly after a phase change without making the controller flap. An 8 s
+    window, a decision every second, a proposal held 2 s and 8 s between flips act on a phase
+    change within about 5 s; 4 requests are enough to decide on. The first run (20 s window, 2 s
+    interval, 4 s hold) flipped 14 s into the decode-heavy phase and lost that phase to the static
+    1:2 split. A flip needs a 10 % lower load (the controller's default), and a drain may take
+    30 s, far beyond a phase-2 stream.
     """
 
-    window_s: float = 20.0
-    interval_s: float = 2.0
-    hold_s: float = 4.0
+    window_s: float = 8.0
+    interval_s: float = 1.0
+    hold_s: float = 2.0
     cooldown_s: float = 8.0
-    min_requests: int = 6
+    min_requests: int = 4
     min_gain: float = 0.1
     max_drain_s: float = 30.0
 
@@ -129,6 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model dir (default: the tiny llama-gqa-d32 bf16 test model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the schedule")
     parser.add_argument("--configs", nargs="*", default=list(SPLITS), choices=list(SPLITS))
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="rounds of every configuration on the same instances and schedule, each round in a "
+                        "rotated order (default 3; quick 1)")
     parser.add_argument("--prefill-rate", type=float, default=0.8, help="prefill-heavy phase: requests/s")
     parser.add_argument("--prefill-s", type=float, default=None, help="prefill-heavy phase: seconds (60; quick 20)")
     parser.add_argument("--prefill-prompt-tokens", type=_range, default=(1024, 1800), metavar="LOW,HIGH")
@@ -305,15 +313,16 @@ class ConfigRun(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def run_config(name: str, cluster: LocalCluster, requests: list[ScheduledRequest], config: RouterConfig,
-               work: Path) -> ConfigRun:
-    """One configuration from clean engines: router up, schedule replayed and polled, router down, KV drained."""
+               work: Path, tag: str) -> ConfigRun:
+    """One configuration from clean engines: router up, schedule replayed and polled, router down, KV drained.
+    ``tag`` names its router config and log (the configuration and round)."""
     settle(cluster)
-    path = work / f"router-{name}.yaml"
+    path = work / f"router-{tag}.yaml"
     path.write_bytes(msgspec.yaml.encode(config))
-    log = work / "logs" / f"router-{name}.log"
+    log = work / "logs" / f"router-{tag}.log"
     with running_router([], [], log, ("--config", str(path))) as url:
         start_s = time.time()
-        results, series = asyncio.run(_measure(url, requests, name))
+        results, series = asyncio.run(_measure(url, requests, tag))
         end_s = time.time()
     intervals = flips(log.read_text())
     if series and series[-1].role_flips != len(intervals):
@@ -370,6 +379,12 @@ def header(args: argparse.Namespace, workload: tuple[Phase, Phase], requests: li
     return lines
 
 
+def rounds_order(configs: list[str], num_rounds: int) -> list[list[str]]:
+    """The configurations of each round, rotated by one per round, so none always runs first (on
+    the coldest caches) or last."""
+    return [configs[r % len(configs):] + configs[:r % len(configs)] for r in range(num_rounds)]
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.model is None:
@@ -383,44 +398,61 @@ def run(args: argparse.Namespace) -> int:
     requests = schedule(workload, model.vocab_size, args.seed)
     logger.info("%d requests; computing the monolithic reference", len(requests))
     references, control = reference(args.model, requests, out / "logs" / "monolithic", args.reference_concurrency)
-    runs = []
+    rounds: list[list[ConfigRun]] = []
     with LocalCluster(engine_specs(args.model, args.core_layout), out / "logs" / "engines") as cluster:
         urls = [inst.url for inst in cluster.instances]
         device = calibrated_device(urls[1], model, CALIBRATION[args.quick], out)
         slo = slo_for(args, model, device, workload)
         ratio = ratio_config(args.model, slo, out, args.initial_prefill)
         warm_up(urls, model.vocab_size)
-        for name in args.configs:
-            logger.info("configuration %s", name)
-            runs.append(run_config(name, cluster, requests, router_config(name, urls, args.model, ratio), out))
-    return _report(args, out, workload, requests, references, control, runs, slo, device, ratio, load_before)
+        for number, names in enumerate(rounds_order(args.configs, args.repeat or (1 if args.quick else 3)), 1):
+            rounds.append([])
+            for name in names:
+                logger.info("round %d, configuration %s", number, name)
+                config = router_config(name, urls, args.model, ratio)
+                rounds[-1].append(run_config(name, cluster, requests, config, out, f"{name}-round{number}"))
+    return _report(args, out, workload, requests, references, control, rounds, slo, device, ratio, load_before)
+
+
+SLO_FACTORS = (0.5, 1.0, 2.0, 4.0)  # the TPOT SLO scalings of the sensitivity table
 
 
 def _report(args: argparse.Namespace, out: Path, workload: tuple[Phase, Phase], requests: list[ScheduledRequest],
-            references: list[Completion], control: list[StreamResult], runs: list[ConfigRun], slo: Slo,
+            references: list[Completion], control: list[StreamResult], rounds: list[list[ConfigRun]], slo: Slo,
             device: Device, ratio: RatioConfig, load_before: float) -> int:
     names = [p.name for p in workload]
-    verdicts = [summarise(r, requests, references, slo, names) for r in runs]
-    reports = [v.report for v in verdicts]
+    verdicts = [[summarise(r, requests, references, slo, names) for r in runs] for runs in rounds]
+    reports = [[v.report for v in round_verdicts] for round_verdicts in verdicts]
     control_differing, control_ties = mismatches(references, control)
-    table = markdown(reports, slo, header(args, workload, requests, load_before, os.getloadavg()[0], device, ratio),
-                     DYNAMIC, (len(control_differing), len(control_ties), largest_delta(references, control)))
+    control_row = (len(control_differing), len(control_ties), largest_delta(references, control))
+    head = header(args, workload, requests, load_before, os.getloadavg()[0], device, ratio)
+    results_by_round = [{r.name: r.results for r in runs} for runs in rounds]
+    text = [*head, "", f"SLO: TTFT <= {slo.ttft_s * 1e3:.0f} ms and TPOT <= {slo.tpot_s * 1e3:.1f} ms ({slo.source}).",
+            "", f"## {len(rounds)} round(s)", "", *summary_lines(reports, DYNAMIC), "",
+            "Median good requests with the TPOT SLO scaled (TTFT SLO kept; the controller always ran with 1x):", "",
+            *sensitivity_lines(requests, results_by_round, slo, SLO_FACTORS, names)]
+    for number, round_reports in enumerate(reports, 1):
+        text += ["", markdown(round_reports, slo, [f"## Round {number}"], DYNAMIC, control_row)]
+    table = "\n".join(text) + "\n"
     (out / "results.md").write_text(table)
     (out / "results.json").write_bytes(msgspec.json.encode({
         "phases": workload, "controller": CONTROLLER, "calibration": CALIBRATION[args.quick], "slo": slo,
         "device": device, "seed": args.seed, "quick": args.quick, "load_average": [load_before, os.getloadavg()[0]],
         "control": {"lost": sum(r.lost for r in control), "differing": control_differing, "near_ties": control_ties},
-        "verdicts": verdicts,
-        "goodput": {r.name: {p: s.goodput for p, s in r.phases.items()} for r in reports}}))
+        "rounds": verdicts,
+        "latencies": [{name: [(r.index, r.ttft_s, r.tpot_s, r.lost) for r in results] for name, results in by.items()}
+                      for by in results_by_round],
+        "goodput": [{r.name: {p: s.goodput for p, s in r.phases.items()} for r in rr} for rr in reports]}))
     (out / "timeseries.json").write_bytes(msgspec.json.encode(
-        {r.name: {"start_s": r.start_s, "end_s": r.end_s, "samples": r.series, "flips": r.flips} for r in runs}))
-    for r in runs:
-        if r.name == DYNAMIC and r.series:
-            plot(r.series, r.start_s, phase_starts(workload), f"bench dynamic: roles and desired replicas "
-                 f"({len(r.flips)} flips)", out / "roles-dynamic.png")
+        [{r.name: {"start_s": r.start_s, "end_s": r.end_s, "samples": r.series, "flips": r.flips} for r in runs}
+         for runs in rounds]))
+    for number, runs in enumerate(rounds, 1):
+        for r in runs:
+            if r.name == DYNAMIC and r.series:
+                plot(r.series, r.start_s, phase_starts(workload), f"bench dynamic round {number}: roles and "
+                     f"desired replicas ({len(r.flips)} flips)", out / f"roles-dynamic-round{number}.png")
     print(table)
-    bad = [r.name for r in reports if r.lost or r.mismatches]
+    bad = sorted({r.name for rr in reports for r in rr if r.lost or r.mismatches})
     if bad:
         print(f"FAILED: requests lost or outputs != monolithic in {', '.join(bad)}")
     return 1 if bad else 0
-

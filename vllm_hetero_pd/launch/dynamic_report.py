@@ -10,7 +10,8 @@ scheduled requests, so a lost request counts against it. Quantiles are ``pd_vali
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import msgspec
@@ -113,20 +114,92 @@ def largest_delta(references: Sequence[Completion], results: Sequence[StreamResu
     return max(deltas, default=0.0)
 
 
+class GoalRow(msgspec.Struct, frozen=True, kw_only=True):
+    """Issue 15's goal in one phase: dynamic's good requests against the better static split's."""
+
+    phase: str
+    dynamic_good: float
+    best_static: str
+    best_good: float
+
+    @property
+    def met(self) -> bool:
+        """At least the better static split in a phase, strictly above both over the whole run."""
+        return self.dynamic_good > self.best_good if self.phase == ALL else self.dynamic_good >= self.best_good
+
+    def line(self) -> str:
+        need = ">" if self.phase == ALL else ">="
+        return (f"* {self.phase}: dynamic {self.dynamic_good:g} good vs best static {self.best_good:g} "
+                f"({self.best_static}): {'met' if self.met else 'missed'} (goal {need})")
+
+
+def goal_rows(good: Mapping[str, Mapping[str, float]], dynamic: str) -> list[GoalRow]:
+    """The goal per phase from good counts by configuration and phase (one run's, or medians over rounds)."""
+    if dynamic not in good or len(good) < 2:
+        return []
+    statics = [name for name in good if name != dynamic]
+    rows = []
+    for phase, got in good[dynamic].items():
+        best = max(statics, key=lambda name: good[name][phase])
+        rows.append(GoalRow(phase=phase, dynamic_good=got, best_static=best, best_good=good[best][phase]))
+    return rows
+
+
+def good_counts(reports: Sequence[ConfigReport]) -> dict[str, dict[str, float]]:
+    return {r.name: {phase: s.good for phase, s in r.phases.items()} for r in reports}
+
+
 def goal_lines(reports: Sequence[ConfigReport], dynamic: str) -> list[str]:
     """Issue 15's goal, checked: dynamic goodput >= the better static split in each phase, > both overall."""
-    by = {r.name: r for r in reports}
-    if dynamic not in by or len(by) < 2:
-        return []
-    statics = [r for r in reports if r.name != dynamic]
-    lines = []
-    for phase in by[dynamic].phases:
-        best = max(statics, key=lambda r: r.phases[phase].good)
-        got, bar = by[dynamic].phases[phase].good, best.phases[phase].good
-        above = got > bar if phase == ALL else got >= bar
-        need = ">" if phase == ALL else ">="
-        lines.append(f"* {phase}: dynamic {got} good vs best static {bar} ({best.name}): "
-                     f"{'met' if above else 'missed'} (goal {need})")
+    return [row.line() for row in goal_rows(good_counts(reports), dynamic)]
+
+
+def summary_lines(rounds: Sequence[Sequence[ConfigReport]], dynamic: str) -> list[str]:
+    """Every round side by side: good requests per round with their median and range, latency medians,
+    and the goal checked on the medians and in each round."""
+    names = [r.name for r in rounds[0]]
+    by_round = [{r.name: r for r in reports} for reports in rounds]  # rounds may run configurations in any order
+    lines = ["| config | phase | requests | good per round | median good | range | TTFT p50 ms (median) | "
+             "TPOT p50 ms (median) | TPOT p90 ms (median) |", "|---" * 9 + "|"]
+    medians: dict[str, dict[str, float]] = {}
+    for name in names:
+        for phase in by_round[0][name].phases:
+            stats = [reports[name].phases[phase] for reports in by_round]
+            good = [s.good for s in stats]
+            medians.setdefault(name, {})[phase] = statistics.median(good)
+            lines.append(f"| {name} | {phase} | {stats[0].requests} | {', '.join(map(str, good))} | "
+                         f"{statistics.median(good):g} | {min(good)}-{max(good)} | "
+                         f"{_ms(_median([s.ttft_p50_s for s in stats]))} | "
+                         f"{_ms(_median([s.tpot_p50_s for s in stats]), 1)} | "
+                         f"{_ms(_median([s.tpot_p90_s for s in stats]), 1)} |")
+    per_round = [goal_rows(good_counts(reports), dynamic) for reports in rounds]
+    lines += ["", f"Goal on the medians of {len(rounds)} round(s):"]
+    for row in goal_rows(medians, dynamic):
+        met_in = sum(r.met for rows in per_round for r in rows if r.phase == row.phase)
+        lines.append(f"{row.line()}; met in {met_in} of {len(rounds)} rounds")
+    return lines
+
+
+def _median(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.median(kept) if kept else math.nan
+
+
+def sensitivity_lines(requests: Sequence[ScheduledRequest], rounds: Sequence[Mapping[str, Sequence[StreamResult]]],
+                      slo: Slo, factors: Sequence[float], phase_names: Sequence[str]) -> list[str]:
+    """Median good requests per configuration and phase with the TPOT SLO scaled by each factor (TTFT
+    SLO kept): whether the goal's verdict hangs on where the SLO was put. The controller ran with 1x."""
+    names = list(rounds[0])
+    lines = ["| config | phase | " + " | ".join(f"TPOT <= {f * slo.tpot_s * 1e3:.1f} ms ({f:g}x)" for f in factors)
+             + " |", "|---|---|" + "---|" * len(factors)]
+    for name in names:
+        for phase in [*phase_names, ALL]:
+            cells = []
+            for factor in factors:
+                scaled = msgspec.structs.replace(slo, tpot_s=slo.tpot_s * factor)
+                good = [stats_by_phase(requests, results[name], scaled, phase_names)[phase].good for results in rounds]
+                cells.append(f"{statistics.median(good):g}")
+            lines.append(f"| {name} | {phase} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -20,9 +20,11 @@ from vllm_hetero_pd.launch.dynamic_report import (
     mismatches,
     phase_stats,
     plot,
+    sensitivity_lines,
     stats_by_phase,
+    summary_lines,
 )
-from vllm_hetero_pd.launch.phased_workload import Phase, phase_starts, schedule
+from vllm_hetero_pd.launch.phased_workload import Phase, ScheduledRequest, phase_starts, schedule
 from vllm_hetero_pd.launch.role_timeline import FlipInterval, flips, in_flight_during, role_sample
 from vllm_hetero_pd.launch.timed_stream import StreamResult, fold
 from vllm_hetero_pd.router.config import load_config
@@ -231,6 +233,30 @@ def test_goal_lines_compare_with_the_better_static_split_per_phase():
     assert goal_lines(reports[:2], "dynamic") == []
 
 
+def test_summary_takes_medians_over_rounds_and_counts_the_rounds_that_met_the_goal():
+    rounds = [[report("static-2p1d", {"p1": 10, ALL: 10}), report("dynamic", {"p1": 9, ALL: 12})],
+              [report("dynamic", {"p1": 12, ALL: 14}), report("static-2p1d", {"p1": 11, ALL: 11})],
+              [report("static-2p1d", {"p1": 7, ALL: 7}), report("dynamic", {"p1": 11, ALL: 11})]]
+    lines = summary_lines(rounds, "dynamic")
+    assert "| dynamic | p1 | 10 | 9, 12, 11 | 11 | 9-12 | 100 | 10.0 | 10.0 |" in lines
+    assert "| static-2p1d | p1 | 11 | 10, 11, 7 | 10 | 7-11 | 100 | 10.0 | 10.0 |" in lines
+    assert "* p1: dynamic 11 good vs best static 10 (static-2p1d): met (goal >=); met in 2 of 3 rounds" in lines
+    assert "* whole run: dynamic 12 good vs best static 10 (static-2p1d): met (goal >); met in 3 of 3 rounds" in lines
+
+
+def test_sensitivity_rescores_the_same_requests_at_each_tpot_slo():
+    requests = [ScheduledRequest(index=i, at_s=float(i), phase="p1", prompt=[1], max_tokens=4) for i in range(3)]
+    results = {"a": [result(0, 0.1, tpot=0.005), result(1, 0.1, tpot=0.015), result(2, 0.1, tpot=0.035)]}
+    lines = sensitivity_lines(requests, [results, results], SLO, (0.5, 1.0, 2.0), ["p1"])
+    assert lines[0] == "| config | phase | TPOT <= 10.0 ms (0.5x) | TPOT <= 20.0 ms (1x) | TPOT <= 40.0 ms (2x) |"
+    assert lines[2:] == ["| a | p1 | 1 | 2 | 3 |", "| a | whole run | 1 | 2 | 3 |"]
+
+
+def test_rounds_rotate_the_order_of_the_configurations():
+    assert bench_dynamic.rounds_order(["a", "b", "c"], 4) == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
+                                                              ["a", "b", "c"]]
+
+
 def test_markdown_has_a_row_per_config_and_phase_and_the_correctness_table():
     reports = [report("static-2p1d", {"p1": 3, ALL: 3}),
                report("dynamic", {"p1": 3, ALL: 3}, role_flips=2, in_flight_during_flips=5)]
@@ -262,7 +288,7 @@ def test_router_configs_pin_the_static_splits_and_mix_the_dynamic_one(tmp_path):
     urls = ["http://127.0.0.1:8101", "http://127.0.0.1:8102", "http://127.0.0.1:8103"]
     slo = Slo(ttft_s=2.0, tpot_s=0.025, source="test")
     ratio = bench_dynamic.ratio_config("llama-3.1-8b", slo, tmp_path, None)
-    assert (ratio.window_s, ratio.interval_s, ratio.hold_s, ratio.cooldown_s, ratio.min_requests) == (20, 2, 4, 8, 6)
+    assert (ratio.window_s, ratio.interval_s, ratio.hold_s, ratio.cooldown_s, ratio.min_requests) == (8, 1, 2, 8, 4)
     assert ratio.catalog == (str(tmp_path / "catalog.yaml"),) and ratio.device == bench_dynamic.DEVICE
     assert (ratio.ttft_ms, ratio.tpot_ms) == (2000, 25)
     splits = {}
@@ -316,14 +342,16 @@ def test_the_report_of_a_whole_run_is_written_and_fails_on_a_mismatch(tmp_path):
 
     runs = [config_run("static-2p1d", None), config_run("static-1p2d", None), config_run("dynamic", 10)]
     control = config_run("control", None).results
-    code = bench_dynamic._report(args, tmp_path, workload, requests, references, control, runs, slo, device, ratio,
-                                 0.5)
+    code = bench_dynamic._report(args, tmp_path, workload, requests, references, control, [runs, runs[::-1]], slo,
+                                 device, ratio, 0.5)
     assert code == 1  # request 10 differs
     table = (tmp_path / "results.md").read_text()
     assert "| phase | rate | ISL | OSL |" in table and "| dynamic | 1 | 0 | 1 | 0 | 0.000 |" in table
     saved = msgspec.json.decode((tmp_path / "results.json").read_bytes())
-    dynamic = saved["verdicts"][2]
+    assert len(saved["rounds"]) == 2 and len(saved["latencies"][1]["dynamic"]) == len(requests)
+    dynamic = saved["rounds"][0][2]
     assert dynamic["differing"] == {"10": "token ids differ from position 0: 10 vs 11, not a near tie within 0.25"}
     assert dynamic["in_flight_during_flips"] == [r.index for r in requests if 9.0 < r.at_s < 11.0]
-    assert set(msgspec.json.decode((tmp_path / "timeseries.json").read_bytes())) == set(bench_dynamic.SPLITS)
-    assert (tmp_path / "roles-dynamic.png").exists()
+    assert set(msgspec.json.decode((tmp_path / "timeseries.json").read_bytes())[1]) == set(bench_dynamic.SPLITS)
+    assert (tmp_path / "roles-dynamic-round1.png").exists() and (tmp_path / "roles-dynamic-round2.png").exists()
+    assert "Goal on the medians of 2 round(s):" in table and "## Round 2" in table
