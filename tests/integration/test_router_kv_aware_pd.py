@@ -3,7 +3,10 @@
 Checks what the unit tests cannot: that the router tokenises prompts exactly as vLLM does (the
 precondition for matching its KV events), that the events of a real engine decode and drive the
 choice, that answers through kv_aware routing (cache hits included) equal the monolithic ones,
-and that a cleared engine cache (``AllBlocksCleared``) costs no request.
+that a cleared engine cache (``AllBlocksCleared``) costs no request, and that a prefill engine that
+dies and comes back (a new process, its event sequence starting again) costs none either: the
+router routes by load while its view of that engine is gone and rebuilds it from the new events.
+The restart runs last: it changes the cluster.
 """
 
 from __future__ import annotations
@@ -109,6 +112,34 @@ def test_a_cleared_engine_cache_costs_no_request(kv_router, kv_cluster, prompts,
     assert compare(reference[:2], got, LOGPROB_TOLERANCE) == []
     assert metric_sum(scrape(kv_router), "hetero_pd_router_kv_events_total", kind="cleared") >= 2
     assert metric_sum(scrape(kv_router), "hetero_pd_router_errors_total") == 0
+
+
+def test_a_restarted_prefill_engine_is_routed_around_then_rebuilt_and_no_request_fails(kv_router, kv_cluster,
+                                                                                       prompts, reference):
+    cluster, _ = kv_cluster
+    victim = cluster.by_role("prefill")[0]
+
+    def answered(tag: str, indices: range) -> None:
+        got = [parse_completion(post_json(kv_router + "/v1/completions", greedy_body(prompts[i]), f"{tag}-{i}", 300))
+               for i in indices]
+        assert compare([reference[i] for i in indices], got, LOGPROB_TOLERANCE) == []
+
+    before = scrape(kv_router)
+    victim.stop()
+    answered("victim-down", range(3))  # retried on the other prefill, the dead one ejected
+    fresh = cluster.restart(victim)
+    for _ in range(60):  # health probes re-admit it
+        if metric_sum(scrape(kv_router), "hetero_pd_router_instance_healthy", instance=fresh.url) == 1:
+            break
+        time.sleep(0.5)
+    routes_before = metric_sum(scrape(kv_router), "hetero_pd_router_routes_total", prefill=fresh.url)
+    answered("victim-back", range(8))
+    after = scrape(kv_router)
+    assert metric_sum(after, "hetero_pd_router_errors_total") == metric_sum(before, "hetero_pd_router_errors_total")
+    assert metric_sum(after, "hetero_pd_router_ejections_total", role="prefill") >= 1
+    assert metric_sum(after, "hetero_pd_router_kv_event_gaps_total", outcome="restarted") >= 1  # seq went back
+    assert metric_sum(after, "hetero_pd_router_prefix_view_synced", instance=fresh.url) == 1  # rebuilt
+    assert metric_sum(after, "hetero_pd_router_routes_total", prefill=fresh.url) > routes_before  # used again
 
 
 def _explained(router: str, request_id: str, headers: dict) -> dict:

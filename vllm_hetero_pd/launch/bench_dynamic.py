@@ -19,12 +19,14 @@ three instances start; ``vllm-hetero-pd calibrate``'s measurement fits this CPU 
 and sets the SLO unless ``--ttft-slo-ms``/``--tpot-slo-ms`` fix it; one request per ordered pair
 warms every KV path up; then per configuration: wait until no instance holds KV, empty the prefix
 caches, start the router, replay the schedule (``phased_workload``, streamed open-loop,
-``timed_stream``) while polling the router's ``/metrics`` once a second (``role_timeline``), stop it.
+``timed_stream``) while polling the router's ``/metrics`` once a second (``role_timeline``), stop it;
+all configurations ``--repeat`` times, each round in a rotated order (``rounds_order``).
 
-Results in ``--out``: ``results.md`` (the table, the goal check, correctness), ``results.json``,
-``timeseries.json`` (roles, desired replicas and window per second, flips from the router's log),
-``roles-dynamic.png``, the catalog, and every engine and router log under ``logs/``. Exit 1 when a
-request was lost or an answer differs from the monolithic engine's.
+Results in ``--out``: ``results.md`` (the summary over rounds, the TPOT-SLO sensitivity, and per
+round the table, the goal check and correctness), ``results.json`` (per-request latencies too),
+``timeseries.json`` (per round: roles, desired replicas and window per second, flips from the
+router's log), ``roles-dynamic-roundN.png``, the catalog, and every engine and router log under
+``logs/``. Exit 1 when a request was lost or an answer differs from the monolithic engine's.
 """
 
 from __future__ import annotations
@@ -78,7 +80,12 @@ SPLITS = {"static-2p1d": 2, "static-1p2d": 1, DYNAMIC: None}  # prefill instance
 DEVICE = "CPU-bench-dynamic"  # the calibrated device's name in OUT/catalog.yaml
 NOISY_LOAD_AVERAGE = 1.5  # as bench shim: above this before the run, the table is marked noisy
 TTFT_SLO_FACTOR = 4.0  # default TTFT SLO: x the calibrated prefill of the longest prompt
-TPOT_SLO_FACTOR = 2.5  # default TPOT SLO: x the calibrated batch-1 decode step of the decode-heavy phase
+TPOT_SLO_FACTOR = 6.0  # default TPOT SLO: x the calibrated batch-1 decode step of the decode-heavy phase
+"""Why 6 and not the 2.5 of the first runs: three engines share two cores here, so a decode step
+under load is several times the step calibrated on one idle instance. At 2.5x (13.7-17.9 ms) no
+split met the TPOT SLO in the decode-heavy phase of either run, and goodput there measured nothing
+but noise. 6x was chosen from the pilot's static rows, before the measured rounds; results.md
+rescores every request at 0.5x-4x this SLO, so the verdict's dependence on it is visible."""
 MIN_REQUESTS = 150  # issue 15's floor for a full run
 MAX_FIT_ERROR = 1.0  # a calibration fitting worse than this (3903% on a loaded host) makes the run meaningless
 UNBOUND = "nobind"  # VLLM_CPU_OMP_THREADS_BIND value: no core binding; with OMP_NUM_THREADS=1, one thread each
@@ -119,7 +126,7 @@ class CalibrationPlan(msgspec.Struct, frozen=True, kw_only=True):
 CONTROLLER = ControllerTimings()
 CALIBRATION = {False: CalibrationPlan(), True: CalibrationPlan(lengths=(32, 512, 1800), repeats=2,
                                                                 batches=(1, 4, 16), steps=32)}
-PHASE_S = {False: (60.0, 60.0), True: (20.0, 20.0)}  # (prefill-heavy, decode-heavy) durations, by --quick
+PHASE_S = {False: (60.0, 120.0), True: (20.0, 40.0)}  # (prefill-heavy, decode-heavy) durations, by --quick
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -130,19 +137,19 @@ def _range(text: str) -> tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-dynamic-out"))
     parser.add_argument("--quick", action="store_true",
-                        help="pilot: 20 s phases (63 requests at seed 0) and a shorter calibration")
+                        help="pilot: 20 s + 40 s phases (53 requests at seed 0) and a shorter calibration")
     parser.add_argument("--model", default=None, help="model dir (default: the tiny llama-gqa-d32 bf16 test model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the schedule")
     parser.add_argument("--configs", nargs="*", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--repeat", type=int, default=None,
                         help="rounds of every configuration on the same instances and schedule, each round in a "
                         "rotated order (default 3; quick 1)")
-    parser.add_argument("--prefill-rate", type=float, default=0.8, help="prefill-heavy phase: requests/s")
+    parser.add_argument("--prefill-rate", type=float, default=0.6, help="prefill-heavy phase: requests/s")
     parser.add_argument("--prefill-s", type=float, default=None, help="prefill-heavy phase: seconds (60; quick 20)")
     parser.add_argument("--prefill-prompt-tokens", type=_range, default=(1024, 1800), metavar="LOW,HIGH")
     parser.add_argument("--prefill-max-tokens", type=_range, default=(4, 8), metavar="LOW,HIGH")
-    parser.add_argument("--decode-rate", type=float, default=2.0, help="decode-heavy phase: requests/s")
-    parser.add_argument("--decode-s", type=float, default=None, help="decode-heavy phase: seconds (60; quick 20)")
+    parser.add_argument("--decode-rate", type=float, default=1.2, help="decode-heavy phase: requests/s")
+    parser.add_argument("--decode-s", type=float, default=None, help="decode-heavy phase: seconds (120; quick 40)")
     parser.add_argument("--decode-prompt-tokens", type=_range, default=(16, 64), metavar="LOW,HIGH")
     parser.add_argument("--decode-max-tokens", type=_range, default=(128, 256), metavar="LOW,HIGH")
     parser.add_argument("--ttft-slo-ms", type=float, default=None,

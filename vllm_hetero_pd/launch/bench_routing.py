@@ -10,7 +10,8 @@
   engine's (greedy; the conversation history is the monolithic answers, so every policy sends the
   same prompts).
 * ``decode-capacity``: 1 prefill + 2 decodes, decode 0 with a small KV space
-  (``--num-gpu-blocks-override``); long and short prompts at once. Per decode policy
+  (``--num-gpu-blocks-override``, with a ``--max-model-len`` small enough for vLLM to accept it);
+  long and short prompts at once. Per decode policy
   (``least_work``, ``kv_aware``): long requests on each decode, and its preemptions
   (``vllm:num_preemptions_total`` delta).
 * ``local-prefill``: 1 prefill + 1 decode, short uncached prompts mixed with long ones. Per
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import time
 import urllib.request
 from pathlib import Path
@@ -57,10 +59,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--policies", nargs="*", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="prefix: rounds of every policy on the same engines, each round in a rotated order")
     parser.add_argument("--prefix-weights", type=float, nargs="*", default=[ScoringConfig().prefix_weight],
                         help="prefix: one kv_aware run per scoring.prefix_weight (default: the router's default)")
     parser.add_argument("--small-kv-blocks", type=int, default=96,
-                        help="decode-capacity: KV blocks of the small decode (x16 tokens)")
+                        help=f"decode-capacity: KV blocks of the small decode (x{BLOCK_SIZE} tokens; the default "
+                        "holds one long request, not two)")
+    parser.add_argument("--small-max-model-len", type=int, default=2304,
+                        help="decode-capacity: the small decode's --max-model-len; vLLM refuses a KV space smaller "
+                        "than one request of this length (default: a long request, 2214 prompt + 64 output tokens "
+                        "with the tiny model's tokenizer, rounded up to blocks)")
     parser.add_argument("--thresholds", type=int, nargs="*", default=[32, 64, 128, 256],
                         help="local-prefill: min_disagg_tokens values to compare with 0")
 
@@ -213,45 +222,73 @@ def run_prefix(args: argparse.Namespace) -> dict[str, Any]:
             bodies = prefix_bodies(turns[:t + 1], answers, args.max_tokens)[t]
             for c, (text, _) in enumerate(asyncio.run(run_bodies(url, _named(bodies, args.model), 1))):
                 answers[(c, t)] = text
-    rounds = prefix_bodies(turns, answers, args.max_tokens)
+    turn_bodies = prefix_bodies(turns, answers, args.max_tokens)
     specs, router_args = engine_specs(args.model, 2, 1)
-    rows, outputs_equal = [], True
+    rows = []
+    variants = prefix_variants(args)
     with LocalCluster(specs, work / "engines") as cluster:
-        prefill_args, decode_args = instance_args(cluster, router_args)
-        prefill_urls = [i.url for i in cluster.by_role("prefill")]
-        for policy, weight in prefix_variants(args):
-            reset_caches(cluster)
-            before = counters(prefill_urls)
-            label = policy if weight is None else f"kv_aware (prefix_weight {weight:g})"
-            config = work / f"router-{policy}-{weight}.yaml"
-            config.write_bytes(msgspec.yaml.encode(prefix_router_config(prefill_args, decode_args, policy, weight,
-                                                                        args.model)))
-            with running_router([], [], work / f"router-{policy}-{weight}.log", ("--config", str(config))) as router:
-                ttfts, mismatches = [], 0
-                for t, bodies in enumerate(rounds):
-                    for c, (text, ttft) in enumerate(asyncio.run(run_bodies(router, _named(bodies, args.model),
-                                                                            args.concurrency))):
-                        ttfts.append(ttft)
-                        mismatches += text != answers[(c, t)]
-                routed = scrape(router)
-            d = delta(counters(prefill_urls), before)
-            outputs_equal &= mismatches == 0
-            rows.append({"policy": label, "requests": len(ttfts), "hit_rate": d["hits"] / max(d["queries"], 1),
-                         "prefill_tokens_computed": d["computed"], "ttft_p50_ms": 1e3 * percentile(ttfts, 50),
-                         "ttft_p90_ms": 1e3 * percentile(ttfts, 90), "mismatches": mismatches,
-                         "router_expected_hit_tokens": metric_sum(routed, "hetero_pd_router_prefix_hit_tokens_total",
-                                                                  role="prefill")})
-    lines = ["| prefill policy | requests | prefix hit rate | prefill tokens computed | TTFT p50 ms | TTFT p90 ms "
+        instances = instance_args(cluster, router_args)
+        for number in range(1, args.repeat + 1):
+            shift = (number - 1) % len(variants)  # rotated, so no policy always runs first
+            for policy, weight in variants[shift:] + variants[:shift]:
+                row = prefix_round(args, cluster, instances, turn_bodies, answers, policy, weight,
+                                   f"{policy}-{weight}-round{number}")
+                rows.append({**row, "round": number})
+    return {"rows": rows, "outputs_equal": all(r["mismatches"] == 0 for r in rows),
+            "table": "\n".join(prefix_table(rows))}
+
+
+def prefix_round(args: argparse.Namespace, cluster: LocalCluster, instances: tuple[list[str], list[str]],
+                 turn_bodies: list[list[dict[str, Any]]], answers: dict[tuple[int, int], str], policy: str,
+                 weight: float | None, tag: str) -> dict[str, Any]:
+    """One policy over the whole workload from empty caches: the prefills' counters, TTFTs, mismatches."""
+    work = args.out / "prefix"
+    prefill_urls = [i.url for i in cluster.by_role("prefill")]
+    reset_caches(cluster)
+    before = counters(prefill_urls)
+    config = work / f"router-{tag}.yaml"
+    config.write_bytes(msgspec.yaml.encode(prefix_router_config(*instances, policy, weight, args.model)))
+    with running_router([], [], work / f"router-{tag}.log", ("--config", str(config))) as router:
+        ttfts, mismatches = [], 0
+        for t, bodies in enumerate(turn_bodies):
+            for c, (text, ttft) in enumerate(asyncio.run(run_bodies(router, _named(bodies, args.model),
+                                                                    args.concurrency))):
+                ttfts.append(ttft)
+                mismatches += text != answers[(c, t)]
+        routed = scrape(router)
+    d = delta(counters(prefill_urls), before)
+    return {"policy": policy if weight is None else f"kv_aware (prefix_weight {weight:g})", "requests": len(ttfts),
+            "hit_rate": d["hits"] / max(d["queries"], 1), "prefill_tokens_computed": d["computed"],
+            "ttft_p50_ms": 1e3 * percentile(ttfts, 50), "ttft_p90_ms": 1e3 * percentile(ttfts, 90),
+            "mismatches": mismatches, "router_expected_hit_tokens": metric_sum(
+                routed, "hetero_pd_router_prefix_hit_tokens_total", role="prefill")}
+
+
+def prefix_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Per policy: every round's figures as "median (min-max)", then kv_aware against least_work per round."""
+    def spread(values: list[float], digits: int) -> str:
+        return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    by = {p: [r for r in rows if r["policy"] == p] for p in policies}
+    lines = [f"{len(by[policies[0]])} round(s); each cell is the median (min-max) over rounds.", "",
+             "| prefill policy | requests | prefix hit rate | prefill tokens computed | TTFT p50 ms | TTFT p90 ms "
              "| outputs != monolithic |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['policy']} | {r['requests']} | {r['hit_rate']:.3f} | {r['prefill_tokens_computed']:.0f} | "
-              f"{r['ttft_p50_ms']:.1f} | {r['ttft_p90_ms']:.1f} | {r['mismatches']} |" for r in rows]
-    least = next((r for r in rows if r["policy"] == "least_work"), None)
-    for r in rows:
-        if least is not None and r["policy"].startswith("kv_aware"):
-            ratio = r["prefill_tokens_computed"] / max(least["prefill_tokens_computed"], 1)
-            lines.append(f"\n{r['policy']} / least_work prefill tokens computed: {ratio:.3f} (goal <= 0.70); "
-                         f"TTFT p50 {r['ttft_p50_ms']:.1f} vs {least['ttft_p50_ms']:.1f} ms")
-    return {"rows": rows, "outputs_equal": outputs_equal, "table": "\n".join(lines)}
+    for p in policies:
+        rs = by[p]
+        lines.append(f"| {p} | {rs[0]['requests']} | {spread([r['hit_rate'] for r in rs], 3)} | "
+                     f"{spread([r['prefill_tokens_computed'] for r in rs], 0)} | "
+                     f"{spread([r['ttft_p50_ms'] for r in rs], 1)} | {spread([r['ttft_p90_ms'] for r in rs], 1)} | "
+                     f"{sum(r['mismatches'] for r in rs)} |")
+    least = {r["round"]: r for r in by.get("least_work", [])}
+    for p in policies:
+        if not p.startswith("kv_aware") or not least:
+            continue
+        tokens = [r["prefill_tokens_computed"] / max(least[r["round"]]["prefill_tokens_computed"], 1) for r in by[p]]
+        ttft = [r["ttft_p50_ms"] / least[r["round"]]["ttft_p50_ms"] for r in by[p]]
+        lines.append(f"\n{p} / least_work, per round: prefill tokens computed {', '.join(f'{x:.3f}' for x in tokens)} "
+                     f"(goal <= 0.70); TTFT p50 {', '.join(f'{x:.2f}' for x in ttft)} (goal < 1)")
+    return lines
 
 
 def prefix_variants(args: argparse.Namespace) -> list[tuple[str, float | None]]:
@@ -277,7 +314,7 @@ def _named(bodies: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- decode capacity
 
 def run_decode_capacity(args: argparse.Namespace) -> dict[str, Any]:
-    small = ["--num-gpu-blocks-override", str(args.small_kv_blocks)]
+    small = ["--num-gpu-blocks-override", str(args.small_kv_blocks), "--max-model-len", str(args.small_max_model_len)]
     specs, router_args = engine_specs(args.model, 1, 2, decode_extra=[small, []])
     long_text, short_text = sample_text(900, 7), sample_text(40, 8)
     rows = []

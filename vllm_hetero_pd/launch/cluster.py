@@ -15,6 +15,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import msgspec
+
 from vllm_hetero_pd.launch.instance import UNSET_ENV, InstanceSpec, serve_command, serve_env
 from vllm_hetero_pd.ports import free_port, is_free
 
@@ -40,7 +42,7 @@ class Instance:
     """One running ``vllm serve`` process group."""
 
     def __init__(self, spec: InstanceSpec, name: str, log_dir: Path, cpu_cores: str):
-        self.spec, self.name = spec, name
+        self.spec, self.name, self.cpu_cores = spec, name, cpu_cores
         self.http_port = spec.http_port or free_port()
         self.side_channel_port = spec.side_channel_port or free_port()
         for port in {spec.http_port, spec.side_channel_port} - {0}:
@@ -112,9 +114,21 @@ class LocalCluster:
             self.stop()
             raise
 
-    def _wait_healthy(self) -> None:
+    def restart(self, instance: Instance) -> Instance:
+        """Stop ``instance`` and start it again on the same ports and cores, as a crashed engine that its
+        supervisor brings back: a new process that knows nothing of the old one's KV. Returns the new one."""
+        instance.stop()
+        spec = msgspec.structs.replace(instance.spec, http_port=instance.http_port,
+                                       side_channel_port=instance.side_channel_port)
+        (self.log_dir / "restarted").mkdir(exist_ok=True)
+        fresh = Instance(spec, instance.name, self.log_dir / "restarted", instance.cpu_cores)
+        self.instances[self.instances.index(instance)] = fresh
+        self._wait_healthy([fresh])
+        return fresh
+
+    def _wait_healthy(self, instances: list[Instance] | None = None) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
-        pending = list(self.instances)
+        pending = list(self.instances if instances is None else instances)
         while pending:
             for inst in list(pending):
                 if inst.process.poll() is not None:

@@ -72,7 +72,7 @@ def test_the_defaults_give_issue_15s_150_requests_and_quick_fewer():
     assert len(full) >= bench_dynamic.MIN_REQUESTS
     assert 40 <= len(quick) < len(full)
     assert bench_dynamic.phases(default_args("--decode-s", "15", "--decode-max-tokens", "32,64"))[1] == Phase(
-        name="decode-heavy", rate=2.0, duration_s=15, prompt_tokens=(16, 64), max_tokens=(32, 64))
+        name="decode-heavy", rate=1.2, duration_s=15, prompt_tokens=(16, 64), max_tokens=(32, 64))
 
 
 @pytest.mark.parametrize("bad", [dict(rate=0), dict(duration_s=-1), dict(prompt_tokens=(9, 8)),

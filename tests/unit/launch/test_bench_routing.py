@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vllm_hetero_pd.launch.bench_routing import add_arguments, prefix_router_config, prefix_variants
+from vllm_hetero_pd.launch.bench_routing import add_arguments, prefix_router_config, prefix_table, prefix_variants
 from vllm_hetero_pd.router.config import Policy, ScoringConfig
 
 
@@ -29,3 +29,19 @@ def test_the_config_names_the_instances_their_events_and_the_weight(tmp_path):
     assert config.tokenizer == str(tmp_path)
     plain = prefix_router_config(["http://p:1"], ["http://d:4"], "least_work", None, str(tmp_path))
     assert plain.prefill.policy is Policy.LEAST_WORK and plain.scoring == ScoringConfig()
+
+
+def test_the_prefix_table_gives_medians_over_rounds_and_kv_aware_against_least_work_per_round():
+    def row(policy: str, number: int, computed: float, p50: float) -> dict:
+        return {"policy": policy, "round": number, "requests": 108, "hit_rate": 0.8,
+                "prefill_tokens_computed": computed, "ttft_p50_ms": p50, "ttft_p90_ms": 2 * p50, "mismatches": 0}
+
+    rows = [row("least_work", 1, 20000, 400), row("kv_aware (prefix_weight 1)", 1, 12000, 300),
+            row("kv_aware (prefix_weight 1)", 2, 14000, 500), row("least_work", 2, 21000, 450),
+            row("least_work", 3, 19000, 420), row("kv_aware (prefix_weight 1)", 3, 13000, 410)]
+    lines = prefix_table(rows)
+    assert lines[0] == "3 round(s); each cell is the median (min-max) over rounds."
+    assert ("| least_work | 108 | 0.800 (0.800-0.800) | 20000 (19000-21000) | 420.0 (400.0-450.0) | "
+            "840.0 (800.0-900.0) | 0 |") in lines
+    assert lines[-1] == ("\nkv_aware (prefix_weight 1) / least_work, per round: prefill tokens computed 0.600, 0.667, "
+                         "0.684 (goal <= 0.70); TTFT p50 0.75, 1.11, 0.98 (goal < 1)")
