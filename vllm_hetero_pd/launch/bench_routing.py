@@ -11,9 +11,9 @@
   same prompts).
 * ``decode-capacity``: 1 prefill + 2 decodes, decode 0 with a small KV space
   (``--num-gpu-blocks-override``, with a ``--max-model-len`` small enough for vLLM to accept it);
-  long and short prompts at once. Per decode policy
-  (``least_work``, ``kv_aware``): long requests on each decode, and its preemptions
-  (``vllm:num_preemptions_total`` delta).
+  long and short prompts at once. Per decode policy (``least_work``, ``kv_aware``), from each
+  decode's own metrics: requests, long requests (``vllm:request_prompt_tokens`` histogram) and
+  preemptions (``vllm:num_preemptions_total``).
 * ``local-prefill``: 1 prefill + 1 decode, short uncached prompts mixed with long ones. Per
   ``min_disagg_tokens`` (0 = always remote, then each ``--thresholds`` value): TTFT p50 of the short
   and the long prompts, and how many were prefilled locally; the smallest threshold that lowers
@@ -313,6 +313,19 @@ def _named(bodies: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------- decode capacity
 
+LONG_PROMPT_BUCKET = "2000.0"  # vllm:request_prompt_tokens bucket bound between this bench's short and long prompts
+
+
+def decode_counts(url: str) -> dict[str, float]:
+    """What one decode served, from its own metrics: requests, long requests (prompts over 2000 tokens,
+    from vLLM's prompt-length histogram) and preemptions."""
+    s = scrape(url)
+    requests = metric_sum(s, "vllm:request_prompt_tokens_count")
+    return {"requests": requests,
+            "long": requests - metric_sum(s, "vllm:request_prompt_tokens_bucket", le=LONG_PROMPT_BUCKET),
+            "preemptions": metric_sum(s, "vllm:num_preemptions_total")}
+
+
 def run_decode_capacity(args: argparse.Namespace) -> dict[str, Any]:
     small = ["--num-gpu-blocks-override", str(args.small_kv_blocks), "--max-model-len", str(args.small_max_model_len)]
     specs, router_args = engine_specs(args.model, 1, 2, decode_extra=[small, []])
@@ -322,25 +335,24 @@ def run_decode_capacity(args: argparse.Namespace) -> dict[str, Any]:
         prefill_args, decode_args = instance_args(cluster, router_args)
         decode_urls = [i.url for i in cluster.by_role("decode")]
         for policy in ("least_work", "kv_aware"):
-            before = [counters([u]) for u in decode_urls]
+            before = [decode_counts(u) for u in decode_urls]
             with running_router(prefill_args, decode_args, args.out / "decode-capacity" / f"router-{policy}.log",
                                 ("--decode-policy", policy, "--tokenizer", args.model)) as router:
-                bodies = []
-                for i in range(16):
-                    text = (long_text if i % 2 == 0 else short_text) + f" request {i}."
-                    bodies.append({"model": args.model, "prompt": text, "max_tokens": 64, "temperature": 0,
-                                   "ignore_eos": True})
+                bodies = [{"model": args.model, "prompt": (short_text if i % 2 else long_text) + f" request {i}.",
+                           "max_tokens": 64, "temperature": 0, "ignore_eos": True} for i in range(16)]
                 asyncio.run(run_bodies(router, bodies, 8, "/v1/completions"))
-                routed = scrape(router)
-            after = [counters([u]) for u in decode_urls]
-            rows.append({"policy": policy, "preemptions": [a["preemptions"] - b["preemptions"]
-                                                           for a, b in zip(after, before)],
-                         "routes": [metric_sum(routed, "hetero_pd_router_routes_total", decode=u.split(",")[0])
-                                    for u in decode_args]})
-    lines = ["| decode policy | requests per decode (small, large) | preemptions (small, large) |", "|---|---|---|"]
-    lines += [f"| {r['policy']} | {r['routes']} | {r['preemptions']} |" for r in rows]
-    lines.append("\n(routes are counted only under kv_aware; least_work shows the preemptions it causes)")
+            after = [decode_counts(u) for u in decode_urls]
+            rows.append({"policy": policy, **{key: [a[key] - b[key] for a, b in zip(after, before)]
+                                              for key in ("requests", "long", "preemptions")}})
+    lines = ["| decode policy | requests (small, large) | long requests (small, large) | preemptions (small, large) |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['policy']} | {_pair(r['requests'])} | {_pair(r['long'])} | {_pair(r['preemptions'])} |"
+              for r in rows]
     return {"rows": rows, "table": "\n".join(lines)}
+
+
+def _pair(values: list[float]) -> str:
+    return ", ".join(f"{v:.0f}" for v in values)
 
 
 # ---------------------------------------------------------------------------------------------- local prefill
