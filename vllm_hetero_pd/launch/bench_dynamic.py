@@ -42,7 +42,7 @@ from pathlib import Path
 
 import msgspec
 
-from vllm_hetero_pd.launch.bench_routing import reset_caches
+from vllm_hetero_pd.launch.bench_routing import reset_caches, rounds_order
 from vllm_hetero_pd.launch.cluster import LocalCluster
 from vllm_hetero_pd.launch.dynamic_report import (
     ConfigReport,
@@ -384,12 +384,6 @@ def header(args: argparse.Namespace, workload: tuple[Phase, Phase], requests: li
               f"{device.step_overhead_s * 1e3:.2f} ms + {device.per_sequence_overhead_s * 1e3:.3f} ms/sequence. "
               "What it predicts for each split:", "", *predicted_loads(ratio, workload)]
     return lines
-
-
-def rounds_order(configs: list[str], num_rounds: int) -> list[list[str]]:
-    """The configurations of each round, rotated by one per round, so none always runs first (on
-    the coldest caches) or last."""
-    return [configs[r % len(configs):] + configs[:r % len(configs)] for r in range(num_rounds)]
 
 
 def run(args: argparse.Namespace) -> int:

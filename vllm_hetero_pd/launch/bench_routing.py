@@ -33,7 +33,7 @@ import statistics
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -48,6 +48,7 @@ from vllm_hetero_pd.testing.tiny_model import sample_text
 
 POLICIES = ("round_robin", "least_work", "kv_aware")
 BLOCK_SIZE = 32  # vLLM CPU_ATTN needs a multiple of 32
+T = TypeVar("T")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +126,12 @@ def instance_args(cluster: LocalCluster, router_args: list[str]) -> tuple[list[s
     return urls[:num_prefill], urls[num_prefill:]
 
 
+def rounds_order(items: list[T], num_rounds: int) -> list[list[T]]:
+    """The items of each round, rotated by one per round, so none always runs first (on the
+    coldest caches) or last."""
+    return [items[r % len(items):] + items[:r % len(items)] for r in range(num_rounds)]
+
+
 def reset_caches(cluster: LocalCluster) -> bool:
     """Empty every instance's prefix cache (vLLM dev mode); False when one refused (blocks still held)."""
     done = True
@@ -135,13 +142,12 @@ def reset_caches(cluster: LocalCluster) -> bool:
 
 
 def counters(urls: list[str]) -> dict[str, float]:
-    totals = {"queries": 0.0, "hits": 0.0, "computed": 0.0, "preemptions": 0.0}
+    totals = {"queries": 0.0, "hits": 0.0, "computed": 0.0}
     for url in urls:
         s = scrape(url)
         totals["queries"] += metric_sum(s, "vllm:prefix_cache_queries_total")
         totals["hits"] += metric_sum(s, "vllm:prefix_cache_hits_total")
         totals["computed"] += metric_sum(s, "vllm:prompt_tokens_by_source_total", source="local_compute")
-        totals["preemptions"] += metric_sum(s, "vllm:num_preemptions_total")
     return totals
 
 
@@ -228,9 +234,8 @@ def run_prefix(args: argparse.Namespace) -> dict[str, Any]:
     variants = prefix_variants(args)
     with LocalCluster(specs, work / "engines") as cluster:
         instances = instance_args(cluster, router_args)
-        for number in range(1, args.repeat + 1):
-            shift = (number - 1) % len(variants)  # rotated, so no policy always runs first
-            for policy, weight in variants[shift:] + variants[:shift]:
+        for number, order in enumerate(rounds_order(variants, args.repeat), 1):
+            for policy, weight in order:
                 row = prefix_round(args, cluster, instances, turn_bodies, answers, policy, weight,
                                    f"{policy}-{weight}-round{number}")
                 rows.append({**row, "round": number})
@@ -342,8 +347,8 @@ def run_decode_capacity(args: argparse.Namespace) -> dict[str, Any]:
                            "max_tokens": 64, "temperature": 0, "ignore_eos": True} for i in range(16)]
                 asyncio.run(run_bodies(router, bodies, 8, "/v1/completions"))
             after = [decode_counts(u) for u in decode_urls]
-            rows.append({"policy": policy, **{key: [a[key] - b[key] for a, b in zip(after, before)]
-                                              for key in ("requests", "long", "preemptions")}})
+            deltas = [delta(a, b) for a, b in zip(after, before)]
+            rows.append({"policy": policy, **{key: [d[key] for d in deltas] for key in deltas[0]}})
     lines = ["| decode policy | requests (small, large) | long requests (small, large) | preemptions (small, large) |",
              "|---|---|---|---|"]
     lines += [f"| {r['policy']} | {_pair(r['requests'])} | {_pair(r['long'])} | {_pair(r['preemptions'])} |"
