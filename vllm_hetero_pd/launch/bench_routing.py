@@ -265,8 +265,21 @@ def prefix_round(args: argparse.Namespace, cluster: LocalCluster, instances: tup
     return {"policy": policy if weight is None else f"kv_aware (prefix_weight {weight:g})", "requests": len(ttfts),
             "hit_rate": d["hits"] / max(d["queries"], 1), "prefill_tokens_computed": d["computed"],
             "ttft_p50_ms": 1e3 * percentile(ttfts, 50), "ttft_p90_ms": 1e3 * percentile(ttfts, 90),
+            "ttft_mean_ms": 1e3 * statistics.fmean(ttfts), "ttfts_ms": [1e3 * t for t in ttfts],
             "mismatches": mismatches, "router_expected_hit_tokens": metric_sum(
-                routed, "hetero_pd_router_prefix_hit_tokens_total", role="prefill")}
+                routed, "hetero_pd_router_prefix_hit_tokens_total", role="prefill"),
+            "prefills": prefill_calls(routed, prefill_urls)}
+
+
+def prefill_calls(routed: dict, prefill_urls: list[str]) -> list[dict[str, float]]:
+    """Per prefill, from the router's own histogram: how many prefill calls it got and their mean
+    duration, which shows how evenly a policy spread the work (TTFT minus this is the decode's part)."""
+    out = []
+    for url in prefill_urls:
+        count = metric_sum(routed, "hetero_pd_router_prefill_seconds_count", instance=url)
+        total = metric_sum(routed, "hetero_pd_router_prefill_seconds_sum", instance=url)
+        out.append({"calls": count, "mean_ms": 1e3 * total / count if count else 0.0})
+    return out
 
 
 def prefix_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -278,13 +291,17 @@ def prefix_table(rows: list[dict[str, Any]]) -> list[str]:
     by = {p: [r for r in rows if r["policy"] == p] for p in policies}
     lines = [f"{len(by[policies[0]])} round(s); each cell is the median (min-max) over rounds.", "",
              "| prefill policy | requests | prefix hit rate | prefill tokens computed | TTFT p50 ms | TTFT p90 ms "
-             "| outputs != monolithic |", "|---|---|---|---|---|---|---|"]
+             "| TTFT mean ms | prefill calls per instance (mean ms) | outputs != monolithic |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for p in policies:
         rs = by[p]
+        calls = " / ".join(f"{statistics.median(r['prefills'][i]['calls'] for r in rs):.0f} "
+                           f"({statistics.median(r['prefills'][i]['mean_ms'] for r in rs):.0f})"
+                           for i in range(len(rs[0]["prefills"])))
         lines.append(f"| {p} | {rs[0]['requests']} | {spread([r['hit_rate'] for r in rs], 3)} | "
                      f"{spread([r['prefill_tokens_computed'] for r in rs], 0)} | "
                      f"{spread([r['ttft_p50_ms'] for r in rs], 1)} | {spread([r['ttft_p90_ms'] for r in rs], 1)} | "
-                     f"{sum(r['mismatches'] for r in rs)} |")
+                     f"{spread([r['ttft_mean_ms'] for r in rs], 1)} | {calls} | {sum(r['mismatches'] for r in rs)} |")
     least = {r["round"]: r for r in by.get("least_work", [])}
     for p in policies:
         if not p.startswith("kv_aware") or not least:

@@ -34,7 +34,9 @@ def test_the_config_names_the_instances_their_events_and_the_weight(tmp_path):
 def test_the_prefix_table_gives_medians_over_rounds_and_kv_aware_against_least_work_per_round():
     def row(policy: str, number: int, computed: float, p50: float) -> dict:
         return {"policy": policy, "round": number, "requests": 108, "hit_rate": 0.8,
-                "prefill_tokens_computed": computed, "ttft_p50_ms": p50, "ttft_p90_ms": 2 * p50, "mismatches": 0}
+                "prefill_tokens_computed": computed, "ttft_p50_ms": p50, "ttft_p90_ms": 2 * p50,
+                "ttft_mean_ms": p50 + 10, "mismatches": 0,
+                "prefills": [{"calls": 54 + number, "mean_ms": p50 / 2}, {"calls": 54 - number, "mean_ms": p50 / 4}]}
 
     rows = [row("least_work", 1, 20000, 400), row("kv_aware (prefix_weight 1)", 1, 12000, 300),
             row("kv_aware (prefix_weight 1)", 2, 14000, 500), row("least_work", 2, 21000, 450),
@@ -42,6 +44,6 @@ def test_the_prefix_table_gives_medians_over_rounds_and_kv_aware_against_least_w
     lines = prefix_table(rows)
     assert lines[0] == "3 round(s); each cell is the median (min-max) over rounds."
     assert ("| least_work | 108 | 0.800 (0.800-0.800) | 20000 (19000-21000) | 420.0 (400.0-450.0) | "
-            "840.0 (800.0-900.0) | 0 |") in lines
+            "840.0 (800.0-900.0) | 430.0 (410.0-460.0) | 56 (210) / 52 (105) | 0 |") in lines
     assert lines[-1] == ("\nkv_aware (prefix_weight 1) / least_work, per round: prefill tokens computed 0.600, 0.667, "
                          "0.684 (goal <= 0.70); TTFT p50 0.75, 1.11, 0.98 (goal < 1)")
