@@ -6,7 +6,9 @@ choice, that answers through kv_aware routing (cache hits included) equal the mo
 that a cleared engine cache (``AllBlocksCleared``) costs no request, and that a prefill engine that
 dies and comes back (a new process, its event sequence starting again) costs none either: the
 router routes by load while its view of that engine is gone and rebuilds it from the new events.
-The restart runs last: it changes the cluster.
+It also checks that a prefill holding a
+KV lease does not starve the prefill that shares its core. The restart runs last: it changes the
+cluster.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import urllib.request
 
 import pytest
 
+from vllm_hetero_pd.kv_params import prefill_request_params
 from vllm_hetero_pd.launch.bench_routing import engine_specs, instance_args, reset_caches, run_bodies
 from vllm_hetero_pd.launch.cluster import LocalCluster
 from vllm_hetero_pd.launch.request import post_json
@@ -112,6 +115,23 @@ def test_a_cleared_engine_cache_costs_no_request(kv_router, kv_cluster, prompts,
     assert compare(reference[:2], got, LOGPROB_TOLERANCE) == []
     assert metric_sum(scrape(kv_router), "hetero_pd_router_kv_events_total", kind="cleared") >= 2
     assert metric_sum(scrape(kv_router), "hetero_pd_router_errors_total") == 0
+
+
+def test_a_prefill_holding_a_lease_does_not_starve_the_prefill_that_shares_its_core(kv_cluster, tiny_model):
+    """The two prefills are bound to one core (``launch/cluster.py``). One that holds an unread KV
+    lease keeps its engine stepping. Without ``HETERO_PD_MQ_SPIN_S`` its worker spun on
+    ``sched_yield`` between steps, and a prompt sent to the other prefill was answered only once
+    the lease expired (30 s against 0.4 s, measured). This checks an order, not a time: the other
+    prefill answers while the lease is still held, i.e. before the holder's KV usage is back to 0."""
+    cluster, _ = kv_cluster
+    other, holder = cluster.by_role("prefill")
+    held = post(holder.url + "/v1/completions", {"model": tiny_model, "prompt": sample_text(200, 4242),
+                                                 "max_tokens": 1, "kv_transfer_params": prefill_request_params()})
+    assert held["kv_transfer_params"]["remote_block_ids"], "the prefill started no lease"
+    post(other.url + "/v1/completions", {"model": tiny_model, "prompt": sample_text(200, 4343), "max_tokens": 1})
+    usage = metric_sum(scrape(holder.url), "vllm:kv_cache_usage_perc")
+    assert usage > 0, ("the other prefill answered only after the holder's lease expired: an idle worker "
+                       "spinning on a shared core starved it (see connector/mq_spin.py)")
 
 
 def test_a_restarted_prefill_engine_is_routed_around_then_rebuilt_and_no_request_fails(kv_router, kv_cluster,

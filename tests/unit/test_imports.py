@@ -95,7 +95,8 @@ RULES: dict[str, list[Rule]] = {
     "launch": [Rule("launch imports no entry point", not_ours=ENTRY_POINTS)],
     "__init__": [Rule("the package __init__ imports only the standard library when imported (vLLM loads it "
                       "in every process)", ours=_set(), third_party=_set(), module_level_only=True),
-                 Rule("register() imports only vllm and transport", ours=_set("transport"), third_party=_set("vllm"))],
+                 Rule("register() imports only vllm, transport and connector", ours=_set("transport", "connector"),
+                      third_party=_set("vllm"))],
     "cli": [Rule("cli imports only the standard library when imported (subcommands load by name)",
                  ours=_set(), third_party=_set(), module_level_only=True)],
     "bench": [Rule("bench imports only the standard library when imported (benchmarks load by name)",
