@@ -96,6 +96,25 @@ def test_a_decode_near_its_kv_limit_is_avoided_while_another_has_room():
     assert choose_pair([prefill()], [full, roomy], 20, 10, W).decode == 0
 
 
+def test_a_request_needing_more_than_max_request_kv_fraction_of_an_empty_decode_goes_to_a_bigger_one():
+    """bench decode-capacity's small decode: 3072 KV tokens, a long request needs 2278 (74 %)."""
+    small = decode("small", used=0, capacity=3072)
+    large = decode("large", used=20000, capacity=200000)
+    decision = choose_pair([prefill()], [small, large], 2214, 64, W)
+    assert decision.decode == 1 and decision.decode_scores[0].over_watermark
+    assert choose_pair([prefill()], [small, large], 160, 64, W).decode == 0  # a short one stays
+    everything = ScoringConfig(max_request_kv_fraction=1.0)  # 1.0: only the watermark applies
+    assert choose_pair([prefill()], [small, large], 2214, 64, everything).decode == 0
+
+
+@given(needed=st.integers(1, 10_000), capacity=st.integers(1, 10_000),
+       fraction=st.floats(0.01, 1.0, allow_nan=False))
+def test_over_means_past_the_watermark_or_too_big_a_share(needed, capacity, fraction):
+    weights = ScoringConfig(max_request_kv_fraction=fraction)
+    score = decode_score(decode(capacity=capacity), needed, weights)
+    assert score.over_watermark == (needed / capacity > weights.kv_high_watermark or needed > fraction * capacity)
+
+
 def test_when_every_decode_is_over_the_watermark_the_least_loaded_one_is_chosen():
     a, b = decode("a", used=950, capacity=1000), decode("b", used=900, capacity=1000)
     assert choose_pair([prefill()], [a, b], 100, 10, W).decode == 1

@@ -109,7 +109,8 @@ class ScoringConfig(msgspec.Struct, **_USER):
     Costs are in prefill-token equivalents. A prefill costs ``(pending + prompt - prefix_weight *
     cached) / weight``; a decode ``decode_weight * (used + needed) / weight`` plus
     ``waiting_penalty_tokens`` per waiting request, and a decode whose KV would pass
-    ``kv_high_watermark`` is chosen only when every decode would; a pair adds its expected
+    ``kv_high_watermark``, or for which this one request needs more than ``max_request_kv_fraction``
+    of its whole KV, is chosen only when every decode would be; a pair adds its expected
     transfer and translation seconds times ``prefill_tokens_per_s * pair_weight``.
     """
 
@@ -118,6 +119,7 @@ class ScoringConfig(msgspec.Struct, **_USER):
     pair_weight: float = 1.0
     waiting_penalty_tokens: float = 512.0
     kv_high_watermark: float = 0.9
+    max_request_kv_fraction: float = 0.5
     prefill_tokens_per_s: float = 4000.0
     expected_output_tokens: int = 256
     block_size: int = 16
@@ -132,6 +134,8 @@ class ScoringConfig(msgspec.Struct, **_USER):
                 raise ConfigError(f"scoring.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.kv_high_watermark <= 1:
             raise ConfigError(f"scoring.kv_high_watermark must be in (0, 1], got {self.kv_high_watermark}")
+        if not 0 < self.max_request_kv_fraction <= 1:
+            raise ConfigError(f"scoring.max_request_kv_fraction must be in (0, 1], got {self.max_request_kv_fraction}")
         for name in ("prefill_tokens_per_s", "approx_ttl_s", "metrics_interval_s", "resync_s"):
             _positive(f"scoring.{name}", getattr(self, name))
         for name in ("block_size", "approx_capacity_blocks", "expected_output_tokens"):

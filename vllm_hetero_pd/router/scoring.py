@@ -11,7 +11,9 @@ Costs are in prefill-token equivalents (lower wins), in the spirit of Dynamo's K
   scrape, or the router's own count) and ``needed`` this request's prompt plus expected output. A
   decode whose KV would pass ``kv_high_watermark`` of its capacity is *over*: it is chosen only when
   every decode is, and then the one that would be least full, so long requests go where they fit
-  before a decode has to preempt.
+  before a decode has to preempt. So is a decode for which this one request needs more than
+  ``max_request_kv_fraction`` of its whole KV: one such request would leave a small decode no room
+  for the next, which then waits in vLLM's queue (measured: vLLM queues rather than preempts).
 * pair ``(p, d)``: the seconds to move the part of the prompt ``d`` has not cached (``d``'s
   measured transfer seconds per token, or a ``pairs`` rule's), plus translation seconds when the
   two ``kv_format`` labels differ, times ``prefill_tokens_per_s * pair_weight``. A pair a rule
@@ -100,7 +102,9 @@ def decode_score(candidate: DecodeCandidate, num_needed_tokens: int, weights: Sc
     if not candidate.capacity_tokens:
         return DecodeScore(cost=cost, over_watermark=False, projected_usage=None)
     projected = (candidate.num_used_tokens + num_needed_tokens) / candidate.capacity_tokens
-    return DecodeScore(cost=cost, over_watermark=projected > weights.kv_high_watermark, projected_usage=projected)
+    too_big = num_needed_tokens > weights.max_request_kv_fraction * candidate.capacity_tokens
+    return DecodeScore(cost=cost, over_watermark=projected > weights.kv_high_watermark or too_big,
+                       projected_usage=projected)
 
 
 def pair_rule(rules: Sequence[PairRule], prefill: PrefillCandidate, decode: DecodeCandidate) -> PairRule | None:
