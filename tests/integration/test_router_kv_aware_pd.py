@@ -125,9 +125,11 @@ def test_a_prefill_holding_a_lease_does_not_starve_the_prefill_that_shares_its_c
     prefill answers while the lease is still held, i.e. before the holder's KV usage is back to 0."""
     cluster, _ = kv_cluster
     other, holder = cluster.by_role("prefill")
+    post(other.url + "/v1/completions", {"model": tiny_model, "prompt": sample_text(200, 4141), "max_tokens": 1})
     held = post(holder.url + "/v1/completions", {"model": tiny_model, "prompt": sample_text(200, 4242),
                                                  "max_tokens": 1, "kv_transfer_params": prefill_request_params()})
     assert held["kv_transfer_params"]["remote_block_ids"], "the prefill started no lease"
+    time.sleep(1.5)  # past the 1 s that vLLM's worker spins after a message: the other one's sleeps now
     post(other.url + "/v1/completions", {"model": tiny_model, "prompt": sample_text(200, 4343), "max_tokens": 1})
     usage = metric_sum(scrape(holder.url), "vllm:kv_cache_usage_perc")
     assert usage > 0, ("the other prefill answered only after the holder's lease expired: an idle worker "
