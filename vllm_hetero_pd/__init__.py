@@ -20,10 +20,10 @@ def register() -> None:
     """
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
-    from vllm_hetero_pd.connector.mq_spin import apply_mq_spin_from_env
+    from vllm_hetero_pd.connector.mq_spin import apply_mq_nap_from_env
     from vllm_hetero_pd.transport.nixl_progress import apply_progress_delay_from_env
 
     if CONNECTOR_NAME not in KVConnectorFactory._registry:  # register_connector raises on duplicates
         KVConnectorFactory.register_connector(CONNECTOR_NAME, "vllm_hetero_pd.connector.connector", CONNECTOR_NAME)
     apply_progress_delay_from_env()
-    apply_mq_spin_from_env()
+    apply_mq_nap_from_env()

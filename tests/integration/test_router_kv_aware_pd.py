@@ -119,7 +119,7 @@ def test_a_cleared_engine_cache_costs_no_request(kv_router, kv_cluster, prompts,
 
 def test_a_prefill_holding_a_lease_does_not_starve_the_prefill_that_shares_its_core(kv_cluster, tiny_model):
     """The two prefills are bound to one core (``launch/cluster.py``). One that holds an unread KV
-    lease keeps its engine stepping. Without ``HETERO_PD_MQ_SPIN_S`` its worker spun on
+    lease keeps its engine stepping. Without ``HETERO_PD_MQ_NAP_S`` its worker spun on
     ``sched_yield`` between steps, and a prompt sent to the other prefill was answered only once
     the lease expired (30 s against 0.4 s, measured). This checks an order, not a time: the other
     prefill answers while the lease is still held, i.e. before the holder's KV usage is back to 0."""

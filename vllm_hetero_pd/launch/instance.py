@@ -68,8 +68,8 @@ def serve_env(spec: InstanceSpec, side_channel_port: int, cpu_cores: str) -> dic
         "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
         "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_channel_port),
         "HETERO_PD_NIXL_PROGRESS_DELAY_US": "100",
-        # local instances share cores: an idle worker must sleep, not spin (connector/mq_spin.py)
-        "HETERO_PD_MQ_SPIN_S": "0.001",
+        # local instances share cores: a waiting worker naps instead of spinning (connector/mq_spin.py)
+        "HETERO_PD_MQ_NAP_S": "0.0001",
         # The progress-delay clamp loads NIXL (and UCX) in the engine core; UCX does not survive a
         # fork, so TP workers must be spawned, not forked (with fork, handshakes with them stall).
         "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
