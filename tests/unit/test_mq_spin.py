@@ -6,11 +6,9 @@ import time
 
 import pytest
 import zmq
+from vllm.distributed.device_communicators import shm_broadcast
 
 from vllm_hetero_pd.connector import mq_spin
-
-shm_broadcast = pytest.importorskip("vllm.distributed.device_communicators.shm_broadcast",
-                                    reason="vLLM is not installed in this environment")
 
 
 @pytest.fixture
