@@ -3,10 +3,12 @@
 * ``prefix``: 2 prefills + 1 decode (HeteroNixlConnector, prefix caching on, KV events over ZMQ),
   multi-turn chat conversations whose turns extend the earlier turns, over a few shared system
   prompts (>= 100 requests). The same workload runs through the router once per prefill policy
-  (``round_robin``, ``least_work``, ``kv_aware``), with the engines' prefix caches reset in
-  between (vLLM's ``/reset_prefix_cache``, dev mode). Per policy: prefix cache hit rate and prompt
-  tokens computed on the prefills (``vllm:prefix_cache_*``, ``vllm:prompt_tokens_by_source``
-  deltas), TTFT p50/p90 (client side, streamed), and every answer compared with a monolithic
+  (``round_robin``, ``least_work``, ``kv_aware`` once per ``prefix_weight`` x
+  ``min_disagg_tokens``), with the engines' prefix caches reset in between (vLLM's
+  ``/reset_prefix_cache``, dev mode). Per policy: the prefills' prefix cache hit rate, prompt
+  tokens computed on every instance, the decode's share apart (``vllm:prefix_cache_*``,
+  ``vllm:prompt_tokens_by_source`` deltas), TTFT p50/p90 (client side, streamed), and every
+  answer compared with a monolithic
   engine's (greedy; the conversation history is the monolithic answers, so every policy sends the
   same prompts).
 * ``decode-capacity``: 1 prefill + 2 decodes, decode 0 with a small KV space
@@ -42,7 +44,14 @@ from vllm_hetero_pd.launch.cluster import LocalCluster
 from vllm_hetero_pd.launch.instance import InstanceSpec, hetero_kv_config
 from vllm_hetero_pd.launch.router_process import running_router
 from vllm_hetero_pd.ports import free_port
-from vllm_hetero_pd.router.config import Policy, PoolConfig, RouterConfig, ScoringConfig, parse_instance
+from vllm_hetero_pd.router.config import (
+    DEFAULT_MIN_DISAGG_TOKENS,
+    Policy,
+    PoolConfig,
+    RouterConfig,
+    ScoringConfig,
+    parse_instance,
+)
 from vllm_hetero_pd.testing.metrics import metric_sum, scrape
 from vllm_hetero_pd.testing.tiny_model import sample_text
 
@@ -64,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefix: rounds of every policy on the same engines, each round in a rotated order")
     parser.add_argument("--prefix-weights", type=float, nargs="*", default=[ScoringConfig().prefix_weight],
                         help="prefix: one kv_aware run per scoring.prefix_weight (default: the router's default)")
+    parser.add_argument("--min-disagg-tokens", type=int, nargs="*", default=[DEFAULT_MIN_DISAGG_TOKENS],
+                        help="prefix: one kv_aware run per min_disagg_tokens, x each prefix weight (default: the "
+                        "router's default)")
     parser.add_argument("--small-kv-blocks", type=int, default=96,
                         help=f"decode-capacity: KV blocks of the small decode (x{BLOCK_SIZE} tokens; the default "
                         "holds one long request, not two)")
@@ -235,24 +247,27 @@ def run_prefix(args: argparse.Namespace) -> dict[str, Any]:
     with LocalCluster(specs, work / "engines") as cluster:
         instances = instance_args(cluster, router_args)
         for number, order in enumerate(rounds_order(variants, args.repeat), 1):
-            for policy, weight in order:
-                row = prefix_round(args, cluster, instances, turn_bodies, answers, policy, weight,
-                                   f"{policy}-{weight}-round{number}")
+            for variant in order:
+                tag = f"{variant.policy}-{variant.prefix_weight}-{variant.min_disagg_tokens}-round{number}"
+                row = prefix_round(args, cluster, instances, turn_bodies, answers, variant, tag)
                 rows.append({**row, "round": number})
     return {"rows": rows, "outputs_equal": all(r["mismatches"] == 0 for r in rows),
             "table": "\n".join(prefix_table(rows))}
 
 
 def prefix_round(args: argparse.Namespace, cluster: LocalCluster, instances: tuple[list[str], list[str]],
-                 turn_bodies: list[list[dict[str, Any]]], answers: dict[tuple[int, int], str], policy: str,
-                 weight: float | None, tag: str) -> dict[str, Any]:
-    """One policy over the whole workload from empty caches: the prefills' counters, TTFTs, mismatches."""
+                 turn_bodies: list[list[dict[str, Any]]], answers: dict[tuple[int, int], str],
+                 variant: PrefixVariant, tag: str) -> dict[str, Any]:
+    """One variant over the whole workload from empty caches: the engines' counters, TTFTs, mismatches.
+
+    Tokens computed count the decode too: a local prefill moves that work there, it does not remove it."""
     work = args.out / "prefix"
     prefill_urls = [i.url for i in cluster.by_role("prefill")]
+    decode_urls = [i.url for i in cluster.by_role("decode")]
     reset_caches(cluster)
-    before = counters(prefill_urls)
+    before, before_decode = counters(prefill_urls), counters(decode_urls)
     config = work / f"router-{tag}.yaml"
-    config.write_bytes(msgspec.yaml.encode(prefix_router_config(*instances, policy, weight, args.model)))
+    config.write_bytes(msgspec.yaml.encode(prefix_router_config(*instances, variant, args.model)))
     with running_router([], [], work / f"router-{tag}.log", ("--config", str(config))) as router:
         ttfts, mismatches = [], 0
         for t, bodies in enumerate(turn_bodies):
@@ -262,8 +277,10 @@ def prefix_round(args: argparse.Namespace, cluster: LocalCluster, instances: tup
                 mismatches += text != answers[(c, t)]
         routed = scrape(router)
     d = delta(counters(prefill_urls), before)
-    return {"policy": policy if weight is None else f"kv_aware (prefix_weight {weight:g})", "requests": len(ttfts),
-            "hit_rate": d["hits"] / max(d["queries"], 1), "prefill_tokens_computed": d["computed"],
+    on_decode = delta(counters(decode_urls), before_decode)["computed"]
+    return {"policy": variant.label, "requests": len(ttfts), "hit_rate": d["hits"] / max(d["queries"], 1),
+            "prefill_tokens_computed": d["computed"] + on_decode, "decode_tokens_computed": on_decode,
+            "local_prefills": metric_sum(routed, "hetero_pd_router_local_prefill_total"),
             "ttft_p50_ms": 1e3 * percentile(ttfts, 50), "ttft_p90_ms": 1e3 * percentile(ttfts, 90),
             "ttft_mean_ms": 1e3 * statistics.fmean(ttfts), "ttfts_ms": [1e3 * t for t in ttfts],
             "mismatches": mismatches, "router_expected_hit_tokens": metric_sum(
@@ -290,9 +307,10 @@ def prefix_table(rows: list[dict[str, Any]]) -> list[str]:
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     by = {p: [r for r in rows if r["policy"] == p] for p in policies}
     lines = [f"{len(by[policies[0]])} round(s); each cell is the median (min-max) over rounds.", "",
-             "| prefill policy | requests | prefix hit rate | prefill tokens computed | TTFT p50 ms | TTFT p90 ms "
-             "| TTFT mean ms | prefill calls per instance (mean ms) | outputs != monolithic |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| prefill policy | requests | prefix hit rate (prefills) | prompt tokens computed (all instances) "
+             "| of them on the decode (local prefills) | TTFT p50 ms | TTFT p90 ms | TTFT mean ms "
+             "| prefill calls per instance (mean ms) | outputs != monolithic |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for p in policies:
         rs = by[p]
         calls = " / ".join(f"{statistics.median(r['prefills'][i]['calls'] for r in rs):.0f} "
@@ -300,6 +318,8 @@ def prefix_table(rows: list[dict[str, Any]]) -> list[str]:
                            for i in range(len(rs[0]["prefills"])))
         lines.append(f"| {p} | {rs[0]['requests']} | {spread([r['hit_rate'] for r in rs], 3)} | "
                      f"{spread([r['prefill_tokens_computed'] for r in rs], 0)} | "
+                     f"{spread([r['decode_tokens_computed'] for r in rs], 0)} "
+                     f"({statistics.median(r['local_prefills'] for r in rs):.0f}) | "
                      f"{spread([r['ttft_p50_ms'] for r in rs], 1)} | {spread([r['ttft_p90_ms'] for r in rs], 1)} | "
                      f"{spread([r['ttft_mean_ms'] for r in rs], 1)} | {calls} | {sum(r['mismatches'] for r in rs)} |")
     least = {r["round"]: r for r in by.get("least_work", [])}
@@ -313,20 +333,38 @@ def prefix_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def prefix_variants(args: argparse.Namespace) -> list[tuple[str, float | None]]:
-    """The prefill policies to compare, kv_aware once per prefix weight (its only knob in this workload)."""
-    plain = [(p, None) for p in args.policies if p != "kv_aware"]
-    return plain + ([("kv_aware", w) for w in args.prefix_weights] if "kv_aware" in args.policies else [])
+class PrefixVariant(msgspec.Struct, frozen=True):
+    """One row of ``bench prefix``: a prefill policy, and kv_aware's two knobs that this workload moves
+    (None: a plain policy, which uses neither)."""
+
+    policy: str
+    prefix_weight: float | None = None
+    min_disagg_tokens: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.prefix_weight is None:
+            return self.policy
+        local = f", min_disagg_tokens {self.min_disagg_tokens}" if self.min_disagg_tokens else ""
+        return f"{self.policy} (prefix_weight {self.prefix_weight:g}{local})"
 
 
-def prefix_router_config(prefill_args: list[str], decode_args: list[str], policy: str, prefix_weight: float | None,
+def prefix_variants(args: argparse.Namespace) -> list[PrefixVariant]:
+    """The prefill policies to compare, kv_aware once per prefix weight and local-prefill threshold."""
+    plain = [PrefixVariant(p) for p in args.policies if p != "kv_aware"]
+    if "kv_aware" not in args.policies:
+        return plain
+    return plain + [PrefixVariant("kv_aware", w, t) for w in args.prefix_weights for t in args.min_disagg_tokens]
+
+
+def prefix_router_config(prefill_args: list[str], decode_args: list[str], variant: PrefixVariant,
                          model: str) -> RouterConfig:
-    """The router of one ``prefix`` row: ``policy`` on the prefills, with ``prefix_weight`` when kv_aware."""
-    scoring = ScoringConfig() if prefix_weight is None else ScoringConfig(prefix_weight=prefix_weight)
+    """The router of one ``prefix`` row: the variant's policy on the prefills, with its knobs when kv_aware."""
+    scoring = ScoringConfig() if variant.prefix_weight is None else ScoringConfig(prefix_weight=variant.prefix_weight)
     return RouterConfig(prefill=PoolConfig(instances=tuple(parse_instance(a) for a in prefill_args),
-                                           policy=Policy(policy)),
+                                           policy=Policy(variant.policy)),
                         decode=PoolConfig(instances=tuple(parse_instance(a) for a in decode_args)),
-                        tokenizer=model, scoring=scoring)
+                        tokenizer=model, scoring=scoring, min_disagg_tokens=variant.min_disagg_tokens or 0)
 
 
 def _named(bodies: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:

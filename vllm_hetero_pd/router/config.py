@@ -234,11 +234,14 @@ class TimeoutConfig(msgspec.Struct, **_USER):
             _positive(f"timeouts.{name}", getattr(self, name))
 
 
+DEFAULT_MIN_DISAGG_TOKENS = 0
+
+
 class RouterConfig(msgspec.Struct, **_USER):
     """The whole router: pools, failure handling, security and limits.
 
-    ``min_disagg_tokens``: prompts estimated shorter than this skip remote prefill and are
-    prefilled by the decode instance itself (0 disables). ``local_prefill_fallback``: when no
+    ``min_disagg_tokens``: a request whose part the chosen decode has not cached is shorter than
+    this skips remote prefill and is prefilled by the decode itself (0 disables). ``local_prefill_fallback``: when no
     prefill instance can serve a request, let decode prefill locally instead of failing.
     ``max_attempts``: how many instances of one pool a request may try (each at most once).
     ``max_fan_out``: the most P/D exchanges one request may fan out into (prompts of a batch times
@@ -263,7 +266,7 @@ class RouterConfig(msgspec.Struct, **_USER):
     upstream_api_key: str | None = None
     admin_token: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
-    min_disagg_tokens: int = 0
+    min_disagg_tokens: int = DEFAULT_MIN_DISAGG_TOKENS
     local_prefill_fallback: bool = True
     max_attempts: int = 3
     max_fan_out: int = 64
