@@ -9,14 +9,17 @@ generator here, each on uvloop when installed.
 
 * latency: requests one at a time, alternating direct/router, p50 and p99 of each and the added
   milliseconds;
-* throughput: a closed loop at ``--concurrency`` for ``--requests`` requests per mode, req/s of
-  each and the ratio;
+* throughput: ``--repeat`` rounds (default 3) of a closed loop at ``--concurrency`` for
+  ``--requests`` requests per path, direct and routed back to back, which one first alternating
+  by round (so a drift of the host's speed does not always favour one path); req/s of each, and
+  the ratio per round, reported as its mean and range;
 * router CPU per request: the router process's user+system CPU time (``/proc``, so Linux only)
-  over the routed throughput loop, divided by its requests. On a shared machine req/s depends on
+  over each routed throughput loop, divided by its requests. On a shared machine req/s depends on
   what else runs; CPU per request does much less, and ``1e6 / cpu_us`` is the req/s one core
   could route;
-* the goal of issue 13, per mode: at most 1 ms added at p50 and at least 0.8x direct req/s, both
-  from this run (``ModeResult.meets_goal``).
+* the load average before and after, and a result marked noisy when it was above 1.5 before;
+* the goal of issue 13, per mode: at most 1 ms added at p50 and a mean of at least 0.8x direct
+  req/s over the rounds, all from this run (``ModeResult.meets_goal``).
 
 Run: ``python -m vllm_hetero_pd.router.bench`` (or as the ``router`` part of ``vllm-hetero-pd bench``).
 """
@@ -27,6 +30,7 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +44,7 @@ from vllm_hetero_pd.router.protocol import prefill_body
 
 GOAL_ADDED_P50_MS = 1.0
 GOAL_THROUGHPUT_RATIO = 0.8
+QUIET_LOAD = 1.5  # load average above which, before a run, its figures are noise on this 2-core host
 
 
 class ModeResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,9 +53,9 @@ class ModeResult(msgspec.Struct, frozen=True, kw_only=True):
     direct_p99_ms: float
     router_p50_ms: float
     router_p99_ms: float
-    direct_req_per_s: float
-    router_req_per_s: float
-    router_cpu_us_per_req: float
+    direct_req_per_s: tuple[float, ...]  # one per throughput round
+    router_req_per_s: tuple[float, ...]
+    router_cpu_us_per_req: tuple[float, ...]
 
     @property
     def added_p50_ms(self) -> float:
@@ -61,9 +66,14 @@ class ModeResult(msgspec.Struct, frozen=True, kw_only=True):
         return self.router_p99_ms - self.direct_p99_ms
 
     @property
+    def ratios(self) -> tuple[float, ...]:
+        """Routed req/s over direct req/s of each round, the two loops back to back."""
+        return tuple(r / d for r, d in zip(self.router_req_per_s, self.direct_req_per_s))
+
+    @property
     def throughput_ratio(self) -> float:
-        """Routed req/s over direct req/s, measured back to back in this run (issue 13's second goal)."""
-        return self.router_req_per_s / self.direct_req_per_s
+        """The mean of the rounds' ratios (issue 13's second goal)."""
+        return statistics.fmean(self.ratios)
 
     @property
     def meets_goal(self) -> bool:
@@ -75,6 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-requests", type=int, default=1000, help="sequential requests per path and mode")
     parser.add_argument("--requests", type=int, default=4000, help="requests per path and mode in the throughput loop")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3, help="throughput rounds per mode (direct and routed each)")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per answer (SSE events when streaming)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--router-arg", action="append", default=[], metavar="ARG",
@@ -82,7 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.repeat < 1:
+        raise SystemExit("error: --repeat must be at least 1")
     _use_uvloop()
+    load_before = os.getloadavg()[0]
     prefill_port, decode_port, router_port = free_ports(3)
     fakes = multiprocessing.get_context("spawn").Process(target=_serve_fakes, args=(prefill_port, decode_port),
                                                          daemon=True)
@@ -98,12 +112,15 @@ def run(args: argparse.Namespace) -> int:
         fakes.terminate()
         router.wait(timeout=10)
         fakes.join(timeout=10)
-    _print_table(results, args)
+    load_after = os.getloadavg()[0]
+    _print_table(results, args, load_before, load_after)
     if args.json:
         with open(args.json, "wb") as f:
             f.write(msgspec.json.format(msgspec.json.encode(
                 [{**msgspec.structs.asdict(r), "added_p50_ms": r.added_p50_ms, "added_p99_ms": r.added_p99_ms,
-                  "throughput_ratio": r.throughput_ratio, "meets_goal": r.meets_goal} for r in results])))
+                  "ratios": r.ratios, "throughput_ratio": r.throughput_ratio, "meets_goal": r.meets_goal,
+                  "load_average": {"start": load_before, "end": load_after}, "noisy": load_before > QUIET_LOAD}
+                 for r in results])))
     return 0
 
 
@@ -135,14 +152,20 @@ async def _measure(args: argparse.Namespace, prefill_port: int, decode_port: int
             for _ in range(args.latency_requests):
                 direct_ms.append(await _time_ms(direct(body)))
                 router_ms.append(await _time_ms(routed(body)))
-            direct_rps = await _throughput(direct, body, args.requests, args.concurrency)
-            cpu_before_s = _cpu_seconds(router_pid)
-            router_rps = await _throughput(routed, body, args.requests, args.concurrency)
-            cpu_us = (_cpu_seconds(router_pid) - cpu_before_s) / args.requests * 1e6
+            direct_rps, router_rps, cpu_us = [], [], []
+            for number in range(args.repeat):
+                for path in ("direct", "routed") if number % 2 == 0 else ("routed", "direct"):
+                    if path == "direct":
+                        direct_rps.append(await _throughput(direct, body, args.requests, args.concurrency))
+                        continue
+                    cpu_before_s = _cpu_seconds(router_pid)
+                    router_rps.append(await _throughput(routed, body, args.requests, args.concurrency))
+                    cpu_us.append((_cpu_seconds(router_pid) - cpu_before_s) / args.requests * 1e6)
             results.append(ModeResult(
                 stream=stream, direct_p50_ms=_percentile(direct_ms, 50), direct_p99_ms=_percentile(direct_ms, 99),
                 router_p50_ms=_percentile(router_ms, 50), router_p99_ms=_percentile(router_ms, 99),
-                direct_req_per_s=direct_rps, router_req_per_s=router_rps, router_cpu_us_per_req=cpu_us))
+                direct_req_per_s=tuple(direct_rps), router_req_per_s=tuple(router_rps),
+                router_cpu_us_per_req=tuple(cpu_us)))
         return results
 
 
@@ -198,21 +221,28 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def _print_table(results: list[ModeResult], args: argparse.Namespace) -> None:
+def _print_table(results: list[ModeResult], args: argparse.Namespace, load_before: float, load_after: float) -> None:
     print(f"router overhead vs direct P->D calls (fake instances, {args.max_tokens} tokens, "
-          f"router args {' '.join(args.router_arg) or 'none'}, load average {os.getloadavg()[0]:.1f}, "
-          f"latency: {args.latency_requests} sequential requests each, throughput: {args.requests} requests "
-          f"at concurrency {args.concurrency})")
+          f"router args {' '.join(args.router_arg) or 'none'}, latency: {args.latency_requests} sequential "
+          f"requests each, throughput: {args.repeat} round(s) of {args.requests} requests per path at concurrency "
+          f"{args.concurrency}; req/s and CPU cells are the mean (min-max) over rounds)")
     print("| mode | direct p50 ms | router p50 ms | added p50 ms | direct p99 ms | router p99 ms | added p99 ms "
           "| direct req/s | router req/s | router/direct req/s | router CPU µs/req | goal met |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {'streaming' if r.stream else 'non-streaming'} | {r.direct_p50_ms:.3f} | {r.router_p50_ms:.3f} "
               f"| {r.added_p50_ms:.3f} | {r.direct_p99_ms:.3f} | {r.router_p99_ms:.3f} | {r.added_p99_ms:.3f} "
-              f"| {r.direct_req_per_s:.0f} | {r.router_req_per_s:.0f} | {r.throughput_ratio:.2f} "
-              f"| {r.router_cpu_us_per_req:.0f} | {'yes' if r.meets_goal else 'no'} |")
-    print(f"goal: added p50 <= {GOAL_ADDED_P50_MS} ms and router/direct req/s >= {GOAL_THROUGHPUT_RATIO}, "
-          "both from this run")
+              f"| {spread(r.direct_req_per_s, 0)} | {spread(r.router_req_per_s, 0)} | {spread(r.ratios, 2)} "
+              f"| {spread(r.router_cpu_us_per_req, 0)} | {'yes' if r.meets_goal else 'no'} |")
+    print(f"goal: added p50 <= {GOAL_ADDED_P50_MS} ms and mean router/direct req/s >= {GOAL_THROUGHPUT_RATIO}, "
+          "all from this run")
+    noisy = f" (above {QUIET_LOAD}: the figures are noise, rerun on a quiet host)" if load_before > QUIET_LOAD else ""
+    print(f"load average before {load_before:.2f}{noisy}, after {load_after:.2f}")
+
+
+def spread(values: tuple[float, ...], digits: int) -> str:
+    """``mean (min-max)`` of a result's rounds."""
+    return f"{statistics.fmean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def _serve_fakes(prefill_port: int, decode_port: int) -> None:
