@@ -16,7 +16,9 @@
   long and short prompts at once. Per decode policy (``least_work``, ``kv_aware``), from each
   decode's own metrics: requests, long requests (``vllm:request_prompt_tokens`` histogram) and
   preemptions (``vllm:num_preemptions_total``).
-* ``local-prefill``: 1 prefill + 1 decode, short uncached prompts mixed with long ones. Per
+* ``local-prefill``: 1 prefill + 1 decode, short uncached prompts alternating with long ones, sent
+  open-loop at a fixed interval (a closed loop would send the next long prompt sooner whenever
+  the short ones answer faster, and so charge the long ones for it). Per
   ``min_disagg_tokens`` (0 = always remote, then each ``--thresholds`` value): TTFT p50 of the short
   and the long prompts, and how many were prefilled locally; the smallest threshold that lowers
   short-prompt TTFT without raising long-prompt TTFT is the default to ship.
@@ -85,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "with the tiny model's tokenizer, rounded up to blocks)")
     parser.add_argument("--thresholds", type=int, nargs="*", default=[32, 64, 128, 256],
                         help="local-prefill: min_disagg_tokens values to compare with 0")
+    parser.add_argument("--interval-ms", type=float, default=300.0,
+                        help="local-prefill: one request every this many ms, short and long alternating (an open "
+                        "loop: every threshold sees the same arrivals)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,13 +195,18 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, body: dict[str, 
 
 
 async def run_bodies(url: str, bodies: list[dict[str, Any]], concurrency: int,
-                     path: str = "/v1/chat/completions") -> list[tuple[str, float]]:
-    semaphore = asyncio.Semaphore(concurrency)
+                     path: str = "/v1/chat/completions", interval_s: float | None = None) -> list[tuple[str, float]]:
+    """Stream every body: at most ``concurrency`` at once (a closed loop), or with ``interval_s`` body
+    ``i`` sent at ``i * interval_s`` whatever the others are doing (an open loop, so two settings
+    compared see the same arrivals even when one answers faster)."""
+    semaphore = asyncio.Semaphore(concurrency if interval_s is None else len(bodies) or 1)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-        async def one(body):
+        async def one(i, body):
+            if interval_s is not None:
+                await asyncio.sleep(i * interval_s)
             async with semaphore:
                 return await stream_chat(session, url, body, path)
-        return list(await asyncio.gather(*(one(b) for b in bodies)))
+        return list(await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies))))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -429,7 +439,7 @@ def run_local_prefill(args: argparse.Namespace) -> dict[str, Any]:
                                  "--min-disagg-tokens", str(threshold))) as router:
                 bodies = [{"model": args.model, "prompt": sample_text(6 if i % 2 else 200, 3000 + i),
                            "max_tokens": 8, "temperature": 0} for i in range(40)]
-                results = asyncio.run(run_bodies(router, bodies, 2, "/v1/completions"))
+                results = asyncio.run(run_bodies(router, bodies, 0, "/v1/completions", args.interval_ms / 1e3))
                 routed = scrape(router)
             short = [t for i, (_, t) in enumerate(results) if i % 2]
             long = [t for i, (_, t) in enumerate(results) if i % 2 == 0]
