@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import time
 import urllib.request
@@ -69,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=int, default=9, help="prefix: turns per conversation")
     parser.add_argument("--system-prompts", type=int, default=3, help="prefix: shared system prompts")
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                        help="prefix: send each turn's conversations in a seeded random order (default) or in order")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--policies", nargs="*", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--repeat", type=int, default=3,
@@ -281,8 +284,9 @@ def prefix_round(args: argparse.Namespace, cluster: LocalCluster, instances: tup
     with running_router([], [], work / f"router-{tag}.log", ("--config", str(config))) as router:
         ttfts, mismatches = [], 0
         for t, bodies in enumerate(turn_bodies):
-            for c, (text, ttft) in enumerate(asyncio.run(run_bodies(router, _named(bodies, args.model),
-                                                                    args.concurrency))):
+            order = arrival_order(len(bodies), t, args.shuffle)
+            sent = _named([bodies[c] for c in order], args.model)
+            for c, (text, ttft) in zip(order, asyncio.run(run_bodies(router, sent, args.concurrency))):
                 ttfts.append(ttft)
                 mismatches += text != answers[(c, t)]
         routed = scrape(router)
@@ -296,6 +300,16 @@ def prefix_round(args: argparse.Namespace, cluster: LocalCluster, instances: tup
             "mismatches": mismatches, "router_expected_hit_tokens": metric_sum(
                 routed, "hetero_pd_router_prefix_hit_tokens_total", role="prefill"),
             "prefills": prefill_calls(routed, prefill_urls)}
+
+
+def arrival_order(num_conversations: int, turn: int, shuffle: bool) -> list[int]:
+    """The order in which a turn's conversations are sent: shuffled (seeded by the turn, so every
+    policy sees the same order), as real sessions arrive; in order, a plain rotation such as
+    round_robin's keeps conversation ``c`` on prefill ``c mod 2`` by accident."""
+    order = list(range(num_conversations))
+    if shuffle:
+        random.Random(turn).shuffle(order)
+    return order
 
 
 def prefill_calls(routed: dict, prefill_urls: list[str]) -> list[dict[str, float]]:

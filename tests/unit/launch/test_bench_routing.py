@@ -8,6 +8,7 @@ import argparse
 from vllm_hetero_pd.launch.bench_routing import (
     PrefixVariant,
     add_arguments,
+    arrival_order,
     prefix_router_config,
     prefix_table,
     prefix_variants,
@@ -65,3 +66,11 @@ def test_the_prefix_table_gives_medians_over_rounds_and_kv_aware_against_least_w
             "840.0 (800.0-900.0) | 430.0 (410.0-460.0) | 56 (210) / 52 (105) | 0 |") in lines
     assert lines[-1] == ("\nkv_aware (prefix_weight 1) / least_work, per round: prefill tokens computed 0.600, 0.667, "
                          "0.684 (goal <= 0.70); TTFT p50 0.75, 1.11, 0.98 (goal < 1)")
+
+
+def test_each_turn_arrives_in_its_own_seeded_order_the_same_for_every_policy():
+    orders = [arrival_order(12, t, shuffle=True) for t in range(4)]
+    assert all(sorted(o) == list(range(12)) for o in orders)
+    assert orders == [arrival_order(12, t, shuffle=True) for t in range(4)]
+    assert len({tuple(o) for o in orders}) > 1 and orders[0] != list(range(12))
+    assert arrival_order(12, 3, shuffle=False) == list(range(12))
