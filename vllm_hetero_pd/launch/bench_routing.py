@@ -8,9 +8,9 @@
   ``/reset_prefix_cache``, dev mode). Per policy: the prefills' prefix cache hit rate, prompt
   tokens computed on every instance, the decode's share apart (``vllm:prefix_cache_*``,
   ``vllm:prompt_tokens_by_source`` deltas), TTFT p50/p90 (client side, streamed), and every
-  answer compared with a monolithic
-  engine's (greedy; the conversation history is the monolithic answers, so every policy sends the
-  same prompts).
+  answer compared with a monolithic engine's (greedy; the conversation history is the monolithic
+  answers, so every policy sends the same prompts). Each turn's conversations arrive in a seeded
+  random order, the same for every policy.
 * ``decode-capacity``: 1 prefill + 2 decodes, decode 0 with a small KV space
   (``--num-gpu-blocks-override``, with a ``--max-model-len`` small enough for vLLM to accept it);
   long and short prompts at once. Per decode policy (``least_work``, ``kv_aware``), from each
@@ -20,8 +20,8 @@
   open-loop at a fixed interval (a closed loop would send the next long prompt sooner whenever
   the short ones answer faster, and so charge the long ones for it). Per
   ``min_disagg_tokens`` (0 = always remote, then each ``--thresholds`` value): TTFT p50 of the short
-  and the long prompts, and how many were prefilled locally; the smallest threshold that lowers
-  short-prompt TTFT without raising long-prompt TTFT is the default to ship.
+  and the long prompts, and how many were prefilled locally: a threshold worth setting lowers the
+  short prompts' TTFT without raising the long ones'.
 
 Results go to ``--out`` (``<name>.json`` and ``<name>.md``), with the machine's load average at
 start and end: on a shared host the numbers are only indicative.
