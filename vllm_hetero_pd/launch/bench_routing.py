@@ -202,11 +202,12 @@ async def run_bodies(url: str, bodies: list[dict[str, Any]], concurrency: int,
     """Stream every body: at most ``concurrency`` at once (a closed loop), or with ``interval_s`` body
     ``i`` sent at ``i * interval_s`` whatever the others are doing (an open loop, so two settings
     compared see the same arrivals even when one answers faster)."""
-    semaphore = asyncio.Semaphore(concurrency if interval_s is None else len(bodies) or 1)
+    semaphore = asyncio.Semaphore(concurrency)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         async def one(i, body):
             if interval_s is not None:
                 await asyncio.sleep(i * interval_s)
+                return await stream_chat(session, url, body, path)
             async with semaphore:
                 return await stream_chat(session, url, body, path)
         return list(await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies))))

@@ -152,21 +152,35 @@ async def _measure(args: argparse.Namespace, prefill_port: int, decode_port: int
             for _ in range(args.latency_requests):
                 direct_ms.append(await _time_ms(direct(body)))
                 router_ms.append(await _time_ms(routed(body)))
-            direct_rps, router_rps, cpu_us = [], [], []
-            for number in range(args.repeat):
-                for path in ("direct", "routed") if number % 2 == 0 else ("routed", "direct"):
-                    if path == "direct":
-                        direct_rps.append(await _throughput(direct, body, args.requests, args.concurrency))
-                        continue
-                    cpu_before_s = _cpu_seconds(router_pid)
-                    router_rps.append(await _throughput(routed, body, args.requests, args.concurrency))
-                    cpu_us.append((_cpu_seconds(router_pid) - cpu_before_s) / args.requests * 1e6)
+            direct_rps, router_rps, cpu_us = await _throughput_rounds(direct, routed, body, args, router_pid)
             results.append(ModeResult(
                 stream=stream, direct_p50_ms=_percentile(direct_ms, 50), direct_p99_ms=_percentile(direct_ms, 99),
                 router_p50_ms=_percentile(router_ms, 50), router_p99_ms=_percentile(router_ms, 99),
                 direct_req_per_s=tuple(direct_rps), router_req_per_s=tuple(router_rps),
                 router_cpu_us_per_req=tuple(cpu_us)))
         return results
+
+
+async def _throughput_rounds(direct, routed, body: dict[str, Any], args: argparse.Namespace,
+                             router_pid: int) -> tuple[list[float], list[float], list[float]]:
+    """``--repeat`` rounds of both closed loops, which path runs first alternating by round:
+    direct req/s, routed req/s and the router's CPU µs per routed request, one value per round."""
+    direct_rps: list[float] = []
+    router_rps: list[float] = []
+    cpu_us: list[float] = []
+
+    async def direct_round() -> None:
+        direct_rps.append(await _throughput(direct, body, args.requests, args.concurrency))
+
+    async def routed_round() -> None:
+        cpu_before_s = _cpu_seconds(router_pid)
+        router_rps.append(await _throughput(routed, body, args.requests, args.concurrency))
+        cpu_us.append((_cpu_seconds(router_pid) - cpu_before_s) / args.requests * 1e6)
+
+    for number in range(args.repeat):
+        for step in (direct_round, routed_round) if number % 2 == 0 else (routed_round, direct_round):
+            await step()
+    return direct_rps, router_rps, cpu_us
 
 
 async def _expect_ok(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> None:

@@ -240,9 +240,9 @@ DEFAULT_MIN_DISAGG_TOKENS = 0
 class RouterConfig(msgspec.Struct, **_USER):
     """The whole router: pools, failure handling, security and limits.
 
-    ``min_disagg_tokens``: a request whose part the chosen decode has not cached is shorter than
-    this skips remote prefill and is prefilled by the decode itself (0 disables). ``local_prefill_fallback``: when no
-    prefill instance can serve a request, let decode prefill locally instead of failing.
+    ``min_disagg_tokens``: when the part of a prompt that the chosen decode has not cached is
+    shorter than this, the decode prefills it itself (0: never). ``local_prefill_fallback``: when
+    no prefill instance can serve a request, let decode prefill locally instead of failing.
     ``max_attempts``: how many instances of one pool a request may try (each at most once).
     ``max_fan_out``: the most P/D exchanges one request may fan out into (prompts of a batch times
     ``n``); each runs concurrently, so this bounds what one request can load the pools with.
