@@ -2,8 +2,9 @@
 
 A READ really copies bytes (``ctypes.memmove`` from the remote descriptors' addresses to the
 local ones): "remote" memory is just another tensor in this process, registered with the
-remote's own ``FakeNixlAgent``. Like NIXL, a READ is refused unless both sides' descriptors lie
-inside memory their agents registered, and unless the remote agent was added from its metadata.
+remote's own ``FakeNixlAgent``. Like NIXL, a list is refused at ``prepare`` unless its rows lie
+inside memory the named agent registered and that agent was added from its metadata, and a READ
+is refused when its indices fall outside the lists or the two sides' lengths differ.
 
 Knobs, taken by each READ when it is posted:
 
@@ -14,9 +15,10 @@ Knobs, taken by each READ when it is posted:
 - ``poll_raises``: ``poll`` raises (as NIXL's ``check_xfer_state`` may for a broken peer); ``abort``
   then cancels by releasing the handle, as ``NixlAgent.abort`` does.
 
-``outstanding`` is the number of READ handles NIXL still holds (posted, neither finished and
-polled nor aborted); ``writes`` records every landed READ's local descriptors in order, so a test
-can tell whether bytes landed after a failure was reported.
+``prepared`` counts the lists not yet released; ``outstanding`` is the number of READ handles NIXL
+still holds (posted, neither finished and polled nor aborted); ``writes`` records every landed
+READ's local descriptors in order, so a test can tell whether bytes landed after a failure was
+reported.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vllm_hetero_pd.transport.nixl_agent import Memory, Read, TransferError
+from vllm_hetero_pd.transport.nixl_agent import DescList, Memory, Read, TransferError
 
 _AGENTS: dict[str, FakeNixlAgent] = {}  # every live fake agent by name: what add_remote resolves
 _METADATA_PREFIX = b"fake-nixl-agent:"
@@ -56,6 +58,7 @@ class FakeNixlAgent:
         self.registered: dict[int, tuple[list[tuple[int, int]], str]] = {}
         self.remotes: set[str] = set()
         self.handles: set[FakeXfer] = set()
+        self.lists: list[DescList] = []
         self.hold = self.fail = self.uncancellable = self.fail_post = self.poll_raises = False
         self.fail_add_remote = False
         self.reads_posted = self.reads_aborted = 0
@@ -95,21 +98,38 @@ class FakeNixlAgent:
             self.remotes.discard(name)
             self.removed_remotes.append(name)
 
-    def read(self, remote: str, local: np.ndarray, remote_descs: np.ndarray, local_mem: Memory,
-             remote_mem: Memory) -> Read:
-        if remote not in self.remotes:
-            raise TransferError(f"fake NIXL: READ from {remote!r}, which was never added (or was removed)")
-        local, remote_descs = np.asarray(local, dtype=np.uint64), np.asarray(remote_descs, dtype=np.uint64)
-        if local.shape != remote_descs.shape or not np.array_equal(local[:, 1], remote_descs[:, 1]):
-            raise TransferError(f"fake NIXL: descriptor lists differ ({local.shape} vs {remote_descs.shape})")
-        _check_inside(self, local, local_mem, "local")
-        peer = _AGENTS.get(remote)
-        if peer is None:
-            raise TransferError(f"fake NIXL: remote agent {remote!r} is gone")
-        _check_inside(peer, remote_descs, remote_mem, "remote")
+    def prepare(self, peer: str, rows: np.ndarray, memory: Memory) -> DescList:
+        rows = np.asarray(rows, dtype=np.uint64)
+        if peer and peer not in self.remotes:
+            raise TransferError(f"fake NIXL: cannot prepare rows of {peer!r}, which was never added (or was removed)")
+        owner = _AGENTS.get(peer) if peer else self
+        if owner is None:
+            raise TransferError(f"fake NIXL: remote agent {peer!r} is gone")
+        _check_inside(owner, rows, memory, "remote" if peer else "local")
+        dlist = DescList(object(), peer, memory, rows)
+        self.lists.append(dlist)
+        return dlist
+
+    def release(self, dlist: DescList) -> None:
+        self.lists.remove(dlist)
+
+    def read(self, local: DescList, local_ids: np.ndarray, remote: DescList, remote_ids: np.ndarray) -> Read:
+        if remote.peer not in self.remotes:
+            raise TransferError(f"fake NIXL: READ from {remote.peer!r}, which was never added (or was removed)")
+        if not all(any(d is x for x in self.lists) for d in (local, remote)):
+            raise TransferError("fake NIXL: READ through a list that was released or never prepared here")
+        local_ids, remote_ids = np.asarray(local_ids, dtype=np.int64), np.asarray(remote_ids, dtype=np.int64)
+        for dlist, ids in ((local, local_ids), (remote, remote_ids)):
+            if ids.size and (ids.min() < 0 or ids.max() >= len(dlist.rows)):
+                raise TransferError(f"fake NIXL: indices outside a prepared list of {len(dlist.rows)} rows")
+        local_rows, remote_descs = local.rows[local_ids], remote.rows[remote_ids]
+        if local_rows.shape != remote_descs.shape or not np.array_equal(local_rows[:, 1], remote_descs[:, 1]):
+            raise TransferError(f"fake NIXL: descriptor lists differ ({local_rows.shape} vs {remote_descs.shape})")
+        if _AGENTS.get(remote.peer) is None:
+            raise TransferError(f"fake NIXL: remote agent {remote.peer!r} is gone")
         if self.fail_post:
-            raise TransferError(f"NIXL READ from {remote} could not be posted (fake fail_post)")
-        xfer = FakeXfer(self, local.copy(), remote_descs.copy(), self.hold, self.fail, not self.uncancellable)
+            raise TransferError(f"NIXL READ from {remote.peer} could not be posted (fake fail_post)")
+        xfer = FakeXfer(self, local_rows, remote_descs, self.hold, self.fail, not self.uncancellable)
         with self._lock:
             self.handles.add(xfer)
             self.reads_posted += 1
@@ -153,6 +173,11 @@ class FakeNixlAgent:
         _AGENTS.pop(self.name, None)
 
     # ------------------------------------------------------------------ test controls
+    @property
+    def prepared(self) -> int:
+        """Prepared lists not yet released."""
+        return len(self.lists)
+
     @property
     def outstanding(self) -> int:
         """READ handles NIXL still holds: while > 0, bytes may still land in the destination."""

@@ -15,7 +15,7 @@ from vllm.v1.request import RequestStatus
 from vllm_hetero_pd import kv_params
 from vllm_hetero_pd.config import ConnectorConfig
 from vllm_hetero_pd.connector.metadata import ExportJob
-from vllm_hetero_pd.connector.scheduler import ConnectorScheduler
+from vllm_hetero_pd.connector.scheduler import IDLE_STEP_S, ConnectorScheduler
 
 BLOCK = 16
 
@@ -215,3 +215,11 @@ def test_requests_not_bound_for_a_remote_decode_are_not_exported():
                                        scheduled={"other": 4, "p-0": 4, "other2": 1}))
     assert [j.request_id for j in jobs] == ["p-0"]
     assert export_scheduler()._export_jobs(output(new=[("x", [1], 0)], scheduled={"x": 1})) == []
+
+
+@pytest.mark.parametrize("scheduled, idle_s", [(0, IDLE_STEP_S), (1, 0.0)])
+def test_an_empty_step_hands_its_idle_time_to_the_worker(scheduled, idle_s):
+    """The scheduler no longer sleeps on an empty step: the worker spends that time, watching its
+    loads, so that a READ that ends during it is reported in the same step."""
+    step = scheduler(consumer=True).build_connector_meta(SimpleNamespace(total_num_scheduled_tokens=scheduled))
+    assert step.idle_s == idle_s

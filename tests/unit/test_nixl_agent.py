@@ -20,6 +20,9 @@ class ScriptedNixl:
         self.transfer_raises = False
         self.live: set[int] = set()
         self.described: list[tuple[list, str]] = []  # (rows, mem_type) of each get_*_descs call
+        self.prepared: list[tuple[str, object]] = []  # (agent, descs) of each prep_xfer_dlist call
+        self.released_lists: list[int] = []
+        self.picked: list[tuple] = []  # (local handle, ids, remote handle, ids) of each prepared READ
         self._next = 0
 
     def get_xfer_descs(self, descs, mem_type):
@@ -33,7 +36,15 @@ class ScriptedNixl:
     def register_memory(self, descs):
         return object()
 
-    def initialize_xfer(self, op, local, remote, peer):
+    def prep_xfer_dlist(self, peer, descs):
+        self.prepared.append((peer, descs))
+        return len(self.prepared) - 1
+
+    def release_dlist_handle(self, handle):
+        self.released_lists.append(handle)
+
+    def make_prepped_xfer(self, op, local, local_ids, remote, remote_ids):
+        self.picked.append((local, local_ids.tolist(), remote, remote_ids.tolist()))
         self._next += 1
         self.live.add(self._next)
         return self._next
@@ -64,23 +75,36 @@ def nixl():
 def agent(nixl):
     agent = NixlAgent.__new__(NixlAgent)  # skip __post_init__: no real NIXL
     agent.name, agent.backends, agent.backend_params, agent.progress_delay_us = "decode-tp0", ["UCX"], {}, 100
-    agent._agent, agent._registered, agent._remotes = nixl, [], set()
+    agent._agent, agent._registered, agent._remotes, agent._lists = nixl, [], set(), []
     return agent
 
 
 def post(agent: NixlAgent) -> Read:
     descs = np.array([[4096, 64]], dtype=np.uint64)
-    return agent.read("prefill-tp0", descs, descs, Memory("DRAM"), Memory("DRAM"))
+    local, remote = agent.prepare("", descs, Memory("DRAM")), agent.prepare("prefill-tp0", descs, Memory("DRAM"))
+    return agent.read(local, [0], remote, [0])
 
 
 def test_each_side_is_described_with_its_own_memory_type_and_device(agent, nixl):
     """NIXL matches a descriptor to a registration by (type, device, range): a VRAM decode on GPU 1
     reading a prefill's host buffer must say so on each side, not reuse one side's type or device 0."""
     local, remote = np.array([[4096, 64]], dtype=np.uint64), np.array([[8192, 64]], dtype=np.uint64)
-    agent.read("prefill-tp0", local, remote, Memory("VRAM", 1), Memory("DRAM", 0))
+    agent.prepare("", local, Memory("VRAM", 1))
+    agent.prepare("prefill-tp0", remote, Memory("DRAM", 0))
     assert nixl.described == [([[4096, 64, 1]], "VRAM"), ([[8192, 64, 0]], "DRAM")]
+    assert [peer for peer, _ in nixl.prepared] == ["NIXL_INIT_AGENT", "prefill-tp0"]
     agent.register([(1 << 20, 4096)], "VRAM", 3)
     assert nixl.described[-1] == ([[1 << 20, 4096, 3, ""]], "VRAM")
+
+
+def test_a_read_picks_rows_of_prepared_lists_by_index_and_close_releases_the_lists(agent, nixl):
+    rows = np.array([[4096 + 64 * i, 64] for i in range(4)], dtype=np.uint64)
+    local, remote = agent.prepare("", rows, Memory("DRAM")), agent.prepare("prefill-tp0", rows, Memory("DRAM"))
+    agent.read(local, np.array([3, 1]), remote, np.array([0, 2]))
+    assert nixl.picked == [(local.handle, [3, 1], remote.handle, [0, 2])]
+    agent.release(remote)
+    agent.close()
+    assert nixl.released_lists == [remote.handle, local.handle]
 
 
 def test_done_read_releases_its_handle(agent, nixl):

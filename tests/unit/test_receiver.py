@@ -733,7 +733,7 @@ def test_incompatible_second_rank_leaks_no_remote_or_staging(world):
     d.receiver.add(job)
     d.finish(job)
     assert "handshake with prefill" in d.failed[job.request_id] and "head_size" in d.failed[job.request_id]
-    assert d.agent.remotes == set() and len(d.agent.registered) == 1
+    assert d.agent.remotes == set() and len(d.agent.registered) == 1 and d.agent.prepared == 1
 
 
 def test_hostile_block_size_cannot_make_staging_exceed_staging_mib(world):
@@ -783,12 +783,15 @@ def test_impostor_claiming_a_connected_engine_is_refused(world):
 
 
 def test_wrong_lease_token_is_refused_by_the_prefill_and_frees_nothing(world):
+    """The first READ is posted beside the first pin, so the bytes may land; the refused pin must
+    still fail the load and hand its blocks to vLLM as bad, so nothing it read is ever used."""
     prefill, d = world.prefill("prefill-a"), world.decode(DIRECT_FMT)
     real = prefill.lease("r1", 32)
     forged = RecvJob("decode-forged", [8, 9], 0, 32, msgspec.structs.replace(real, lease_token="guessed"))
     d.receiver.add(forged)
     d.finish(forged)
-    assert "wrong lease token" in d.failed[forged.request_id] and d.agent.reads_posted == 0
+    assert "wrong lease token" in d.failed[forged.request_id] and forged.request_id not in d.done
+    assert d.receiver.take_bad_blocks() == {8, 9} and d.agent.outstanding == 0
     d.idle(0.1)
     assert prefill.take_freed() == [] and len(prefill.sched.leases) == 1, "a forged release freed the lease"
     job = d.job(prefill, "r1", 32, params=real)
@@ -805,7 +808,8 @@ def test_block_ids_outside_the_lease_are_refused_by_the_prefill(world):
     forged = RecvJob("decode-forged", [8, 9], 0, 32, msgspec.structs.replace(real, remote_block_ids=other))
     d.receiver.add(forged)
     d.finish(forged)
-    assert "not leased" in d.failed[forged.request_id] and d.agent.reads_posted == 0
+    assert "not leased" in d.failed[forged.request_id] and forged.request_id not in d.done
+    assert d.receiver.take_bad_blocks() == {8, 9} and d.agent.outstanding == 0
 
 
 def test_block_ids_beyond_the_prefill_cache_are_refused_before_a_pin(world):
@@ -927,3 +931,55 @@ def test_idle_remote_is_disconnected_after_remote_idle_s(world):
     d.finish(again)
     assert again.request_id in d.done
     assert_exact(d, prefill, again)
+
+
+def test_first_read_goes_out_with_the_first_pin_and_the_load_waits_for_its_answer(world):
+    """The pin is off the critical path: the READ is posted before the pin is answered, and the load
+    is reported only once the answer confirms the lease."""
+    prefill, d = world.prefill("prefill-a"), world.decode(DIRECT_FMT)
+    warm = d.job(prefill, "warm", 32)  # handshake first, so that only the pin is slow
+    d.receiver.add(warm)
+    d.finish(warm)
+    pin = prefill.sched.leases.pin
+    prefill.sched.leases.pin = lambda *a, **kw: (time.sleep(0.3), pin(*a, **kw))[1]
+    job = d.job(prefill, "r1", 40)
+    d.receiver.add(job)
+    assert d.agent.reads_posted == 2 and job.request_id not in d.done
+    d.idle(0.1)
+    assert job.request_id not in d.done and d.agent.outstanding == 0, "loaded before the pin confirmed the lease"
+    d.finish(job)
+    assert job.request_id in d.done
+    assert_exact(d, prefill, job)
+
+
+def test_wait_reports_a_load_as_it_ends_and_keeps_to_its_budget_otherwise(world):
+    """An empty step waits on its loads: an ending is reported by that step's wait, and a stalled
+    READ costs the step no more than its budget."""
+    prefill, d = world.prefill("prefill-a"), world.decode(DIRECT_FMT)
+    job = d.job(prefill, "r1", 40)
+    d.receiver.add(job)
+    done, failed = d.receiver.wait(2.0)
+    assert done == {job.request_id} and not failed
+    assert_exact(d, prefill, job)
+    d.agent.hold = True
+    stalled = d.job(prefill, "r2", 40)
+    d.receiver.add(stalled)
+    start = time.monotonic()
+    assert d.receiver.wait(0.05) == (set(), {}) and 0.05 <= time.monotonic() - start < 1.0
+    d.agent.release_held()
+    d.finish(stalled)
+    assert stalled.request_id in d.done
+
+
+def test_prepared_lists_go_with_the_engine_they_describe(world):
+    """Each connected engine holds one prepared list per source rank and its staging pool one per
+    rank; disconnecting returns them all, leaving only the local cache's list."""
+    prefill = world.prefill("prefill-a")
+    d = world.decode(STAGED_FMT, remote_idle_s=0.2)
+    assert d.agent.prepared == 1
+    job = d.job(prefill, "r1", 40)
+    d.receiver.add(job)
+    d.finish(job)
+    assert d.agent.prepared == 3
+    d.run(lambda: not d.receiver.remotes, timeout=2.0)
+    assert d.agent.prepared == 1

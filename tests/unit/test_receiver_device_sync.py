@@ -16,7 +16,7 @@ from vllm_hetero_pd.transport.nixl_agent import Memory
 
 def test_land_chunk_waits_for_the_device_before_returning_slots(monkeypatch):
     staging = Staging(formats=[SimpleNamespace(block_size=16)], buffers=[], layouts=[], layer_addrs=[], free=[],
-                      registration=None, memory=Memory("DRAM"))
+                      registration=None, memory=Memory("DRAM"), lists=[])
     seen = []
     monkeypatch.setattr(receiver, "translate", lambda *args, **kwargs: None)
     monkeypatch.setattr(receiver, "wait_for_device", lambda device: seen.append(list(staging.free)))

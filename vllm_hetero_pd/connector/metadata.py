@@ -62,6 +62,7 @@ class HeteroConnectorMetadata(KVConnectorMetadata):
     releases: list[ReleaseJob] = field(default_factory=list)
     exports: list[ExportJob] = field(default_factory=list)
     freed: list[str] = field(default_factory=list)  # prefill: released or expired; report finished_sending
+    idle_s: float = 0.0  # nothing is scheduled this step: the worker spends this long on it (IDLE_STEP_S)
 
 
 @dataclass(frozen=True)

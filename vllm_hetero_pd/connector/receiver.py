@@ -5,13 +5,18 @@ remote ranks hold the heads this rank needs, whether their format equals ours (t
 READ straight into the KV cache: the fast path), and otherwise a compiled translation plan and
 a registered staging pool (READ into staging, then ``translate`` into the KV cache).
 
-A request moves through: handshake (once per engine) -> first pin of its lease -> READs chunk by
-chunk as staging allows, pinning again every heartbeat while any READ runs -> translate ->
-release. All side-channel I/O runs on the ``ControlPlane``'s threads; ``poll`` only looks at
-futures and NIXL states, so it never blocks the engine step.
+A request moves through: handshake (once per engine) -> its first pin and its first READs, posted
+together -> READs chunk by chunk as staging allows, pinning again every heartbeat while any READ
+runs -> translate -> release. The first READ does not wait for the pin's answer: the lease began
+with the prefill's answer, so the pin only has to confirm, before the load is accepted, that the
+lease still held when the READs finished. All side-channel I/O runs on the ``ControlPlane``'s
+threads; ``poll`` only looks at futures and NIXL states, so it never blocks the engine step.
+Descriptors are prepared once per memory area (the local cache, each staging pool, each source
+rank's cache); a READ picks a request's blocks from them by index.
 
 Guarantees, whatever the peer does:
-- a load succeeds only if every READ finished while the prefill still held the lease;
+- a load succeeds only if a pin confirmed the lease and every READ finished before the lease could
+  have run out (a refused pin fails the load, whatever its READs brought);
 - a failed request is reported only when NIXL holds no handle into its blocks or staging slots
   (in-flight READs are cancelled or waited out first), and its slots go back to the pool;
 - any error fails that request only (reported with its blocks, so vLLM's
@@ -43,10 +48,19 @@ from vllm_hetero_pd.log import get_logger
 from vllm_hetero_pd.shim.plan import TranslationPlan, plan
 from vllm_hetero_pd.shim.translate import allocate, translate
 from vllm_hetero_pd.transport import auth, side_channel, wire
-from vllm_hetero_pd.transport.block_layout import BlockLayout, block_descs, block_layout, whole_cache_layer_addrs
-from vllm_hetero_pd.transport.nixl_agent import Memory, NixlAgent, Read
+from vllm_hetero_pd.transport.block_layout import (
+    BlockLayout,
+    block_descs,
+    block_indices,
+    block_layout,
+    whole_cache_layer_addrs,
+)
+from vllm_hetero_pd.transport.nixl_agent import DescList, Memory, NixlAgent, Read
 
 logger = get_logger(__name__)
+
+READ_SPIN_S = 0.002
+WAIT_NAP_S = 0.0001
 
 
 class RecvError(RuntimeError):
@@ -86,6 +100,7 @@ class Staging:
     free: list[int]
     registration: object
     memory: Memory
+    lists: list[DescList]  # per source rank: every slot's rows, prepared
 
     def take(self, n: int) -> list[int] | None:
         if len(self.free) < n:
@@ -107,6 +122,7 @@ class RemoteEngine:
     layouts: list[BlockLayout]
     plan: TranslationPlan | None  # None: identical formats, READ straight into the KV cache
     staging: Staging | None
+    lists: list[DescList]  # per source rank: every block of its cache, prepared
     users: int = 0  # transfers and releases using this engine now
     last_used: float = field(default_factory=time.monotonic)
 
@@ -124,8 +140,7 @@ class Handshake:
 
 class Phase(enum.Enum):
     CONNECT = "waiting for the handshake"
-    PIN = "waiting for the first pin"
-    READ = "reading"
+    READ = "reading (the first pin may still be on its way)"
     DRAIN = "cancelling READs after a failure"
 
 
@@ -177,6 +192,8 @@ class Receiver:
         self.bad_blocks: set[int] = set()
         self.finished_stats: list[TransferStats] = []
         self.handshake_failures = 0
+        rows = block_descs(local.layout, local.layer_addrs, list(range(local.format.num_blocks)))
+        self.local_list = agent.prepare("", rows, local.memory)
 
     # ------------------------------------------------------------------ admission
     def add(self, job: RecvJob) -> None:
@@ -210,6 +227,20 @@ class Receiver:
         self.done, self.failed = set(), {}
         return done, failed
 
+    def wait(self, budget_s: float) -> tuple[set[str], dict[str, str]]:
+        """``poll`` until a load ends or ``budget_s`` passes: the step has nothing else to do, and a load
+        that ends now is then reported now rather than one idle step later. A READ posted in the last
+        ``READ_SPIN_S`` is polled without pause (one request's READ takes a fraction of a millisecond);
+        otherwise (a pin on its way, a stalled READ) the wait naps ``WAIT_NAP_S`` between polls."""
+        deadline = time.monotonic() + budget_s
+        done: set[str] = set()
+        failed: dict[str, str] = {}
+        while self.active and not (done or failed) and (now := time.monotonic()) < deadline:
+            if not any(t.reads and now - t.posted < READ_SPIN_S for t in self.active.values()):
+                time.sleep(WAIT_NAP_S)
+            done, failed = self.poll()
+        return done, failed
+
     def _advance(self, t: Transfer) -> None:
         """Move one transfer as far as it can go without blocking; any error fails it alone."""
         try:
@@ -217,8 +248,6 @@ class Receiver:
                 self._drain(t)
             elif t.phase is Phase.CONNECT:
                 self._connect_step(t)
-            elif t.phase is Phase.PIN:
-                self._first_pin_step(t)
             else:
                 self._read_step(t)
         except RecvError as e:
@@ -245,20 +274,15 @@ class Receiver:
         bad = [b for b in ids[t.next_block:t.end_block] if b >= num_remote]
         if bad:
             raise RecvError(f"remote block ids {bad[:8]} are outside the prefill's {num_remote} blocks")
-        t.phase = Phase.PIN
-        self._send_pin(t)
-
-    def _first_pin_step(self, t: Transfer) -> None:
-        if not self._pin_answered(t):
-            return
         t.phase = Phase.READ
+        self._send_pin(t)
         self._read_step(t)
 
     def _read_step(self, t: Transfer) -> None:
-        self._pin_answered(t)
+        confirmed = self._pin_answered(t)
         while True:
             now = time.monotonic()
-            if now >= t.lease_deadline:
+            if confirmed and now >= t.lease_deadline:
                 raise RecvError(f"the lease on request {t.params.remote_request_id} at prefill "
                                 f"{t.remote.engine_id} ran out before its READ finished (no pin confirmed it in "
                                 f"time); the blocks may have been reused, so the load fails")
@@ -277,7 +301,8 @@ class Receiver:
                 t.reads = []
                 self._land_chunk(t)
             if t.next_block >= t.end_block:
-                self._finish(t)
+                if confirmed:  # else every READ is done and the first pin has yet to confirm the lease
+                    self._finish(t)
                 return
             if not self._post_chunk(t):
                 self._maybe_pin(t)
@@ -385,18 +410,31 @@ class Receiver:
                 raise RecvError(f"rank {r.tp_rank} of engine {engine_id!r} sent layer addresses that do not match "
                                 f"its format ({len(layout.block_len)} part(s) x {r.format.num_layers} layers)")
         added: dict[str, str] = {}  # export shards of one prefill rank share its NIXL agent
+        lists: list[DescList] = []
+        staging = None
         try:
             for r in sources:
                 if r.agent_name not in added:
                     added[r.agent_name] = self._add_agent(r)
             staging = None if direct else self._staging([r.format for r in sources])
+            for r, layout in zip(sources, layouts):  # NIXL refuses rows outside what the peer registered
+                rows = block_descs(layout, r.layer_addrs, list(range(r.format.num_blocks)))
+                lists.append(self.agent.prepare(added[r.agent_name], rows, Memory(r.mem_type, r.device_id)))
         except Exception:
-            for name in added.values():
-                self.agent.remove_remote(name)
+            self._disconnect(lists, added.values(), staging)
             raise
         compiled = None if direct else plan(staging.formats, self.local.format)
         return RemoteEngine(engine_id, host, port, sources, [added[r.agent_name] for r in sources], layouts,
-                            compiled, staging)
+                            compiled, staging, lists)
+
+    def _disconnect(self, lists: list[DescList], agents, staging: Staging | None) -> None:
+        """Give NIXL back what connecting to one engine took: prepared lists first, then agents and staging."""
+        for dlist in lists + (staging.lists if staging is not None else []):
+            self.agent.release(dlist)
+        for name in set(agents):
+            self.agent.remove_remote(name)
+        if staging is not None:
+            self.agent.deregister(staging.registration)
 
     def _add_agent(self, rank: wire.RankInfo) -> str:
         if any(rank.agent_name in r.agent_names for r in self.remotes.values()):
@@ -422,10 +460,16 @@ class Receiver:
                                            memory.device_id)
         addrs = [whole_cache_layer_addrs(f, [t.data_ptr() for t in (b if isinstance(b, tuple) else (b,))])
                  for f, b in zip(formats, buffers)]
+        layouts = [block_layout(f) for f in formats]
+        try:
+            lists = [self.agent.prepare("", block_descs(lay, a, list(range(capacity))), memory)
+                     for lay, a in zip(layouts, addrs)]
+        except Exception:
+            self.agent.deregister(registration)
+            raise
         logger.info("staging pool in %s: %d blocks x %d source rank(s) (%.1f MiB)", memory.mem_type, capacity,
                     len(formats), capacity * per_slot / 2**20)
-        return Staging(formats, buffers, [block_layout(f) for f in formats], addrs, list(range(capacity)),
-                       registration, memory)
+        return Staging(formats, buffers, layouts, addrs, list(range(capacity)), registration, memory, lists)
 
     def _forget_handshakes(self) -> None:
         """Processed handshakes served every waiter of this poll; the next request starts afresh.
@@ -439,10 +483,7 @@ class Receiver:
             return  # still in use: it goes once idle
         logger.info("disconnecting prefill engine %s (%s:%d): %s", remote.engine_id, remote.host, remote.port, why)
         self.remotes.pop(remote.engine_id, None)
-        for name in set(remote.agent_names):
-            self.agent.remove_remote(name)
-        if remote.staging is not None:
-            self.agent.deregister(remote.staging.registration)
+        self._disconnect(remote.lists, remote.agent_names, remote.staging)
 
     def _evict_idle(self) -> None:
         cutoff = time.monotonic() - self.config.remote_idle_s
@@ -466,7 +507,7 @@ class Receiver:
             except side_channel.PeerRefused as e:
                 raise RecvError(f"the prefill refused the lease: {e}") from None
             except side_channel.SideChannelError as e:
-                if t.phase is Phase.PIN:
+                if t.lease_deadline == 0:
                     raise RecvError(f"could not pin the lease: {e}") from None
                 logger.warning("heartbeat for request %s failed (will retry): %s", t.job.request_id, e)
                 t.next_pin = time.monotonic() + min(self.config.heartbeat_s, 1.0)
@@ -483,27 +524,24 @@ class Receiver:
     # ------------------------------------------------------------------ chunks
     def _post_chunk(self, t: Transfer) -> bool:
         """Post READs for the next chunk; False when staging is full (the transfer waits its turn)."""
-        remote, ids = t.remote, t.params.remote_block_ids
-        if remote.staging is None:
+        remote, ids, staging = t.remote, t.params.remote_block_ids, t.remote.staging
+        if staging is None:
             first, end = t.next_block, t.end_block
-            dst = [block_descs(self.local.layout, self.local.layer_addrs, t.job.local_block_ids[first:end])]
+            dst = [(self.local_list, self.local.format.num_blocks, t.job.local_block_ids[first:end])]
         else:
-            n = min(t.end_block - t.next_block, len(remote.staging.free) or 1)
-            slots = remote.staging.take(n)
+            n = min(t.end_block - t.next_block, len(staging.free) or 1)
+            slots = staging.take(n)
             if slots is None:
                 return False
             first, end = t.next_block, t.next_block + n
             t.slots = slots
-            dst = [block_descs(lay, addrs, slots)
-                   for lay, addrs in zip(remote.staging.layouts, remote.staging.layer_addrs)]
+            dst = [(dlist, f.num_blocks, slots) for dlist, f in zip(staging.lists, staging.formats)]
         t.posted = time.monotonic()
         t.chunk, t.next_block = (first, end), end
-        for k, source in enumerate(remote.sources):
-            src = block_descs(remote.layouts[k], source.layer_addrs, ids[first:end])
-            local, memory = (dst[0], self.local.memory) if remote.staging is None else (dst[k], remote.staging.memory)
-            t.reads.append(self.agent.read(remote.agent_names[k], local, src, memory,
-                                           Memory(source.mem_type, source.device_id)))
-            t.stats.bytes += int(src[:, 1].sum())
+        for (local, num_local, local_ids), source, src in zip(dst, remote.sources, remote.lists):
+            src_ids = block_indices(len(src.rows), source.format.num_blocks, ids[first:end])
+            t.reads.append(self.agent.read(local, block_indices(len(local.rows), num_local, local_ids), src, src_ids))
+            t.stats.bytes += int(src.rows[src_ids, 1].sum())
         return True
 
     def _land_chunk(self, t: Transfer) -> None:

@@ -16,7 +16,6 @@ the lease to expire. Params that name another prompt (by digest) are refused.
 from __future__ import annotations
 
 import math
-import time
 from typing import TYPE_CHECKING, Any
 
 from vllm.v1.request import RequestStatus
@@ -41,8 +40,8 @@ IDLE_STEP_S = 0.002
 """vLLM steps an engine with nothing to compute as fast as it can while a lease is held (prefill) or a
 load is in flight (decode), only so that the connector can poll. Unthrottled, that empty loop burns a
 core per engine, and on a shared host it starved a decode long enough for its prefill's lease to expire
-(15 s measured with two prefills and a decode on 2 cores). Pausing each empty step costs a transfer at
-most this much latency in being noticed."""
+(15 s measured with two prefills and a decode on 2 cores). So each empty step takes this long in the
+worker: a decode spends it watching its loads (an ending is seen at once), anything else naps."""
 
 
 class ConnectorScheduler:
@@ -217,12 +216,12 @@ class ConnectorScheduler:
 
     # ------------------------------------------------------------------ per step
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> HeteroConnectorMetadata:
+        idle = scheduler_output.total_num_scheduled_tokens == 0
         meta = HeteroConnectorMetadata(recvs=self._recvs, releases=self._releases,
                                        exports=self._export_jobs(scheduler_output),
-                                       freed=self.leases.take_freed() if self.is_producer else [])
+                                       freed=self.leases.take_freed() if self.is_producer else [],
+                                       idle_s=IDLE_STEP_S if idle else 0.0)
         self._recvs, self._releases = [], []
-        if scheduler_output.total_num_scheduled_tokens == 0 and not (meta.recvs or meta.releases or meta.freed):
-            time.sleep(IDLE_STEP_S)
         return meta
 
     def has_pending_sends(self) -> bool:

@@ -8,6 +8,7 @@ requests to vLLM.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -100,9 +101,17 @@ class ConnectorWorker:
 
     def get_transfer_results(self, meta: HeteroConnectorMetadata | None) -> TransferResults:
         sending = set(meta.freed) if meta is not None else set()
+        idle_s = meta.idle_s if meta is not None else 0.0
         if self.receiver is None:
+            if idle_s and not sending:
+                time.sleep(idle_s)
             return TransferResults(finished_sending=sending)
         done, failed = self.receiver.poll()
+        if idle_s and not (done or failed or sending):
+            if self.receiver.active:
+                done, failed = self.receiver.wait(idle_s)
+            elif not (meta.recvs or meta.releases):
+                time.sleep(idle_s)
         self._num_failed += len(failed)
         return TransferResults(finished_sending=sending, finished_recving=done | set(failed),
                                failed_recving=set(failed))

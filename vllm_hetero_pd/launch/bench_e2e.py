@@ -181,45 +181,54 @@ def markdown_table(results: dict[str, ConfigResult], ratio_map: dict[str, float]
     return "\n".join(lines) + "\n"
 
 
-def raw_nixl_bytes_per_s(total_bytes: int, desc_bytes: int, repeats: int) -> float:
-    """Mean throughput of a two-agent NIXL READ of ``total_bytes`` of DRAM in ``desc_bytes`` descriptors."""
+def raw_nixl_bytes_per_s(bytes_per_req: int, desc_bytes: int, num_lists: int, repeats: int) -> float:
+    """Mean throughput of a two-agent NIXL READ of ``bytes_per_req`` of DRAM, shaped as the connector reads
+    a request: ``num_lists`` per-layer K/V lists of ``desc_bytes`` blocks, prepared once, the request's
+    blocks adjacent in each list (as in a fresh cache), one prepared READ per request. This is the limit the
+    connector's transfer is held to: same bytes, same descriptors, nothing but NIXL in between."""
+    from vllm_hetero_pd.transport.block_layout import block_indices
     from vllm_hetero_pd.transport.nixl_agent import Memory, NixlAgent
 
-    num = max(1, total_bytes // desc_bytes)
-    src, dst = np.ones(num * desc_bytes, dtype=np.uint8), np.zeros(num * desc_bytes, dtype=np.uint8)
-    offsets = np.arange(num, dtype=np.uint64) * desc_bytes
+    blocks = max(1, -(-bytes_per_req // (desc_bytes * num_lists)))
+    num_blocks = 2 * blocks  # each list holds more blocks than one request reads, as a cache does
+    size = num_lists * num_blocks * desc_bytes
+    src, dst = np.ones(size, dtype=np.uint8), np.zeros(size, dtype=np.uint8)
+    offsets = np.arange(num_lists * num_blocks, dtype=np.uint64) * desc_bytes
     agents = [NixlAgent(name=f"raw-{role}-{free_port()}", backends=["UCX"], backend_params={}, progress_delay_us=100)
               for role in ("src", "dst")]
     try:
         agents[0].register([(src.ctypes.data, src.nbytes)], "DRAM")
         agents[1].register([(dst.ctypes.data, dst.nbytes)], "DRAM")
         remote = agents[1].add_remote(agents[0].metadata())
-        size = np.full(num, desc_bytes, dtype=np.uint64)
-        local = np.stack([offsets + dst.ctypes.data, size], axis=1)
-        remote_descs = np.stack([offsets + src.ctypes.data, size], axis=1)
+        rows = np.stack([offsets, np.full_like(offsets, desc_bytes)], axis=1)
+        local = agents[1].prepare("", rows + [dst.ctypes.data, 0], Memory("DRAM"))
+        source = agents[1].prepare(remote, rows + [src.ctypes.data, 0], Memory("DRAM"))
+        ids = block_indices(len(rows), num_blocks, list(range(blocks)))
         elapsed = 0.0
-        for _ in range(repeats):
+        for i in range(repeats + 1):  # the first READ sets up the connection, as a decode's first request does
             start = time.perf_counter()
-            read = agents[1].read(remote, local, remote_descs, Memory("DRAM"), Memory("DRAM"))
+            read = agents[1].read(local, ids, source, ids)
             while (state := agents[1].poll(read)) == "PROC":
                 pass
-            elapsed += time.perf_counter() - start
+            elapsed += (time.perf_counter() - start) if i else 0.0
             if state != "DONE":
                 raise RuntimeError(f"raw NIXL READ ended in state {state}")
-        if not (dst == 1).all():
+        if not (dst.reshape(num_lists, num_blocks, desc_bytes)[:, :blocks] == 1).all():
             raise RuntimeError("raw NIXL READ did not copy the source bytes")
-        return num * desc_bytes * repeats / elapsed
+        return len(ids) * desc_bytes * repeats / elapsed
     finally:
         for agent in agents:
             agent.close()
 
 
-def _block_desc_bytes(model: str, block_size: int = 128) -> int:
-    """Bytes of one block of one layer's K (or V): the descriptor size the connectors READ with."""
+def _block_geometry(model: str, block_size: int = 128) -> tuple[int, int]:
+    """Bytes of one block of one layer's K (or V), and how many such per-layer lists a cache has: the
+    descriptors the connectors READ with."""
     cfg = json.loads((Path(model) / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     elem = 4 if cfg.get("torch_dtype") == "float32" else 2
-    return block_size * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim * elem
+    desc_bytes = block_size * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim * elem
+    return desc_bytes, 2 * cfg["num_hidden_layers"]
 
 
 def run_config(config: BenchConfig, model: str, args: argparse.Namespace, seed: int, work: Path) -> ConfigResult:
@@ -258,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
         results[config.name] = run_config(config, args.model, args, seed + index, work)
         print(f"{config.name}: {msgspec.json.encode(results[config.name]).decode()}", flush=True)
     per_req = [r.bytes_per_req for r in results.values() if r.bytes_per_req]
-    raw = (raw_nixl_bytes_per_s(int(max(per_req)), _block_desc_bytes(args.model), args.raw_repeats)
+    raw = (raw_nixl_bytes_per_s(int(max(per_req)), *_block_geometry(args.model), args.raw_repeats)
            if per_req else None)
     ratio_map = ratios(results, raw)
     table = markdown_table(results, ratio_map, raw)

@@ -61,3 +61,15 @@ def block_descs(layout: BlockLayout, layer_addrs: list[list[int]], block_ids: li
             rows.append(np.stack([addr + ids * layout.block_stride[p],
                                   np.full_like(ids, layout.block_len[p])], axis=1))
     return np.concatenate(rows) if rows else np.zeros((0, 2), dtype=np.uint64)
+
+
+def block_indices(num_rows: int, num_blocks: int, block_ids: list[int]) -> np.ndarray:
+    """Where ``block_descs(..., block_ids)``'s rows sit, in order, among the ``num_rows`` rows of
+    ``block_descs(..., range(num_blocks))``: how a READ picks a request's blocks from a prepared list."""
+    if num_rows % num_blocks:
+        raise ValueError(f"{num_rows} prepared rows are not a whole number of {num_blocks}-block lists")
+    ids = np.asarray(block_ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= num_blocks):
+        raise ValueError(f"block ids {block_ids[:8]} are outside 0..{num_blocks - 1}")
+    starts = np.arange(num_rows // num_blocks, dtype=np.int64)[:, None] * num_blocks
+    return (starts + ids[None, :]).reshape(-1)

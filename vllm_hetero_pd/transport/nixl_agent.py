@@ -1,9 +1,15 @@
 """``NixlAgent``: the only code that talks to NIXL. Registers memory, reads remote blocks, polls.
 
-Descriptors are plain ``(address, length)`` lists built by the caller; this module knows
-nothing of KV formats. Progress: NIXL's progress thread is kept (a passive prefill agent needs
-it for transports without one-sided RMA) but with a poll timeout, because NIXL 1.5.1 otherwise
-sets it to zero and the thread busy-spins a whole core per agent.
+Descriptors are plain ``(address, length)`` rows built by the caller; this module knows nothing
+of KV formats. They are prepared once per memory area (``prepare``: every block of a KV cache, a
+staging pool, a peer's cache), and each READ then picks rows by index. That spares NIXL a fresh
+descriptor list per request, and lets it merge rows that are adjacent on both sides into one
+larger transfer (measured here: 1 MiB in 64 adjacent 16 KiB rows, 94 us prepared against 242 us
+posted with ``initialize_xfer``).
+
+Progress: NIXL's progress thread is kept (a passive prefill agent needs it for transports without
+one-sided RMA) but with a poll timeout, because NIXL 1.5.1 otherwise sets it to zero and the
+thread busy-spins a whole core per agent.
 """
 
 from __future__ import annotations
@@ -30,6 +36,16 @@ class Memory:
     device_id: int = 0
 
 
+@dataclass(frozen=True, eq=False)  # identity: two lists with equal rows are still two NIXL handles
+class DescList:
+    """A prepared descriptor list: ``rows`` (Nx2 address, length) in ``memory`` of ``peer`` (``""``: here)."""
+
+    handle: object
+    peer: str
+    memory: Memory
+    rows: np.ndarray
+
+
 @dataclass
 class Read:
     """One posted READ: poll ``NixlAgent.poll`` until it is no longer running."""
@@ -47,6 +63,7 @@ class NixlAgent:
     _agent: object = field(init=False, repr=False)
     _registered: list = field(init=False, default_factory=list, repr=False)
     _remotes: set = field(init=False, default_factory=set, repr=False)
+    _lists: list = field(init=False, default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         try:
@@ -94,25 +111,37 @@ class NixlAgent:
             self._remotes.discard(name)
             self._agent.remove_remote_agent(name)
 
-    def read(self, remote: str, local: np.ndarray, remote_descs: np.ndarray, local_mem: Memory,
-             remote_mem: Memory) -> Read:
-        """Post a READ of ``remote_descs`` (Nx2 address, length) into ``local`` (same lengths); each
-        side's descriptors carry that side's memory type and device id, as it registered them."""
+    def prepare(self, peer: str, rows: np.ndarray, memory: Memory) -> DescList:
+        """Prepare ``rows`` of this agent's memory (``peer`` ``""``) or of a connected peer's, once."""
         try:
-            local_x = self._agent.get_xfer_descs(_with_device(local, local_mem.device_id), local_mem.mem_type)
-            remote_x = self._agent.get_xfer_descs(_with_device(remote_descs, remote_mem.device_id),
-                                                  remote_mem.mem_type)
-            handle = self._agent.initialize_xfer("READ", local_x, remote_x, remote)
+            descs = self._agent.get_xfer_descs(_with_device(rows, memory.device_id), memory.mem_type)
+            handle = self._agent.prep_xfer_dlist(peer or "NIXL_INIT_AGENT", descs)
         except Exception as e:
-            raise TransferError(f"NIXL READ from {remote} could not be prepared: {e}") from e
+            raise TransferError(f"NIXL could not prepare {len(rows)} {memory.mem_type} descriptor(s) "
+                                f"{'of ' + peer if peer else 'here'}: {e}") from e
+        dlist = DescList(handle, peer, memory, np.asarray(rows, dtype=np.uint64))
+        self._lists.append(dlist)
+        return dlist
+
+    def release(self, dlist: DescList) -> None:
+        self._lists.remove(dlist)
+        self._agent.release_dlist_handle(dlist.handle)
+
+    def read(self, local: DescList, local_ids: np.ndarray, remote: DescList, remote_ids: np.ndarray) -> Read:
+        """Post a READ of ``remote``'s rows ``remote_ids`` into ``local``'s rows ``local_ids`` (same lengths)."""
+        try:
+            handle = self._agent.make_prepped_xfer("READ", local.handle, np.asarray(local_ids, dtype=np.int32),
+                                                   remote.handle, np.asarray(remote_ids, dtype=np.int32))
+        except Exception as e:
+            raise TransferError(f"NIXL READ from {remote.peer} could not be prepared: {e}") from e
         try:
             state = self._agent.transfer(handle)
         except Exception as e:
             self._agent.release_xfer_handle(handle)
-            raise TransferError(f"NIXL READ from {remote} could not be posted: {e}") from e
+            raise TransferError(f"NIXL READ from {remote.peer} could not be posted: {e}") from e
         if state == "ERR":
             self._agent.release_xfer_handle(handle)
-            raise TransferError(f"NIXL READ from {remote} failed at post")
+            raise TransferError(f"NIXL READ from {remote.peer} failed at post")
         return Read(handle=handle, state=state)
 
     def poll(self, read: Read) -> str:
@@ -143,6 +172,12 @@ class NixlAgent:
         return True
 
     def close(self) -> None:
+        for dlist in self._lists:
+            try:
+                self._agent.release_dlist_handle(dlist.handle)
+            except Exception:  # best effort at shutdown
+                logger.debug("release_dlist_handle failed")
+        self._lists.clear()
         for name in self._remotes:
             try:
                 self._agent.remove_remote_agent(name)
