@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from vllm_hetero_pd.launch.bench_dynamic import NOISY_LOAD_AVERAGE
 from vllm_hetero_pd.launch.cluster import LocalCluster
+from vllm_hetero_pd.launch.goodput import spread
 from vllm_hetero_pd.launch.instance import InstanceSpec, hetero_kv_config
 from vllm_hetero_pd.launch.router_process import running_router
 from vllm_hetero_pd.ports import free_port
@@ -100,7 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--configs", nargs="*", default=[c.name for c in CONFIGS], choices=[c.name for c in CONFIGS])
-    parser.add_argument("--raw-repeats", type=int, default=50, help="raw NIXL READs timed for the baseline")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of --num-prompts per config, on the same engines (and raw baseline runs)")
+    parser.add_argument("--raw-repeats", type=int, default=200, help="raw NIXL READs timed per baseline run")
     parser.add_argument("--out", type=Path, default=Path("bench-e2e-out"), help="dir for results.json / results.md")
     parser.add_argument("--seed", type=int, default=None, help="base seed (default: from the clock, fresh per run)")
     parser.add_argument("--python-028", default=".venv-028/bin/python",
@@ -165,19 +170,28 @@ def ratios(results: dict[str, ConfigResult], raw_bytes_per_s: float | None) -> d
     return out
 
 
-def markdown_table(results: dict[str, ConfigResult], ratio_map: dict[str, float], raw_bytes_per_s: float | None) -> str:
-    def fmt(v: float | None, digits: int = 2) -> str:
-        return "-" if v is None else f"{v:.{digits}f}"
-    lines = ["| config | requests | TTFT p50 ms | TTFT p90 ms | TPOT p50 ms | transfer ms/req | translate ms/req "
+def markdown_table(rounds: dict[str, list[ConfigResult]], ratio_rounds: dict[str, list[float]],
+                   raw_rounds: list[float], load: tuple[float, float]) -> str:
+    """Each cell is ``mean (min-max)`` over the rounds; a ratio is taken round by round, then spread."""
+    def cell(values: list[float | None], digits: int = 2, scale: float = 1.0) -> str:
+        return "-" if None in values or not values else spread(values).cell(scale, digits)
+    noisy = f" -- NOISY: above {NOISY_LOAD_AVERAGE} before the run, do not report these figures" \
+        if load[0] > NOISY_LOAD_AVERAGE else ""
+    n = max(len(r) for r in rounds.values())
+    lines = [f"Load average {load[0]:.2f} before, {load[1]:.2f} after{noisy}. {n} round(s) per config on the same "
+             f"engines; cells are mean (min-max) over rounds.", "",
+             "| config | requests | TTFT p50 ms | TTFT p90 ms | TPOT p50 ms | transfer ms/req | translate ms/req "
              "| KiB/req |", "|---|---|---|---|---|---|---|---|"]
-    for r in results.values():
-        kib = None if r.bytes_per_req is None else r.bytes_per_req / 1024
-        lines.append(f"| {r.name} | {r.num_requests} | {fmt(r.ttft_p50_ms)} | {fmt(r.ttft_p90_ms)} | "
-                     f"{fmt(r.tpot_p50_ms)} | {fmt(r.transfer_ms_per_req, 3)} | {fmt(r.translate_ms_per_req, 3)} | "
-                     f"{fmt(kib, 1)} |")
-    if raw_bytes_per_s:
-        lines += ["", f"Raw NIXL READ (same bytes, block-sized descriptors): {raw_bytes_per_s / 2**30:.2f} GiB/s"]
-    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in ratio_map.items()]
+    for name, rs in rounds.items():
+        lines.append(f"| {name} | {sum(r.num_requests for r in rs)} | {cell([r.ttft_p50_ms for r in rs])} | "
+                     f"{cell([r.ttft_p90_ms for r in rs])} | {cell([r.tpot_p50_ms for r in rs])} | "
+                     f"{cell([r.transfer_ms_per_req for r in rs], 3)} | "
+                     f"{cell([r.translate_ms_per_req for r in rs], 3)} | "
+                     f"{cell([r.bytes_per_req for r in rs], 1, 1 / 1024)} |")
+    if raw_rounds:
+        lines += ["", f"Raw NIXL READ (same bytes and descriptors, prepared lists, {len(raw_rounds)} run(s)): "
+                      f"{cell(raw_rounds, 2, 1 / 2**30)} GiB/s"]
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {cell(v, 3)} |" for k, v in ratio_rounds.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -231,7 +245,9 @@ def _block_geometry(model: str, block_size: int = 128) -> tuple[int, int]:
     return desc_bytes, 2 * cfg["num_hidden_layers"]
 
 
-def run_config(config: BenchConfig, model: str, args: argparse.Namespace, seed: int, work: Path) -> ConfigResult:
+def run_config(config: BenchConfig, model: str, args: argparse.Namespace, seed: int,
+               work: Path) -> list[ConfigResult]:
+    """``args.repeat`` rounds of ``vllm bench serve`` on one launch of the config's engines, a fresh seed each."""
     pythons = {"0.32": None, "0.28": args.python_028}
     if config.decode_kv is None:
         specs = [InstanceSpec(role="monolithic", model=model, block_size=config.decode_block_size,
@@ -243,38 +259,52 @@ def run_config(config: BenchConfig, model: str, args: argparse.Namespace, seed: 
                  InstanceSpec(role="decode", model=model, block_size=config.decode_block_size,
                               kv_transfer_config=config.decode_kv, python=pythons[config.decode_release],
                               extra_args=NO_PREFIX_CACHE)]
+    seeds = [seed + 1000 * k for k in range(args.repeat)]
     with LocalCluster(specs, work / config.name / "logs") as cluster:
         if config.decode_kv is None:
-            serve = _bench_serve(cluster.instances[0].url, model, args, seed, work / config.name)
-            return summarize(config.name, serve, None, None)
+            return [summarize(config.name, _bench_serve(cluster.instances[0].url, model, args, s,
+                                                        work / config.name / f"round-{k}"), None, None)
+                    for k, s in enumerate(seeds)]
         prefill, decode = cluster.instances
+        rounds = []
         with running_router([prefill.url], [decode.url], work / f"{config.name}-router.log") as url:
-            before = _histogram_totals(decode.url, config.connector)
-            serve = _bench_serve(url, model, args, seed, work / config.name)
-            after = _histogram_totals(decode.url, config.connector)
-    return summarize(config.name, serve, before, after)
+            for k, s in enumerate(seeds):
+                before = _histogram_totals(decode.url, config.connector)
+                serve = _bench_serve(url, model, args, s, work / config.name / f"round-{k}")
+                rounds.append(summarize(config.name, serve, before, _histogram_totals(decode.url, config.connector)))
+    return rounds
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.repeat < 1:
+        raise SystemExit("error: --repeat must be at least 1")
     if args.model is None:
         from vllm_hetero_pd.testing.tiny_model import build_tiny_model
         args.model = str(build_tiny_model("llama-gqa-d32", "bfloat16"))
     seed = args.seed if args.seed is not None else int(time.time())
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir=args.out))
-    results: dict[str, ConfigResult] = {}
+    load_before = os.getloadavg()[0]
+    print(f"load average before: {load_before:.2f}", flush=True)
+    rounds: dict[str, list[ConfigResult]] = {}
     for index, config in enumerate(c for c in CONFIGS if c.name in args.configs):
-        results[config.name] = run_config(config, args.model, args, seed + index, work)
-        print(f"{config.name}: {msgspec.json.encode(results[config.name]).decode()}", flush=True)
-    per_req = [r.bytes_per_req for r in results.values() if r.bytes_per_req]
-    raw = (raw_nixl_bytes_per_s(int(max(per_req)), *_block_geometry(args.model), args.raw_repeats)
-           if per_req else None)
-    ratio_map = ratios(results, raw)
-    table = markdown_table(results, ratio_map, raw)
+        rounds[config.name] = run_config(config, args.model, args, seed + index, work)
+        for r in rounds[config.name]:
+            print(f"{config.name}: {msgspec.json.encode(r).decode()}", flush=True)
+    per_req = [r.bytes_per_req for rs in rounds.values() for r in rs if r.bytes_per_req]
+    raw = ([raw_nixl_bytes_per_s(int(max(per_req)), *_block_geometry(args.model), args.raw_repeats)
+            for _ in range(args.repeat)] if per_req else [])
+    ratio_rounds: dict[str, list[float]] = {}
+    for k in range(args.repeat):
+        for key, value in ratios({n: rs[k] for n, rs in rounds.items()}, raw[k] if raw else None).items():
+            ratio_rounds.setdefault(key, []).append(value)
+    load_after = os.getloadavg()[0]
+    table = markdown_table(rounds, ratio_rounds, raw, (load_before, load_after))
     print(table)
     (args.out / "results.md").write_text(table)
     (args.out / "results.json").write_bytes(msgspec.json.encode(
-        {"results": list(results.values()), "raw_nixl_bytes_per_s": raw, "ratios": ratio_map, "seed": seed}))
+        {"rounds": rounds, "raw_nixl_bytes_per_s": raw, "ratios": ratio_rounds, "seed": seed,
+         "load_average": {"before": load_before, "after": load_after}}))
     return 0
 
 

@@ -34,5 +34,12 @@ def test_ratios_and_table():
     assert got["ttft_p50 ours-same-format / upstream"] == pytest.approx(0.5)
     assert got["ttft_p50 ours-bs32-to-bs128 / ours-same-format"] == pytest.approx(1.5)
     assert got["transfer bytes/s ours-bs128-to-bs128 / raw NIXL"] == pytest.approx(0.5)  # 1e6 B per 1 ms = 1e9 B/s
-    table = markdown_table(results, got, 2e9)
-    assert "| ours-bs128-to-bs128 | 30 | 10.00 |" in table and "0.500" in table
+    table = markdown_table({n: [r] for n, r in results.items()}, {k: [v] for k, v in got.items()}, [2e9], (0.5, 0.7))
+    assert "| ours-bs128-to-bs128 | 30 | 10.00 |" in table and "0.500" in table and "NOISY" not in table
+
+
+def test_rounds_are_shown_as_mean_and_range_and_a_loaded_host_is_marked_noisy():
+    rounds = {"monolithic": [summarize("monolithic", serve(t), None, None) for t in (10.0, 12.0, 14.0)]}
+    table = markdown_table(rounds, {"some ratio": [0.5, 1.0, 1.5]}, [], (2.0, 2.5))
+    assert "| monolithic | 90 | 12.00 (10.00-14.00) |" in table and "| some ratio | 1.000 (0.500-1.500) |" in table
+    assert "NOISY" in table and "3 round(s)" in table
