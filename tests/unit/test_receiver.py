@@ -328,6 +328,13 @@ def world():
     fake_nixl.close_all()
 
 
+def assert_loaded_exactly(decode_side: Decode, prefill: Prefill, job: RecvJob) -> None:
+    """Poll until ``job`` ends; it must have loaded, and exactly."""
+    decode_side.finish(job)
+    assert job.request_id in decode_side.done, decode_side.failed.get(job.request_id)
+    assert_exact(decode_side, prefill, job)
+
+
 def assert_exact(decode_side: Decode, prefill: Prefill, job: RecvJob) -> None:
     """The decode's blocks hold exactly the prefill's KV for positions [start, stop), zeros before."""
     n = job.stop
@@ -928,9 +935,7 @@ def test_idle_remote_is_disconnected_after_remote_idle_s(world):
     assert d.agent.remotes == set() and len(d.agent.registered) == 1 and d.agent.deregistered == 1
     again = d.job(prefill, "r2", 40)  # reconnects on demand
     d.receiver.add(again)
-    d.finish(again)
-    assert again.request_id in d.done
-    assert_exact(d, prefill, again)
+    assert_loaded_exactly(d, prefill, again)
 
 
 def test_first_read_goes_out_with_the_first_pin_and_the_load_waits_for_its_answer(world):
@@ -947,9 +952,7 @@ def test_first_read_goes_out_with_the_first_pin_and_the_load_waits_for_its_answe
     assert d.agent.reads_posted == 2 and job.request_id not in d.done
     d.idle(0.1)
     assert job.request_id not in d.done and d.agent.outstanding == 0, "loaded before the pin confirmed the lease"
-    d.finish(job)
-    assert job.request_id in d.done
-    assert_exact(d, prefill, job)
+    assert_loaded_exactly(d, prefill, job)
 
 
 def test_wait_reports_a_load_as_it_ends_and_keeps_to_its_budget_otherwise(world):
