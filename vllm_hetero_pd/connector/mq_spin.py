@@ -8,8 +8,9 @@ share cores:
 
 * A prefill that holds KV leases keeps its engine stepping, because vLLM keeps a request whose
   blocks are held.
-* Our connector sleeps 2 ms on such an idle step (``scheduler.IDLE_STEP_S``), so the worker gets a
-  message every 2 ms and never stops spinning.
+* Such an idle step takes 2 ms (``scheduler.IDLE_STEP_S``, spent in the worker), so the worker
+  gets a message every 2 ms and never stops spinning between them, nor does the engine core
+  waiting for its answer.
 * A spinner on a core starves other engines bound to it. Measured with two prefill engines bound
   to one core: while one held a single lease, a 200-token prefill on the other took 30 s instead
   of 0.4 s. It finished only when the lease expired.
