@@ -40,3 +40,19 @@ def test_a_short_run_measures_every_round_of_both_modes(tmp_path, capsys):
 def test_repeat_must_be_positive():
     with pytest.raises(SystemExit, match="--repeat"):
         main(["--repeat", "0"])
+
+
+@pytest.mark.parametrize("relay", ["bare-aiohttp", "bare-httptools"])
+def test_a_bare_relay_serves_the_routed_path_of_both_modes(tmp_path, capsys, relay):
+    """The bare relays answer what the bench checks (status 200, streams ending in [DONE]) over real HTTP."""
+    out = tmp_path / "relay.json"
+    assert main(["--relay", relay, "--latency-requests", "5", "--requests", "40", "--concurrency", "4",
+                 "--repeat", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [row["stream"] for row in rows] == [False, True] and all(row["router_req_per_s"][0] > 0 for row in rows)
+    assert capsys.readouterr().out.startswith(relay)
+
+
+def test_router_args_are_refused_for_a_bare_relay():
+    with pytest.raises(SystemExit, match="--router-arg"):
+        main(["--relay", "bare-httptools", "--router-arg=--prefill-policy=kv_aware"])

@@ -45,6 +45,7 @@ from vllm_hetero_pd.router.protocol import prefill_body
 GOAL_ADDED_P50_MS = 1.0
 GOAL_THROUGHPUT_RATIO = 0.8
 QUIET_LOAD = 1.5  # load average above which, before a run, its figures are noise on this 2-core host
+RELAYS = ("router", "bare-aiohttp", "bare-httptools")
 
 
 class ModeResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -90,21 +91,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--router-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for the router, e.g. --router-arg=--prefill-policy=kv_aware (repeatable)")
+    parser.add_argument("--relay", choices=RELAYS, default="router",
+                        help="what serves the routed path: our router, or a bare relay of its two calls on aiohttp's "
+                             "server or on httptools (testing/bare_relay.py), to price the server apart")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         raise SystemExit("error: --repeat must be at least 1")
+    if args.router_arg and args.relay != "router":
+        raise SystemExit(f"error: --router-arg configures our router; --relay {args.relay} takes none")
     _use_uvloop()
     load_before = os.getloadavg()[0]
     prefill_port, decode_port, router_port = free_ports(3)
     fakes = multiprocessing.get_context("spawn").Process(target=_serve_fakes, args=(prefill_port, decode_port),
                                                          daemon=True)
     fakes.start()
-    router = subprocess.Popen(
-        [sys.executable, "-m", "vllm_hetero_pd.cli", "proxy", "--port", str(router_port), "--log-level", "WARNING",
-         "--prefill", f"http://127.0.0.1:{prefill_port}", "--decode", f"http://127.0.0.1:{decode_port}",
-         *args.router_arg])
+    router = subprocess.Popen(_relay_command(args, prefill_port, decode_port, router_port))
     try:
         results = asyncio.run(_measure(args, prefill_port, decode_port, router_port, router.pid))
     finally:
@@ -122,6 +125,15 @@ def run(args: argparse.Namespace) -> int:
                   "load_average": {"start": load_before, "end": load_after}, "noisy": load_before > QUIET_LOAD}
                  for r in results])))
     return 0
+
+
+def _relay_command(args: argparse.Namespace, prefill_port: int, decode_port: int, router_port: int) -> list[str]:
+    urls = ["--prefill", f"http://127.0.0.1:{prefill_port}", "--decode", f"http://127.0.0.1:{decode_port}"]
+    if args.relay == "router":
+        return [sys.executable, "-m", "vllm_hetero_pd.cli", "proxy", "--port", str(router_port), "--log-level",
+                "WARNING", *urls, *args.router_arg]
+    return [sys.executable, "-m", "vllm_hetero_pd.testing.bare_relay", "--server", args.relay.removeprefix("bare-"),
+            "--port", str(router_port), *urls]
 
 
 async def _measure(args: argparse.Namespace, prefill_port: int, decode_port: int, router_port: int,
@@ -236,7 +248,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _print_table(results: list[ModeResult], args: argparse.Namespace, load_before: float, load_after: float) -> None:
-    print(f"router overhead vs direct P->D calls (fake instances, {args.max_tokens} tokens, "
+    print(f"{args.relay} overhead vs direct P->D calls (fake instances, {args.max_tokens} tokens, "
           f"router args {' '.join(args.router_arg) or 'none'}, latency: {args.latency_requests} sequential "
           f"requests each, throughput: {args.repeat} round(s) of {args.requests} requests per path at concurrency "
           f"{args.concurrency}; req/s and CPU cells are the mean (min-max) over rounds)")
