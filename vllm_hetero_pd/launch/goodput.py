@@ -202,10 +202,12 @@ def verdict(points: list[Point], slo: RequestSlo) -> str:
                 f"{', '.join(f'{r:g}' for r in wins(points))} req/s.")
     low_mono, low_pd = both[0]
     mono, pd = max(both, key=lambda pair: pair[0].goodput.mean - pair[1].goodput.mean)
+    # where monolithic leads most, or (if it never leads on the mean) where P/D leads least
+    lead = "leads most" if mono.goodput.mean > pd.goodput.mean else "is never ahead on the mean; closest"
     ahead = [f"{p.rate:g}" for m, p in both if p.goodput.mean > m.goodput.mean]
     return (f"P/D does not beat monolithic here ({both[0][0].rate:g}-{both[-1][0].rate:g} req/s"
             + (f"; ahead on the mean at {', '.join(ahead)} req/s but inside the repetitions' spread" if ahead else "")
-            + f"). Monolithic leads most at {mono.rate:g} req/s: goodput {pd.goodput.cell()} vs "
+            + f"). Monolithic {lead} at {mono.rate:g} req/s: goodput {pd.goodput.cell()} (P/D) vs "
             f"{mono.goodput.cell()} req/s; {_misses(pd, slo)} for P/D, {_misses(mono, slo)} for monolithic. "
             f"At the lowest rate ({low_mono.rate:g} req/s) TTFT p50 is {low_pd.ttft_p50_s.mean * 1e3:.0f} ms for P/D "
             f"vs {low_mono.ttft_p50_s.mean * 1e3:.0f} ms, TPOT p50 {low_pd.tpot_p50_s.mean * 1e3:.1f} vs "

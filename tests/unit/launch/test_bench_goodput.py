@@ -83,6 +83,10 @@ def test_crossover_needs_the_ranges_apart():
     text = goodput.verdict(overlapping, SLO)
     assert text.startswith("P/D does not beat monolithic here (0.5-1.5 req/s; ahead on the mean at 1, 1.5 req/s")
     assert "over TTFT 2000 ms" in text and "At the lowest rate (0.5 req/s) TTFT p50 is 500 ms" in text
+    assert "Monolithic leads most at 0.5 req/s" not in text  # equal there: it leads nowhere
+    assert "Monolithic is never ahead on the mean; closest at 0.5 req/s: goodput 0.50 (P/D) vs 0.50" in text
+    mono_ahead = goodput.verdict(_points([[1, 1], [1, 1], [0.75, 0.75]], [[1, 1], [1, 1], [0.5, 0.75]]), SLO)
+    assert "Monolithic leads most at 1.5 req/s: goodput 0.94 (0.75-1.12) (P/D) vs 1.12" in mono_ahead
     won = goodput.verdict(apart, SLO)
     assert won.startswith("P/D beats monolithic from 1 req/s: goodput 1.00 vs 0.62 (0.50-0.75)")
     assert won.endswith("it wins at 1, 1.5 req/s.") and goodput.wins(apart) == [1.0, 1.5]
