@@ -12,7 +12,8 @@ from vllm_hetero_pd.router.bench import ModeResult, main, spread
 def result(direct: tuple[float, ...], routed: tuple[float, ...], added_ms: float = 0.2) -> ModeResult:
     return ModeResult(stream=False, direct_p50_ms=1.0, direct_p99_ms=2.0, router_p50_ms=1.0 + added_ms,
                       router_p99_ms=3.0, direct_req_per_s=direct, router_req_per_s=routed,
-                      router_cpu_us_per_req=(400.0,) * len(routed))
+                      router_cpu_us_per_req=(400.0,) * len(routed), direct_others_cpu_us_per_req=(600.0,) * len(routed),
+                      routed_others_cpu_us_per_req=(350.0,) * len(routed))
 
 
 def test_the_ratio_is_the_mean_of_each_rounds_back_to_back_ratio():
@@ -23,6 +24,7 @@ def test_the_ratio_is_the_mean_of_each_rounds_back_to_back_ratio():
     assert result((1000.0, 1000.0), (800.0, 900.0)).meets_goal
     assert not result((1000.0,), (900.0,), added_ms=1.5).meets_goal
     assert spread((0.9, 0.7, 0.8), 2) == "0.80 (0.70-0.90)"
+    assert r.cpu_bound_ratio == pytest.approx(600 / 750)  # the cores' prediction: 600 µs direct, 350 + 400 routed
 
 
 def test_a_short_run_measures_every_round_of_both_modes(tmp_path, capsys):
@@ -34,6 +36,8 @@ def test_a_short_run_measures_every_round_of_both_modes(tmp_path, capsys):
     for row in rows:
         assert len(row["direct_req_per_s"]) == len(row["router_req_per_s"]) == len(row["ratios"]) == 2
         assert all(x > 0 for x in row["router_cpu_us_per_req"]) and "start" in row["load_average"]
+        assert all(x > 0 for x in row["direct_others_cpu_us_per_req"] + row["routed_others_cpu_us_per_req"])
+        assert 0 < row["cpu_bound_ratio"] < 5
     assert "load average before" in capsys.readouterr().out
 
 

@@ -17,6 +17,10 @@ generator here, each on uvloop when installed.
   over each routed throughput loop, divided by its requests. On a shared machine req/s depends on
   what else runs; CPU per request does much less, and ``1e6 / cpu_us`` is the req/s one core
   could route;
+* the others' CPU per request (this load generator and the fake instances), direct and routed,
+  and the "CPU-bound ratio" they predict: direct CPU per request over routed CPU per request
+  (the others' plus the router's). On a host where the cores are the only limit this is the
+  req/s ratio; the router's own cost cannot be told from its share of the cores any other way;
 * the load average before and after, and a result marked noisy when it was above 1.5 before;
 * the goal of issue 13, per mode: at most 1 ms added at p50 and a mean of at least 0.8x direct
   req/s over the rounds, all from this run (``ModeResult.meets_goal``).
@@ -57,6 +61,9 @@ class ModeResult(msgspec.Struct, frozen=True, kw_only=True):
     direct_req_per_s: tuple[float, ...]  # one per throughput round
     router_req_per_s: tuple[float, ...]
     router_cpu_us_per_req: tuple[float, ...]
+    # CPU of everything else (this load generator and the fake instances) per request, per round
+    direct_others_cpu_us_per_req: tuple[float, ...]
+    routed_others_cpu_us_per_req: tuple[float, ...]
 
     @property
     def added_p50_ms(self) -> float:
@@ -75,6 +82,13 @@ class ModeResult(msgspec.Struct, frozen=True, kw_only=True):
     def throughput_ratio(self) -> float:
         """The mean of the rounds' ratios (issue 13's second goal)."""
         return statistics.fmean(self.ratios)
+
+    @property
+    def cpu_bound_ratio(self) -> float:
+        """The mean ratio the CPU times predict if the host's cores were the only limit: the direct
+        path's CPU per request over the routed path's (the others' plus the router's)."""
+        return statistics.fmean(d / (o + r) for d, o, r in zip(
+            self.direct_others_cpu_us_per_req, self.routed_others_cpu_us_per_req, self.router_cpu_us_per_req))
 
     @property
     def meets_goal(self) -> bool:
@@ -109,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     fakes.start()
     router = subprocess.Popen(_relay_command(args, prefill_port, decode_port, router_port))
     try:
-        results = asyncio.run(_measure(args, prefill_port, decode_port, router_port, router.pid))
+        results = asyncio.run(_measure(args, prefill_port, decode_port, router_port, router.pid, fakes.pid))
     finally:
         router.terminate()
         fakes.terminate()
@@ -121,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "wb") as f:
             f.write(msgspec.json.format(msgspec.json.encode(
                 [{**msgspec.structs.asdict(r), "added_p50_ms": r.added_p50_ms, "added_p99_ms": r.added_p99_ms,
-                  "ratios": r.ratios, "throughput_ratio": r.throughput_ratio, "meets_goal": r.meets_goal,
+                  "ratios": r.ratios, "throughput_ratio": r.throughput_ratio, "cpu_bound_ratio": r.cpu_bound_ratio,
+                  "meets_goal": r.meets_goal,
                   "load_average": {"start": load_before, "end": load_after}, "noisy": load_before > QUIET_LOAD}
                  for r in results])))
     return 0
@@ -137,7 +152,7 @@ def _relay_command(args: argparse.Namespace, prefill_port: int, decode_port: int
 
 
 async def _measure(args: argparse.Namespace, prefill_port: int, decode_port: int, router_port: int,
-                   router_pid: int) -> list[ModeResult]:
+                   router_pid: int, fakes_pid: int) -> list[ModeResult]:
     prefill_url, decode_url = f"http://127.0.0.1:{prefill_port}", f"http://127.0.0.1:{decode_port}"
     router_url = f"http://127.0.0.1:{router_port}"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -164,35 +179,40 @@ async def _measure(args: argparse.Namespace, prefill_port: int, decode_port: int
             for _ in range(args.latency_requests):
                 direct_ms.append(await _time_ms(direct(body)))
                 router_ms.append(await _time_ms(routed(body)))
-            direct_rps, router_rps, cpu_us = await _throughput_rounds(direct, routed, body, args, router_pid)
+            rounds = await _throughput_rounds(direct, routed, body, args, router_pid, fakes_pid)
             results.append(ModeResult(
                 stream=stream, direct_p50_ms=_percentile(direct_ms, 50), direct_p99_ms=_percentile(direct_ms, 99),
-                router_p50_ms=_percentile(router_ms, 50), router_p99_ms=_percentile(router_ms, 99),
-                direct_req_per_s=tuple(direct_rps), router_req_per_s=tuple(router_rps),
-                router_cpu_us_per_req=tuple(cpu_us)))
+                router_p50_ms=_percentile(router_ms, 50), router_p99_ms=_percentile(router_ms, 99), **rounds))
         return results
 
 
-async def _throughput_rounds(direct, routed, body: dict[str, Any], args: argparse.Namespace,
-                             router_pid: int) -> tuple[list[float], list[float], list[float]]:
-    """``--repeat`` rounds of both closed loops, which path runs first alternating by round:
-    direct req/s, routed req/s and the router's CPU µs per routed request, one value per round."""
-    direct_rps: list[float] = []
-    router_rps: list[float] = []
-    cpu_us: list[float] = []
+async def _throughput_rounds(direct, routed, body: dict[str, Any], args: argparse.Namespace, router_pid: int,
+                             fakes_pid: int) -> dict[str, tuple[float, ...]]:
+    """``--repeat`` rounds of both closed loops, which path runs first alternating by round: per
+    round, each path's req/s, the router's CPU µs per routed request and the others' (this load
+    generator's and the fake instances') CPU µs per request on each path, as ``ModeResult`` fields."""
+    columns: dict[str, list[float]] = {name: [] for name in (
+        "direct_req_per_s", "router_req_per_s", "router_cpu_us_per_req", "direct_others_cpu_us_per_req",
+        "routed_others_cpu_us_per_req")}
+
+    def others_s() -> float:
+        return time.process_time() + _cpu_seconds(fakes_pid)
 
     async def direct_round() -> None:
-        direct_rps.append(await _throughput(direct, body, args.requests, args.concurrency))
+        others_before_s = others_s()
+        columns["direct_req_per_s"].append(await _throughput(direct, body, args.requests, args.concurrency))
+        columns["direct_others_cpu_us_per_req"].append((others_s() - others_before_s) / args.requests * 1e6)
 
     async def routed_round() -> None:
-        cpu_before_s = _cpu_seconds(router_pid)
-        router_rps.append(await _throughput(routed, body, args.requests, args.concurrency))
-        cpu_us.append((_cpu_seconds(router_pid) - cpu_before_s) / args.requests * 1e6)
+        router_before_s, others_before_s = _cpu_seconds(router_pid), others_s()
+        columns["router_req_per_s"].append(await _throughput(routed, body, args.requests, args.concurrency))
+        columns["router_cpu_us_per_req"].append((_cpu_seconds(router_pid) - router_before_s) / args.requests * 1e6)
+        columns["routed_others_cpu_us_per_req"].append((others_s() - others_before_s) / args.requests * 1e6)
 
     for number in range(args.repeat):
         for step in (direct_round, routed_round) if number % 2 == 0 else (routed_round, direct_round):
             await step()
-    return direct_rps, router_rps, cpu_us
+    return {name: tuple(values) for name, values in columns.items()}
 
 
 async def _expect_ok(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> None:
@@ -253,13 +273,16 @@ def _print_table(results: list[ModeResult], args: argparse.Namespace, load_befor
           f"requests each, throughput: {args.repeat} round(s) of {args.requests} requests per path at concurrency "
           f"{args.concurrency}; req/s and CPU cells are the mean (min-max) over rounds)")
     print("| mode | direct p50 ms | router p50 ms | added p50 ms | direct p99 ms | router p99 ms | added p99 ms "
-          "| direct req/s | router req/s | router/direct req/s | router CPU µs/req | goal met |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| direct req/s | router req/s | router/direct req/s | router CPU µs/req "
+          "| client + instances CPU µs/req, direct / routed | CPU-bound ratio | goal met |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {'streaming' if r.stream else 'non-streaming'} | {r.direct_p50_ms:.3f} | {r.router_p50_ms:.3f} "
               f"| {r.added_p50_ms:.3f} | {r.direct_p99_ms:.3f} | {r.router_p99_ms:.3f} | {r.added_p99_ms:.3f} "
               f"| {spread(r.direct_req_per_s, 0)} | {spread(r.router_req_per_s, 0)} | {spread(r.ratios, 2)} "
-              f"| {spread(r.router_cpu_us_per_req, 0)} | {'yes' if r.meets_goal else 'no'} |")
+              f"| {spread(r.router_cpu_us_per_req, 0)} | {statistics.fmean(r.direct_others_cpu_us_per_req):.0f} / "
+              f"{statistics.fmean(r.routed_others_cpu_us_per_req):.0f} | {r.cpu_bound_ratio:.2f} "
+              f"| {'yes' if r.meets_goal else 'no'} |")
     print(f"goal: added p50 <= {GOAL_ADDED_P50_MS} ms and mean router/direct req/s >= {GOAL_THROUGHPUT_RATIO}, "
           "all from this run")
     noisy = f" (above {QUIET_LOAD}: the figures are noise, rerun on a quiet host)" if load_before > QUIET_LOAD else ""
