@@ -46,7 +46,7 @@ from vllm_hetero_pd.formats.format import KVFormat, LayoutError
 from vllm_hetero_pd.kv_params import TransferParams
 from vllm_hetero_pd.log import get_logger
 from vllm_hetero_pd.shim.plan import TranslationPlan, plan
-from vllm_hetero_pd.shim.translate import allocate, translate
+from vllm_hetero_pd.shim.translate import allocate, translate, warm_up
 from vllm_hetero_pd.transport import auth, side_channel, wire
 from vllm_hetero_pd.transport.block_layout import (
     BlockLayout,
@@ -194,6 +194,7 @@ class Receiver:
         self.handshake_failures = 0
         rows = block_descs(local.layout, local.layer_addrs, list(range(local.format.num_blocks)))
         self.local_list = agent.prepare("", rows, local.memory)
+        warm_up(plan([local.format], local.format))  # the copy loops compile at engine start, not in a step
 
     # ------------------------------------------------------------------ admission
     def add(self, job: RecvJob) -> None:
@@ -424,6 +425,8 @@ class Receiver:
             self._disconnect(lists, added.values(), staging)
             raise
         compiled = None if direct else plan(staging.formats, self.local.format)
+        if compiled is not None:
+            warm_up(compiled)  # a dtype conversion's loop, once per process (then numba's disk cache)
         return RemoteEngine(engine_id, host, port, sources, [added[r.agent_name] for r in sources], layouts,
                             compiled, staging, lists)
 

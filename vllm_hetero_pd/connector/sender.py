@@ -22,7 +22,7 @@ from vllm_hetero_pd.connector.metadata import ExportJob
 from vllm_hetero_pd.formats.format import KVFormat, LayoutError, head_range
 from vllm_hetero_pd.formats.presets import preset
 from vllm_hetero_pd.shim.plan import TranslationPlan, plan
-from vllm_hetero_pd.shim.translate import allocate, translate
+from vllm_hetero_pd.shim.translate import allocate, translate, warm_up
 from vllm_hetero_pd.transport.block_layout import whole_cache_layer_addrs
 
 
@@ -65,6 +65,7 @@ class ExportArea:
             fmt = msgspec.structs.replace(built, head_start=native.head_start + first, num_heads=count)
             buffers = allocate_host(fmt) if config.host_staging else allocate(fmt, device)
             self.shards.append(ExportShard(fmt, plan([native], fmt), buffers))
+            warm_up(self.shards[-1].plan)
 
     def write(self, kv_caches: Mapping[str, torch.Tensor], job: ExportJob) -> None:
         """Mirror positions ``[job.start, job.stop)`` of a request into its export blocks."""

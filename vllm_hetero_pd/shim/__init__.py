@@ -1,4 +1,5 @@
-"""Format-translation shim: any KV format to any other with vectorised torch copies.
+"""Format-translation shim: any KV format to any other, with compiled CPU loops (``kernels``)
+or vectorised torch copies.
 
 ``plan(src_formats, dst)`` once per peer, then ``translate(plan, src, dst, ...)`` per request.
 """

@@ -137,21 +137,38 @@ class Converter:
         from ``first_layer``."""
         rows = self.row_of_layer[first_layer : first_layer + src.shape[0]]
         shape = (len(rows),) + (1,) * (src.dim() - 1)
-        if src.element_size() * 8 > TABLE_BITS:
+        if not self.tabulated:
             src_scale = torch.tensor([self.rows[r][0] for r in rows], device=src.device).view(shape)
             dst_scale = torch.tensor([self.rows[r][1] for r in rows], device=dst.device).view(shape)
             dst.copy_(remap(src, self.conversion, self.src_dtype, self.dst_dtype, src_scale, dst_scale))
             return
-        table = code_table(self.conversion, self.src_dtype, self.dst_dtype, self.rows, str(src.device))
+        table = self.table(src.device)
+        bases = list(self.layer_bases()[first_layer : first_layer + src.shape[0]])
         order = sorted(range(dst.dim()), key=lambda i: -dst.stride(i))  # intermediates in dst's order
         src, dst = src.permute(order), dst.permute(order)
         index = torch.empty(src.shape, dtype=torch.int32, device=src.device).copy_(src)
-        bases = [r * table.shape[1] + table_offset(self.src_dtype) for r in rows]
         if len(set(bases)) > 1:
             index += torch.tensor(bases, dtype=torch.int32, device=index.device).view(shape).permute(order)
         elif bases[0]:
             index += bases[0]
-        dst.copy_(torch.index_select(table.view(-1), 0, index.view(-1)).view(index.shape))
+        dst.copy_(torch.index_select(table, 0, index.view(-1)).view(index.shape))
+
+
+    @property
+    def tabulated(self) -> bool:
+        """Whether sources fit a table of every code (at most ``TABLE_BITS`` wide): 4-byte ones
+        are converted by ``remap`` itself."""
+        return torch.empty(0, dtype=STORAGE_DTYPES[self.src_dtype]).element_size() * 8 <= TABLE_BITS
+
+    def table(self, device: torch.device | str) -> torch.Tensor:
+        """Every row of ``code_table`` for these layers, flattened: ``layer_bases`` index it."""
+        return code_table(self.conversion, self.src_dtype, self.dst_dtype, self.rows, str(device)).view(-1)
+
+    def layer_bases(self) -> tuple[int, ...]:
+        """Where each layer's row starts in ``table``, plus the offset that turns a stored code
+        into its index (the compiled loop adds the code itself)."""
+        codes = 2 ** (8 * torch.empty(0, dtype=STORAGE_DTYPES[self.src_dtype]).element_size())
+        return tuple(r * codes + table_offset(self.src_dtype) for r in self.row_of_layer)
 
 
 def converter(conversion: str, src_dtype: str, dst_dtype: str, scales: Sequence[tuple[float, float]]) -> Converter:

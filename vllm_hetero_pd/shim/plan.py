@@ -2,9 +2,10 @@
 
 ``plan(src_formats, dst)`` is computed once per peer (after the handshake) and reused for
 every request. ``TranslationPlan.copies(...)`` then turns a request's block ids and token
-range into a short list of ``Copy`` records, each one rectangular strided region per side,
-so that ``shim.translate`` moves every byte with one vectorised ``copy_`` per record. No
-torch here: the plan is plain integers and can be built, inspected and tested anywhere.
+range into a short list of ``Copy`` records, each one rectangular strided region per side
+at every place a request has one of that shape, so that ``shim.translate`` moves every byte
+with one vectorised pass per record. No torch here: the plan is plain integers and can be
+built, inspected and tested anywhere.
 
 Positions: ``src_block_ids[i]`` holds sequence positions ``[i*bs, (i+1)*bs)`` of the request
 (and likewise on the destination); the plan copies positions ``[start, stop)``.
@@ -80,17 +81,19 @@ def extent(fmt: KVFormat, side: Side) -> Extent:
 
 @dataclass(frozen=True, slots=True)
 class Copy:
-    """One rectangular strided copy within one layer; offsets and strides in elements.
+    """One rectangular strided copy within one layer, made at each pair of offsets (in elements).
 
-    With ``plan.kv_fused`` the first dim (size 2) steps from K to V in the same buffer.
+    A request's pieces of one shape (a whole block, say) differ only in where they start, so
+    they are one record. With ``plan.kv_fused`` the first dim (size 2) steps from K to V in the
+    same buffer.
     """
 
     src: int  # source rank index
     side: Side
     sizes: tuple[int, ...]
-    src_offset: int
+    src_offsets: tuple[int, ...]
     src_strides: tuple[int, ...]
-    dst_offset: int
+    dst_offsets: tuple[int, ...]
     dst_strides: tuple[int, ...]
 
 
@@ -132,27 +135,30 @@ class TranslationPlan:
         _check_ids("dst", dst_block_ids, dst_bs, start, stop, self.dst)
         cuts = self.token_cuts
         sides: tuple[Side, ...] = ("k",) if self.kv_fused else self.sides
-        out: list[Copy] = []
+        shapes: dict[tuple[int, int], list[int]] = {}  # (level, count) -> first positions of its pieces
         for a, b in _runs(start, stop, src_block_ids, src_bs, dst_block_ids, dst_bs):
             for p, level, count in _pieces(a, b, cuts):
-                grid = (count, *(hi // lo for lo, hi in reversed(list(zip(cuts, cuts[1 : level + 1])))))
-                for run in self.heads:
-                    for side in sides:
-                        sm, dm = self.src_maps[run.src, side], self.dst_maps[run.src, side]
-                        s_off, s_str = _place(sm, p, level, cuts, src_block_ids, src_bs)
-                        d_off, d_str = _place(dm, p, level, cuts, dst_block_ids, dst_bs)
-                        kv_size, s_kv, d_kv = self._kv_dim(run.src)
-                        out.append(
-                            Copy(
-                                src=run.src,
-                                side=side,
-                                sizes=(*kv_size, *grid, run.count, *(n for n, _ in sm.dim)),
-                                src_offset=s_off + run.src_head * sm.head,
-                                src_strides=(*s_kv, *s_str, sm.head, *(s for _, s in sm.dim)),
-                                dst_offset=d_off + run.dst_head * dm.head,
-                                dst_strides=(*d_kv, *d_str, dm.head, *(s for _, s in dm.dim)),
-                            )
+                shapes.setdefault((level, count), []).append(p)
+        out: list[Copy] = []
+        for (level, count), starts in shapes.items():
+            grid = (count, *(hi // lo for lo, hi in reversed(list(zip(cuts, cuts[1 : level + 1])))))
+            for run in self.heads:
+                for side in sides:
+                    sm, dm = self.src_maps[run.src, side], self.dst_maps[run.src, side]
+                    kv_size, s_kv, d_kv = self._kv_dim(run.src)
+                    out.append(
+                        Copy(
+                            src=run.src,
+                            side=side,
+                            sizes=(*kv_size, *grid, run.count, *(n for n, _ in sm.dim)),
+                            src_offsets=_offsets(sm, starts, src_block_ids, src_bs, run.src_head),
+                            src_strides=(*s_kv, *_grid_strides(sm, level, cuts, src_bs), sm.head,
+                                         *(st for _, st in sm.dim)),
+                            dst_offsets=_offsets(dm, starts, dst_block_ids, dst_bs, run.dst_head),
+                            dst_strides=(*d_kv, *_grid_strides(dm, level, cuts, dst_bs), dm.head,
+                                         *(st for _, st in dm.dim)),
                         )
+                    )
         return out
 
     def _kv_dim(self, src: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -354,10 +360,13 @@ def _pieces(a: int, b: int, cuts: tuple[int, ...]):
             p = end
 
 
-def _place(m: AxisMap, p: int, level: int, cuts: tuple[int, ...], ids: Sequence[int], bs: int):
-    """Offset of position ``p`` and the stride of each grid dim (levels ``level`` down to 0)."""
-    offset = m.offset + ids[p // bs] * m.block + m.token_offset(p % bs)
-    strides = tuple(
-        (cuts[l] // bs) * m.block if cuts[l] >= bs else m.token_offset(cuts[l]) for l in range(level, -1, -1)
-    )
-    return offset, strides
+def _offsets(m: AxisMap, starts: list[int], ids: Sequence[int], bs: int, head: int) -> tuple[int, ...]:
+    """Where each piece starting at a position of ``starts`` begins, from ``head`` on."""
+    base = m.offset + head * m.head
+    within = {r: base + m.token_offset(r) for r in {p % bs for p in starts}}  # mostly one: block starts
+    return tuple(within[p % bs] + ids[p // bs] * m.block for p in starts)
+
+
+def _grid_strides(m: AxisMap, level: int, cuts: tuple[int, ...], bs: int) -> tuple[int, ...]:
+    """The stride of each grid dim of a piece (levels ``level`` down to 0)."""
+    return tuple((cuts[l] // bs) * m.block if cuts[l] >= bs else m.token_offset(cuts[l]) for l in range(level, -1, -1))

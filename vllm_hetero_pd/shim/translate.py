@@ -19,12 +19,14 @@ bit-exact with the arithmetic reference ``fp8.remap``. Works on any torch device
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from vllm_hetero_pd.formats.format import KVFormat, LayoutError
+from vllm_hetero_pd.shim import kernels
 from vllm_hetero_pd.shim.fp8 import STORAGE_DTYPES, Converter, converter
 from vllm_hetero_pd.shim.plan import Copy, Extent, Side, TranslationPlan, extent
 
@@ -76,6 +78,13 @@ def translate(
     converters = {key: _converter(plan, *key) for key in used}
     for c in copies:
         _apply(c, src_layers[c.src, c.side], dst_layers[c.side], converters[c.src, c.side])
+
+
+def warm_up(plan: TranslationPlan) -> None:
+    """Compile the loops ``plan``'s copies run on CPU (``kernels.warm_up``) now, where a peer is
+    connected, rather than in its first request."""
+    for fmt in plan.src_formats:
+        kernels.warm_up(STORAGE_DTYPES[fmt.dtype], STORAGE_DTYPES[plan.dst.dtype])
 
 
 def allocate(fmt: KVFormat, device: torch.device | str = "cpu") -> KVBuffers:
@@ -154,20 +163,45 @@ def _converter(plan: TranslationPlan, src: int, side: Side) -> Converter | None:
 
 
 def _apply(c: Copy, src: Layers, dst: Layers, convert: Converter | None) -> None:
+    """Make copy ``c`` at each of its places: all of them in one compiled call per layer group
+    on CPU, else one torch copy (or ``convert``) each."""
     s_step, d_step = src.uniform_stride, dst.uniform_stride
     if s_step is not None and d_step is not None:
-        groups = [(range(len(src.offsets)), s_step, d_step)]
+        layer_groups = [(range(len(src.offsets)), s_step, d_step)]
     else:
-        groups = [(range(l, l + 1), 0, 0) for l in range(len(src.offsets))]
-    for ls, s_step, d_step in groups:
+        layer_groups = [(range(l, l + 1), 0, 0) for l in range(len(src.offsets))]
+    for ls, s_step, d_step in layer_groups:
         l0 = ls.start
-        sizes = (len(ls), *c.sizes)
-        s_view = src.flats[l0].as_strided(sizes, (s_step, *c.src_strides), src.offsets[l0] + c.src_offset)
-        d_view = dst.flats[l0].as_strided(sizes, (d_step, *c.dst_strides), dst.offsets[l0] + c.dst_offset)
-        if convert is None:
-            _copy(s_view, d_view)
-        else:
-            convert(s_view, d_view, l0)
+        sizes, s_strides, d_strides = (len(ls), *c.sizes), (s_step, *c.src_strides), (d_step, *c.dst_strides)
+        s_offsets = [src.offsets[l0] + o for o in c.src_offsets]
+        d_offsets = [dst.offsets[l0] + o for o in c.dst_offsets]
+        if kernels.fits(src.flats[l0], dst.flats[l0]) and (
+                _compiled_copy(sizes, s_strides, d_strides) if convert is None else convert.tabulated):
+            conversion = convert.conversion if convert else "copy"
+            table = None if conversion in kernels.OPS else convert.table("cpu")  # others look codes up
+            bases = None if table is None else convert.layer_bases()[l0 : l0 + len(ls)]
+            kernels.convert(conversion, table, bases, src.flats[l0], dst.flats[l0], s_offsets, d_offsets,
+                            sizes, s_strides, d_strides)
+            continue
+        for s_offset, d_offset in zip(s_offsets, d_offsets):
+            s_view = src.flats[l0].as_strided(sizes, s_strides, s_offset)
+            d_view = dst.flats[l0].as_strided(sizes, d_strides, d_offset)
+            if convert is None:
+                _copy(s_view, d_view)
+            else:
+                convert(s_view, d_view, l0)
+
+
+COMPILED_RUN = 1024  # contiguous elements per run from which the compiled loop out-copies torch
+COMPILED_SMALL = 2**18  # elements per copy below which torch's cost per call outweighs its faster loops
+
+
+def _compiled_copy(sizes: tuple[int, ...], s_strides: tuple[int, ...], d_strides: tuple[int, ...]) -> bool:
+    """Whether copies of this shape go faster through ``kernels`` (all of a request's in one
+    call) than one torch copy each: when they are small, or their runs are long and contiguous.
+    Large transposes and short runs keep torch's tiled copies (``bench shim``, pairs 2-7)."""
+    shape, s_st, d_st = kernels.merged(sizes, s_strides, d_strides)
+    return math.prod(sizes) < COMPILED_SMALL or (s_st[-1] == d_st[-1] == 1 and shape[-1] >= COMPILED_RUN)
 
 
 TILE = 16  # destination elements swept before the source's contiguous dim, per copy in a transpose
