@@ -78,6 +78,19 @@ def test_many_copies_in_one_call_each_at_its_own_offsets():
     assert (flat == -1).sum() == flat.numel() - 6 * 16  # nothing else was written
 
 
+@pytest.mark.parametrize("conversion", ["copy", "fn_to_fnuz"])
+def test_transposes_go_through_tiled_panels(conversion):
+    """CPU_ATTN's K: the destination's contiguous dim is the source's strided one (sizes not
+    multiples of the tile, so the edge tiles run too)."""
+    src = torch.randint(0, 256, (3, 5, 70, 37), dtype=torch.uint8)  # [layer, head, token, dim]
+    whole = torch.zeros(3, 5, 37, 75, dtype=torch.uint8)
+    dst = whole[:, :, :, 2:72].transpose(2, 3)  # tokens contiguous, in a padded row
+    run(conversion, src, dst)
+    assert torch.equal(dst, src if conversion == "copy" else fp8.remap(src, conversion, "float8_e4m3fn",
+                                                                       "float8_e4m3fnuz", 1.0, 1.0))
+    assert not whole[..., :2].any() and not whole[..., 72:].any()
+
+
 def test_a_copy_that_would_leave_its_buffer_is_refused():
     src, dst = torch.zeros(64, dtype=torch.uint8), torch.zeros(64, dtype=torch.uint8)
     with pytest.raises(LayoutError, match="reaches outside its 64-element buffer"):
