@@ -11,8 +11,6 @@ from vllm_hetero_pd.shim import fp8, kernels
 from vllm_hetero_pd.shim.plan import plan
 from vllm_hetero_pd.shim.translate import allocate, translate
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba does not import here; the torch path serves")
-
 BYTE_PAIRS = [("fn_to_fnuz", "float8_e4m3fn", "float8_e4m3fnuz"), ("fnuz_to_fn", "float8_e4m3fnuz", "float8_e4m3fn")]
 
 
@@ -95,6 +93,11 @@ def test_a_copy_that_would_leave_its_buffer_is_refused():
     src, dst = torch.zeros(64, dtype=torch.uint8), torch.zeros(64, dtype=torch.uint8)
     with pytest.raises(LayoutError, match="reaches outside its 64-element buffer"):
         kernels.convert("copy", None, None, src, dst, [0], [40], [1, 32], [32, 1], [32, 1])
+
+
+def test_numba_imports_here():
+    """numba is a dependency (pyproject): a machine without it would silently run the torch path."""
+    assert kernels.available()
 
 
 def test_views_off_the_cpu_take_the_torch_path():

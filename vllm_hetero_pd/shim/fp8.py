@@ -96,6 +96,11 @@ def remap(stored: torch.Tensor, conversion: str, src_dtype: str, dst_dtype: str,
 TABLE_BITS = 16  # sources up to 2 bytes wide are converted through a table of every code
 
 
+def storage_bits(dtype: str) -> int:
+    """Bits of one stored element of ``dtype`` (a table of its codes has 2**bits rows' entries)."""
+    return 8 * torch.empty(0, dtype=STORAGE_DTYPES[dtype]).element_size()
+
+
 def table_offset(src_dtype: str) -> int:
     """What to add to a source element (as int32) to get its table index: 16-bit codes are signed."""
     return 0 if STORAGE_DTYPES[src_dtype] == torch.uint8 else 2 ** 15
@@ -114,7 +119,7 @@ def code_table(conversion: str, src_dtype: str, dst_dtype: str, scales: tuple[tu
     """
     storage = STORAGE_DTYPES[src_dtype]
     first = -table_offset(src_dtype)
-    codes = torch.arange(first, first + 2 ** (8 * torch.empty(0, dtype=storage).element_size()), dtype=torch.int32)
+    codes = torch.arange(first, first + 2 ** storage_bits(src_dtype), dtype=torch.int32)
     codes = codes.to(storage).view(1, -1)
     src_scale = torch.tensor([s for s, _ in scales]).view(-1, 1)
     dst_scale = torch.tensor([d for _, d in scales]).view(-1, 1)
@@ -153,12 +158,11 @@ class Converter:
             index += bases[0]
         dst.copy_(torch.index_select(table, 0, index.view(-1)).view(index.shape))
 
-
     @property
     def tabulated(self) -> bool:
         """Whether sources fit a table of every code (at most ``TABLE_BITS`` wide): 4-byte ones
         are converted by ``remap`` itself."""
-        return torch.empty(0, dtype=STORAGE_DTYPES[self.src_dtype]).element_size() * 8 <= TABLE_BITS
+        return storage_bits(self.src_dtype) <= TABLE_BITS
 
     def table(self, device: torch.device | str) -> torch.Tensor:
         """Every row of ``code_table`` for these layers, flattened: ``layer_bases`` index it."""
@@ -167,7 +171,7 @@ class Converter:
     def layer_bases(self) -> tuple[int, ...]:
         """Where each layer's row starts in ``table``, plus the offset that turns a stored code
         into its index (the compiled loop adds the code itself)."""
-        codes = 2 ** (8 * torch.empty(0, dtype=STORAGE_DTYPES[self.src_dtype]).element_size())
+        codes = 2 ** storage_bits(self.src_dtype)
         return tuple(r * codes + table_offset(self.src_dtype) for r in self.row_of_layer)
 
 
