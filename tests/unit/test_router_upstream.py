@@ -255,6 +255,18 @@ async def test_a_connection_the_server_closed_while_idle_or_idle_too_long_is_not
 
 
 @run_async
+async def test_a_connection_closed_before_the_request_is_sent_is_a_clear_error():
+    """The race CI once hit: the instance died between connect and send; uvloop's write on a closed
+    transport raised RuntimeError, which the router answered as its own internal error (500)."""
+    async with served() as (url, client, peers):
+        connection = await upstream._Pool(url).connect(asyncio.get_running_loop().time() + 2.0)
+        connection.close()
+        with pytest.raises(UpstreamError, match="closed the connection before the request was sent"):
+            connection.send(b"GET /body HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert peers == []
+
+
+@run_async
 async def test_a_header_value_with_a_line_break_is_refused():
     peers: list[int] = []
     async with aiohttp_server(peers) as url:

@@ -266,8 +266,12 @@ class _Connection(asyncio.Protocol):
         return not self._closed and self._error is None and not self.transport.is_closing()
 
     def send(self, data: bytes) -> None:
+        """Write a request; a connection already closed (the instance went away between connect or
+        pooling and now) is an ``UpstreamError``, so the caller treats it as a failed instance."""
         if self._error is not None:
             raise self._error
+        if self._closed or self.transport.is_closing():
+            raise UpstreamError(f"{self.pool.url} closed the connection before the request was sent")
         self._expecting = True
         self.transport.write(data)
 
