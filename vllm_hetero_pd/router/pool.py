@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from vllm_hetero_pd.router.config import HealthConfig, InstanceConfig, Policy, Role, ScoringConfig
 from vllm_hetero_pd.router.load import LoadSample, TransferRate
@@ -41,7 +39,7 @@ class Instance:
 
     __slots__ = ("role", "url", "weight", "config", "num_active_requests", "num_pending_tokens", "num_active_kv_tokens",
                  "consecutive_failures", "ejected", "num_ejections_in_row", "num_good_probes", "draining", "assigned",
-                 "rr_pass", "in_flight_gauge", "latency_histogram", "first_byte_histogram", "prefix", "load",
+                 "rr_pass", "latency_histogram", "first_byte_histogram", "prefix", "load",
                  "num_kv_tokens_since_scrape", "transfer_rate", "translate_rate")
 
     def __init__(self, role: Role, config: InstanceConfig, rr_pass: float, metrics: RouterMetrics,
@@ -68,8 +66,9 @@ class Instance:
         self.draining = False
         self.assigned = True  # False while a mixed instance serves (or drains towards) its other role
         self.rr_pass = rr_pass
-        # metric children resolved once: labels() takes a lock and a dict lookup on every call
-        self.in_flight_gauge = metrics.in_flight.labels(role.value, self.url)
+        # read at scrape time, so a request costs no gauge updates; other children resolved once
+        # (labels() takes a lock and a dict lookup on every call)
+        metrics.in_flight.labels(role.value, self.url).set_function(lambda: self.num_active_requests)
         histogram = metrics.prefill_latency if role is Role.PREFILL else metrics.decode_latency
         self.latency_histogram = histogram.labels(self.url)
         self.first_byte_histogram = metrics.decode_first_byte.labels(self.url) if role is Role.DECODE else None
@@ -89,6 +88,36 @@ class Instance:
             "prefix_blocks_events": None if self.prefix.events is None else self.prefix.events.num_blocks,
             "prefix_blocks_sent": self.prefix.sent.num_blocks,
         }
+
+
+class Tracked:
+    """One request counted on an instance until ``close()``, which may be called more than once.
+
+    A plain object, not a generator context manager: it is made twice per request on the router's
+    hot path (docs/router.md, Benchmark)."""
+
+    __slots__ = ("instance", "num_prompt_tokens", "num_kv_tokens", "closed")
+
+    def __init__(self, instance: Instance, num_prompt_tokens: int, num_kv_tokens: int) -> None:
+        self.instance, self.num_prompt_tokens, self.num_kv_tokens = instance, num_prompt_tokens, num_kv_tokens
+        self.closed = False
+        instance.num_active_requests += 1
+        instance.num_pending_tokens += num_prompt_tokens
+        instance.num_active_kv_tokens += num_kv_tokens
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            instance = self.instance
+            instance.num_active_requests -= 1
+            instance.num_pending_tokens -= self.num_prompt_tokens
+            instance.num_active_kv_tokens -= self.num_kv_tokens
+
+    def __enter__(self) -> Tracked:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class Pool:
@@ -111,16 +140,18 @@ class Pool:
         ``kv_aware`` pools are chosen by ``routing.py``; asked here (e.g. for a retry) they pick as
         ``least_work`` does."""
         eligible = self.eligible(exclude)
-        if not eligible:
-            return None
-        candidates = [
-            Candidate(weight=i.weight, num_pending_tokens=i.num_pending_tokens,
-                      num_active_requests=i.num_active_requests, rr_pass=i.rr_pass)
-            for i in eligible
-        ]
-        policy = Policy.LEAST_WORK if self.policy is Policy.KV_AWARE else self.policy
-        chosen = eligible[choose(policy, self.role, candidates, num_prompt_tokens)]
-        self.picked(chosen)
+        if len(eligible) <= 1:  # nothing to weigh: one instance in the pool, or one left
+            chosen = eligible[0] if eligible else None
+        else:
+            candidates = [
+                Candidate(weight=i.weight, num_pending_tokens=i.num_pending_tokens,
+                          num_active_requests=i.num_active_requests, rr_pass=i.rr_pass)
+                for i in eligible
+            ]
+            policy = Policy.LEAST_WORK if self.policy is Policy.KV_AWARE else self.policy
+            chosen = eligible[choose(policy, self.role, candidates, num_prompt_tokens)]
+        if chosen is not None:
+            self.picked(chosen)
         return chosen
 
     def eligible(self, exclude: frozenset[str] = frozenset()) -> list[Instance]:
@@ -130,21 +161,11 @@ class Pool:
         """Advance the round-robin pass of an instance chosen (by any policy)."""
         instance.rr_pass += 1.0 / instance.weight
 
-    @contextmanager
-    def track(self, instance: Instance, num_prompt_tokens: int, num_kv_tokens: int = 0) -> Iterator[None]:
-        """Count a request as in flight on ``instance`` for the duration of the block: its prompt
-        tokens still to compute (prefill) or the KV tokens it holds (decode)."""
-        instance.num_active_requests += 1
-        instance.num_pending_tokens += num_prompt_tokens
-        instance.num_active_kv_tokens += num_kv_tokens
-        instance.in_flight_gauge.inc()
-        try:
-            yield
-        finally:
-            instance.num_active_requests -= 1
-            instance.num_pending_tokens -= num_prompt_tokens
-            instance.num_active_kv_tokens -= num_kv_tokens
-            instance.in_flight_gauge.dec()
+    def track(self, instance: Instance, num_prompt_tokens: int, num_kv_tokens: int = 0) -> Tracked:
+        """Count a request as in flight on ``instance`` from now until ``Tracked.close`` (or the end
+        of a ``with`` block): its prompt tokens still to compute (prefill) or the KV tokens it holds
+        (decode)."""
+        return Tracked(instance, num_prompt_tokens, num_kv_tokens)
 
     def record_success(self, instance: Instance) -> None:
         instance.consecutive_failures = 0
