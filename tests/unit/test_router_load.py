@@ -99,7 +99,9 @@ async def test_500_requests_at_concurrency_64_with_an_instance_killed_midway(vic
         assert metric(text, "hetero_pd_router_ejections_total", role=victim_role) == 1
         assert metric(text, "hetero_pd_router_instance_healthy", instance=victim.url) == 0
         assert metric(text, f"hetero_pd_router_{victim_role}_seconds_count", instance=victim.url) > 0
-        assert metric(text, "hetero_pd_router_retries_total", role=victim_role) >= 1
+        # a dead prefill's calls are always retried; a dead decode may be ejected on streams broken
+        # after their first byte (never retried) before any request is sent to it again
+        assert metric(text, "hetero_pd_router_retries_total", role=victim_role) >= (victim_role == "prefill")
         assert metric(text, "hetero_pd_router_decode_seconds_count") == num_ok
         print(f"\n{victim_role} killed: {num_ok} ok, {num_error} clean errors, retries "
               f"{metric(text, 'hetero_pd_router_retries_total', role=victim_role):.0f}")

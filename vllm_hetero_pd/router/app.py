@@ -1,4 +1,4 @@
-"""The router's HTTP server (aiohttp): OpenAI-compatible front, P/D flow, admin, health, metrics.
+"""The router's HTTP front (``http_server``): OpenAI-compatible front, P/D flow, admin, health, metrics.
 
 One request's journey (``Router.generate``):
 
@@ -22,7 +22,7 @@ One request's journey (``Router.generate``):
    the first byte, send an SSE error event and close the stream without ``[DONE]`` so the client
    cannot mistake it for a complete answer.
 
-A client that disconnects cancels the request's handler (aiohttp ``handler_cancellation``): the
+A client that disconnects cancels the request's handler (``http_server``, as aiohttp's ``handler_cancellation``): the
 upstream calls in progress are closed, so vLLM aborts them, and nothing further is started.
 
 The same ``X-Request-Id`` (the client's, or a generated one) goes to prefill and decode and back
@@ -43,10 +43,18 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import msgspec
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vllm_hetero_pd.router.config import ConfigError, InstanceConfig, Role, RouterConfig
+from vllm_hetero_pd.router.http_server import (
+    BodyTooLarge,
+    HttpServer,
+    Request,
+    Response,
+    Routes,
+    StreamResponse,
+    json_response,
+)
 from vllm_hetero_pd.router.metrics import ErrorCause, RecoveryAction, RequestOutcome, RouterMetrics
 from vllm_hetero_pd.router.pool import AdminError, Instance, Pool
 from vllm_hetero_pd.router.protocol import (
@@ -69,7 +77,9 @@ from vllm_hetero_pd.router.protocol import (
 from vllm_hetero_pd.router.roles import RoleController
 from vllm_hetero_pd.router.routing import Route, Routing, output_tokens
 from vllm_hetero_pd.router.upstream import (
-    Response,
+    Response as UpstreamResponse,
+)
+from vllm_hetero_pd.router.upstream import (
     Timeouts,
     UpstreamClient,
     UpstreamError,
@@ -152,7 +162,7 @@ class Opened:
 
     __slots__ = ("instance", "start", "head", "upstream", "_untrack")
 
-    def __init__(self, instance: Instance, start: float, head: bytes, upstream: Response | None,
+    def __init__(self, instance: Instance, start: float, head: bytes, upstream: UpstreamResponse | None,
                  untrack: Callable[[], None]) -> None:
         self.instance = instance
         self.start = start
@@ -182,13 +192,6 @@ class StreamEnd(NamedTuple):
 
     last: bytes
     broke: bool
-
-
-class _SseResponse(web.StreamResponse):
-    """A streamed answer whose HTTP headers leave with its first chunk, in one write instead of two
-    (what aiohttp's ``Response`` does; ``_send_headers_immediately`` is its switch, aiohttp >= 3.11)."""
-
-    _send_headers_immediately = False
 
 
 class AdminChange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -237,7 +240,7 @@ class Router:
 
     # ------------------------------------------------------------------ client endpoints
 
-    async def generate(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    async def generate(self, request: Request, endpoint: Endpoint) -> StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER) or os.urandom(16).hex()  # uuid4().hex's form, cheaper
         outcome = RequestOutcome(self.metrics, endpoint)
         try:
@@ -258,7 +261,7 @@ class Router:
             return error_response(exc.status, str(exc), request_id)
         except UpstreamRejection as exc:
             outcome.error(ErrorCause.UPSTREAM_CLIENT_ERROR)
-            return web.Response(status=exc.status, body=exc.body, content_type=exc.content_type,
+            return Response(status=exc.status, body=exc.body, content_type=exc.content_type,
                                 headers={REQUEST_ID_HEADER: request_id})
         except asyncio.CancelledError:  # the client went away (handler_cancellation); nothing to answer
             outcome.error(ErrorCause.CLIENT_DISCONNECTED)
@@ -268,13 +271,13 @@ class Router:
             outcome.error(ErrorCause.INTERNAL)
             return error_response(500, "internal router error; see the router's log", request_id)
 
-    async def _read_request(self, request: web.Request, endpoint: Endpoint) -> ClientRequest:
+    async def _read_request(self, request: Request, endpoint: Endpoint) -> ClientRequest:
         """Authenticate, read and parse the client's request (raises ``RouteError``/``BadRequestError``)."""
         if not _bearer_matches(request, self.config.api_key):
             raise RouteError(401, ErrorCause.UNAUTHORIZED, _API_KEY_HINT)
         try:
             raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
+        except BodyTooLarge:
             raise RouteError(413, ErrorCause.BODY_TOO_LARGE,
                              f"request body exceeds {self.config.max_body_bytes} bytes; send a smaller request "
                              "or raise max_body_bytes") from None
@@ -283,7 +286,7 @@ class Router:
             self.metrics.stripped_kv_params.inc()
         return parsed
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def models(self, request: Request) -> Response:
         if not _bearer_matches(request, self.config.api_key):
             return error_response(401, _API_KEY_HINT, None)
         failures = []
@@ -296,27 +299,27 @@ class Router:
                 failures.append(f"{instance.url}: {exc!r}")
                 continue
             if response.status == 200:
-                return web.Response(body=body, content_type="application/json")
+                return Response(body=body, content_type="application/json")
             failures.append(f"{instance.url}: HTTP {response.status}")
         return error_response(503, "no decode instance listed its models: " + ("; ".join(failures) or "none available"),
                               None)
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request) -> Response:
         num_prefill = sum(i.available for i in self.prefill.instances)
         num_decode = sum(i.available for i in self.decode.instances)
         ready = num_decode > 0 and (num_prefill > 0 or self.config.local_prefill_fallback)
-        return web.json_response(
+        return json_response(
             {"status": "ok" if ready else "unavailable", "prefill_available": num_prefill,
              "decode_available": num_decode},
             status=200 if ready else 503,
         )
 
-    async def metrics_page(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics_page(self, request: Request) -> Response:
+        return Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # ------------------------------------------------------------------ admin endpoints
 
-    def _admin_refusal(self, request: web.Request) -> web.Response | None:
+    def _admin_refusal(self, request: Request) -> Response | None:
         """The 403/401 answer to an admin call without the admin token; None when it may proceed."""
         if self.config.admin_token is None:
             return error_response(403, "admin endpoints are disabled; start the router with an admin token", None)
@@ -324,14 +327,14 @@ class Router:
             return error_response(401, "missing or wrong admin token: send Authorization: Bearer <admin token>", None)
         return None
 
-    async def admin(self, request: web.Request) -> web.Response:
+    async def admin(self, request: Request) -> Response:
         if (refused := self._admin_refusal(request)) is not None:
             return refused
         action = request.match_info["action"]
         if request.method == "GET":
             if action != "instances":
                 return error_response(404, f"unknown admin resource {action!r}; use GET /admin/instances", None)
-            return web.json_response([i.describe() for pool in self.pools.values() for i in pool.instances])
+            return json_response([i.describe() for pool in self.pools.values() for i in pool.instances])
         try:
             change = msgspec.json.decode(await request.read(), type=AdminChange)
             pool = self.pools[change.role]
@@ -350,9 +353,9 @@ class Router:
         except (msgspec.DecodeError, msgspec.ValidationError, ConfigError, AdminError) as exc:
             return error_response(400, f"admin {action}: {exc}", None)
         logger.info("admin %s %s instance %s", action, instance.role.value, instance.url)
-        return web.json_response(instance.describe())
+        return json_response(instance.describe())
 
-    async def debug_route(self, request: web.Request) -> web.Response:
+    async def debug_route(self, request: Request) -> Response:
         """Admin only. ``POST /debug/route[?endpoint=chat]`` with a request body: how it would be
         routed now, sending nothing. ``GET /debug/route?request_id=ID``: how a recent request was."""
         if (refused := self._admin_refusal(request)) is not None:
@@ -366,7 +369,7 @@ class Router:
             if explained is None:
                 return error_response(404, f"no recent route for request id {request_id!r}; the router keeps the "
                                       "last 256 (a fanned-out part is <id>-<i>)", None)
-            return web.json_response(explained)
+            return json_response(explained)
         endpoint = Endpoint.CHAT if request.query.get("endpoint") == "chat" else Endpoint.COMPLETIONS
         try:
             parsed = parse_request(await request.read(), endpoint)
@@ -374,7 +377,7 @@ class Router:
         except BadRequestError as exc:
             return error_response(400, str(exc), None)
         routes = [self.routing.plan(part) for part in parts]
-        return web.json_response([None if r is None else self.routing.explain(r) for r in routes])
+        return json_response([None if r is None else self.routing.explain(r) for r in routes])
 
     # ------------------------------------------------------------------ one exchange per part
 
@@ -599,7 +602,7 @@ class Router:
         self.decode.record_failure(opened.instance, reason)
 
     async def _open_stream(self, instance: Instance, parsed: ClientRequest, params: dict[str, Any] | None,
-                           request_id: str) -> tuple[Response, bytes]:
+                           request_id: str) -> tuple[UpstreamResponse, bytes]:
         """Send the streaming decode request and read its first SSE event, within decode_first_byte_s."""
         first_byte_s = self.config.timeouts.decode_first_byte_s
         try:
@@ -612,7 +615,7 @@ class Router:
             raise UpstreamFailure(f"decode {instance.url} failed before its first event: {exc!r}") from None
 
     async def _first_event(self, instance: Instance, parsed: ClientRequest, params: dict[str, Any] | None,
-                           request_id: str) -> tuple[Response, bytes]:
+                           request_id: str) -> tuple[UpstreamResponse, bytes]:
         upstream = await self.upstream.request("POST", instance.url, parsed.endpoint.value, self._stream_timeout,
                                                self._headers(request_id), decode_body(parsed, params))
         try:
@@ -640,7 +643,7 @@ class Router:
     # ------------------------------------------------------------------ answering the client
 
     def _reply(self, parts: list[ClientRequest], opened: list[Opened], request_id: str,
-               outcome: RequestOutcome) -> web.Response:
+               outcome: RequestOutcome) -> Response:
         """The non-streamed answer: decode's body as is, or the parts' answers merged."""
         try:
             body = opened[0].head if len(opened) == 1 else encode_body(
@@ -651,12 +654,12 @@ class Router:
         for o in opened:
             self._decode_succeeded(o)
         outcome.ok()
-        return web.Response(body=body, content_type="application/json", headers={REQUEST_ID_HEADER: request_id})
+        return Response(body=body, content_type="application/json", headers={REQUEST_ID_HEADER: request_id})
 
-    async def _relay(self, request: web.Request, parts: list[ClientRequest], opened: list[Opened], request_id: str,
-                     outcome: RequestOutcome) -> web.StreamResponse:
+    async def _relay(self, request: Request, parts: list[ClientRequest], opened: list[Opened], request_id: str,
+                     outcome: RequestOutcome) -> StreamResponse:
         """Stream the answer; a stream that breaks after the first byte ends with an SSE error, no [DONE]."""
-        response = _SseResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        response = StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                          REQUEST_ID_HEADER: request_id})
         try:
             await response.prepare(request)
@@ -676,7 +679,7 @@ class Router:
                 o.close()
         return response
 
-    async def _relay_one(self, response: web.StreamResponse, opened: Opened, request_id: str) -> StreamEnd:
+    async def _relay_one(self, response: StreamResponse, opened: Opened, request_id: str) -> StreamEnd:
         """Relay one decode stream byte for byte, parsing nothing.
 
         A chunk that ends with ``[DONE]`` is held back until the decode's stream ends (vLLM ends it
@@ -705,7 +708,7 @@ class Router:
         self._stream_broke(opened, reason, request_id)
         return StreamEnd(held + (b"" if tail.endswith(b"\n\n") else b"\n\n") + _sse_error(502, reason), broke=True)
 
-    async def _relay_merged(self, response: web.StreamResponse, parts: list[ClientRequest], opened: list[Opened],
+    async def _relay_merged(self, response: StreamResponse, parts: list[ClientRequest], opened: list[Opened],
                             request_id: str) -> StreamEnd:
         """Relay the parts' streams as vLLM streams a batch: chunks as they come with their choice
         index, then one merged usage chunk and one ``[DONE]`` (or the SSE error if a part broke)."""
@@ -747,7 +750,7 @@ class Router:
             await asyncio.gather(*(pool.probe(self.upstream, self.config.health) for pool in self.pools.values()))
 
 
-def _check_status(response: Response, raw: bytes, who: str) -> None:
+def _check_status(response: UpstreamResponse, raw: bytes, who: str) -> None:
     if response.status >= 500:
         raise UpstreamFailure(f"{who} answered HTTP {response.status}: {raw[:300]!r}", status=response.status)
     if response.status >= 400:
@@ -825,7 +828,7 @@ async def _pump_part(opened: Opened, index: int, queue: asyncio.Queue) -> str | 
         buffer += more
 
 
-def _bearer_matches(request: web.Request, secret: str | None) -> bool:
+def _bearer_matches(request: Request, secret: str | None) -> bool:
     if secret is None:
         return True
     header = request.headers.get("Authorization", "")
@@ -843,9 +846,9 @@ _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "Permis
                 503: "ServiceUnavailableError"}
 
 
-def error_response(status: int, message: str, request_id: str | None) -> web.Response:
+def error_response(status: int, message: str, request_id: str | None) -> Response:
     headers = {REQUEST_ID_HEADER: request_id} if request_id else None
-    return web.json_response(_error_json(status, message), status=status, headers=headers)
+    return json_response(_error_json(status, message), status=status, headers=headers)
 
 
 def _sse_data(event: dict[str, Any]) -> bytes:
@@ -856,60 +859,47 @@ def _sse_error(status: int, message: str) -> bytes:
     return _sse_data(_error_json(status, message))
 
 
-ROUTER_KEY = web.AppKey("router", Router)
-
-
-def build_app(config: RouterConfig) -> web.Application:
-    """The aiohttp application; the health probes start with it and the upstream client closes with it."""
-    router = Router(config)
-    app = web.Application(client_max_size=config.max_body_bytes)
-    app[ROUTER_KEY] = router
-
-    async def lifecycle(app: web.Application):
-        tasks = [asyncio.create_task(router.run_health_probes())]
-        if router.roles.active:
-            tasks.append(asyncio.create_task(router.roles.run()))
-        router.routing.start(router.upstream)
-        yield
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await router.routing.stop()
-        router.upstream.close()
-
-    app.cleanup_ctx.append(lifecycle)
+def routes(router: Router) -> Routes:
+    """What the router answers: the OpenAI endpoints, models, health, metrics, admin and debug."""
+    table = Routes()
     for endpoint in Endpoint:
-        app.router.add_post(endpoint.value, functools.partial(router.generate, endpoint=endpoint))
-    app.router.add_get("/v1/models", router.models)
-    app.router.add_get("/health", router.health)
-    app.router.add_get("/metrics", router.metrics_page)
-    app.router.add_route("*", "/admin/{action}", router.admin)
-    app.router.add_get("/debug/route", router.debug_route)
-    app.router.add_post("/debug/route", router.debug_route)
-    return app
+        table.add("POST", endpoint.value, functools.partial(router.generate, endpoint=endpoint))
+    table.add("GET", "/v1/models", router.models)
+    table.add("GET", "/health", router.health)
+    table.add("GET", "/metrics", router.metrics_page)
+    table.add("*", "/admin/{action}", router.admin)
+    table.add("GET", "/debug/route", router.debug_route)
+    table.add("POST", "/debug/route", router.debug_route)
+    return table
 
 
 class RunningRouter:
-    """A router serving on a port in the current event loop (for tests and embedding)."""
+    """A router serving on a port in the current event loop (for tests and embedding), with its
+    background tasks: health probes, the ratio controller, KV event and metrics watchers."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
-        self.runner = runner
+    def __init__(self, router: Router, server: HttpServer, host: str, port: int) -> None:
+        self.router = router
+        self.server = server
         self.url = f"http://{host}:{port}"
+        self._tasks = [asyncio.create_task(router.run_health_probes())]
+        if router.roles.active:
+            self._tasks.append(asyncio.create_task(router.roles.run()))
+        router.routing.start(router.upstream)
 
-    @property
-    def router(self) -> Router:
-        return self.runner.app[ROUTER_KEY]
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
+    async def stop(self, grace_s: float = 60.0) -> None:
+        """Stop listening, let requests in flight finish (``grace_s`` at most), then stop the tasks."""
+        await self.server.stop(grace_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.router.routing.stop()
+        self.router.upstream.close()
 
 
 async def start_router(config: RouterConfig, port: int | None = None) -> RunningRouter:
     """Serve ``config`` on ``config.host`` and ``port`` (default ``config.port``; 0 picks a free port)."""
-    runner = web.AppRunner(build_app(config), access_log=None, handle_signals=False, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port if port is None else port, reuse_address=True)
-    await site.start()
-    bound_port = runner.addresses[0][1]
+    router = Router(config)
+    server = HttpServer(routes(router), config.max_body_bytes)
+    bound_port = await server.start(config.host, config.port if port is None else port)
     logger.info("router listening on http://%s:%d", config.host, bound_port)
-    return RunningRouter(runner, config.host, bound_port)
+    return RunningRouter(router, server, config.host, bound_port)
