@@ -159,6 +159,36 @@ async def test_a_client_that_disconnects_cancels_its_handler():
 
 
 @run_async
+async def test_a_handler_that_ignores_its_cancellation_writes_nothing_to_a_gone_client():
+    finished = asyncio.Event()
+
+    async def stubborn(request: Request) -> Response:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass  # a handler may swallow it and still answer
+        finished.set()
+        return Response(b"late")
+
+    async with serving(make_routes(stubborn=stubborn)) as (server, port):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(get("/stubborn"))
+        await asyncio.sleep(0.1)
+        writer.close()
+        await asyncio.wait_for(finished.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert not server.connections
+        assert (await exchange(port, get("/slow?s=0", "Connection: close\r\n"))).endswith(b"\r\n\r\n0")
+
+
+@run_async
+async def test_repeated_headers_are_joined_and_found_in_any_case():
+    async with serving() as (_, port):
+        raw = await exchange(port, b"GET /echo HTTP/1.1\r\nX-Id: a\r\nx-id: b\r\nConnection: close\r\n\r\n")
+        assert b'"id":"a, b"' in raw
+
+
+@run_async
 async def test_a_streamed_answer_is_chunked_and_a_write_after_the_client_left_raises():
     gone = asyncio.Event()
     outcome: list[str] = []

@@ -311,7 +311,9 @@ class _Connection(asyncio.Protocol):
         self._count_head(len(name) + len(value) + 4)
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
-        self._headers[key] = f"{dict.__getitem__(self._headers, key)}, {text}" if key in self._headers else text
+        headers = self._headers
+        dict.__setitem__(headers, key, f"{dict.__getitem__(headers, key)}, {text}" if dict.__contains__(headers, key)
+                         else text)
 
     def _count_head(self, num_bytes: int) -> None:
         """Stop parsing a head over the limit, even one that arrived whole in one read."""
@@ -375,6 +377,8 @@ class _Connection(asyncio.Protocol):
         if isinstance(response, StreamResponse):
             return response.finished  # else it broke off (client gone) or never ended its body
         if self.streaming:  # a handler that streamed and then answered whole: nothing more can be sent
+            return False
+        if self.closed or self.transport.is_closing():  # the client left while the handler finished
             return False
         body = b"" if request.method == "HEAD" else response.body
         self.transport.write(self.head(response.status, response.headers, len(response.body), request.keep_alive)
