@@ -250,6 +250,31 @@ async def test_a_slow_reader_holds_back_the_writer_instead_of_buffering_everythi
 
 
 @run_async
+async def test_a_writer_held_back_by_a_slow_reader_ends_when_the_client_leaves():
+    ended = asyncio.Event()
+
+    async def big(request: Request) -> StreamResponse:
+        response = StreamResponse()
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(b"x" * (1 << 20))
+        finally:
+            ended.set()  # cancelled with its request, or told by ConnectionResetError
+
+    async with serving(make_routes(big=big)) as (server, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 16)
+        writer.write(get("/big"))
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)  # the writer now waits for the socket
+        assert not ended.is_set()
+        writer.transport.abort()
+        await asyncio.wait_for(ended.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert not server.connections
+
+
+@run_async
 async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(monkeypatch):
     monkeypatch.setattr(http_server, "KEEPALIVE_S", 0.1)
     async with serving() as (server, port):

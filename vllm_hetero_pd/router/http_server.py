@@ -285,8 +285,7 @@ class _Connection(asyncio.Protocol):
         self._cancel_idle_timer()
         if self.task is not None and not self.task.done():
             self.task.cancel()  # the client left: stop its request's work (handler_cancellation)
-        if self._write_ready is not None and not self._write_ready.done():
-            self._write_ready.set_exception(ConnectionResetError("the client closed the connection"))
+        self.resume_writing()  # a writer waiting for the socket wakes up to find it closed
 
     def pause_writing(self) -> None:
         if self._write_ready is None or self._write_ready.done():
@@ -411,11 +410,15 @@ class _Connection(asyncio.Protocol):
 
     async def send(self, data: bytes) -> None:
         """Write a piece of a streamed answer, waiting while the client reads slowly."""
-        if self.closed or self.transport.is_closing():
-            raise ConnectionResetError("the client closed the connection")
+        self._check_open()
         self.transport.write(data)
         if self._write_ready is not None and not self._write_ready.done():
             await self._write_ready
+            self._check_open()
+
+    def _check_open(self) -> None:
+        if self.closed or self.transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
 
     # ------------------------------------------------------------------ ending
 
