@@ -240,7 +240,7 @@ class Router:
 
     # ------------------------------------------------------------------ client endpoints
 
-    async def generate(self, request: Request, endpoint: Endpoint) -> StreamResponse:
+    async def generate(self, request: Request, endpoint: Endpoint) -> Response | StreamResponse:
         request_id = request.headers.get(REQUEST_ID_HEADER) or os.urandom(16).hex()  # uuid4().hex's form, cheaper
         outcome = RequestOutcome(self.metrics, endpoint)
         try:

@@ -377,12 +377,15 @@ class _Connection(asyncio.Protocol):
             return response.finished  # else it broke off (client gone) or never ended its body
         if self.streaming:  # a handler that streamed and then answered whole: nothing more can be sent
             return False
-        if self.closed or self.transport.is_closing():  # the client left while the handler finished
+        if not self.writable:  # the client left while the handler finished
             return False
-        body = b"" if request.method == "HEAD" else response.body
-        self.transport.write(self.head(response.status, response.headers, len(response.body), request.keep_alive)
-                             + body)
+        self._write_whole(response, request.keep_alive, with_body=request.method != "HEAD")
         return True
+
+    def _write_whole(self, response: Response, keep_alive: bool, with_body: bool = True) -> None:
+        """A whole answer in one write; a HEAD's keeps its Content-Length but not its body."""
+        head = self.head(response.status, response.headers, len(response.body), keep_alive)
+        self.transport.write(head + response.body if with_body else head)
 
     async def _handle(self, request: Request) -> Response | StreamResponse:
         resolved = self.server.routes.resolve(request)
@@ -410,14 +413,18 @@ class _Connection(asyncio.Protocol):
 
     async def send(self, data: bytes) -> None:
         """Write a piece of a streamed answer, waiting while the client reads slowly."""
-        self._check_open()
+        self._check_writable()
         self.transport.write(data)
         if self._write_ready is not None and not self._write_ready.done():
             await self._write_ready
-            self._check_open()
+            self._check_writable()
 
-    def _check_open(self) -> None:
-        if self.closed or self.transport.is_closing():
+    @property
+    def writable(self) -> bool:
+        return not self.closed and not self.transport.is_closing()
+
+    def _check_writable(self) -> None:
+        if not self.writable:
             raise ConnectionResetError("the client closed the connection")
 
     # ------------------------------------------------------------------ ending
@@ -425,8 +432,7 @@ class _Connection(asyncio.Protocol):
     def _refuse(self, status: int, text: str) -> None:
         """Answer a request that cannot be parsed, and close (the stream of bytes is lost)."""
         if self.task is None:
-            response = text_response(status, text)
-            self.transport.write(self.head(status, response.headers, len(response.body), False) + response.body)
+            self._write_whole(text_response(status, text), keep_alive=False)
         self.closed = True
         self.transport.close()
 
