@@ -35,7 +35,7 @@ import random
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -43,6 +43,7 @@ import numpy as np
 
 from vllm_hetero_pd.planner import perf
 from vllm_hetero_pd.planner.catalog import Device, Link
+from vllm_hetero_pd.planner.fit import DecodeSample, PrefillSample
 from vllm_hetero_pd.planner.model import ModelSpec
 from vllm_hetero_pd.planner.workload import Workload
 
@@ -98,20 +99,45 @@ def fit_link(model: ModelSpec, prefill: Device, decode: Device, base: Link,
                                    source=f"fitted: sequential TTFTs through the router at {sorted(kv.tolist())} B")
 
 
+class Contention(msgspec.Struct, frozen=True):
+    """How much each engine slows while the other works, measured on calibration runs.
+
+    Why: on one host the two engines share memory bandwidth, the last-level cache and the cores
+    that their front-end processes (tokenising, scheduling, streaming) run on. Timing one engine
+    at a time, as the device fit does, leaves that out, and under load it is most of the error.
+    """
+
+    prefill: float = 1.0  # a prefill's time while the decode streams, over its time alone
+    decode: float = 1.0  # a decode step's time while the prefill computes, over its time alone
+
+
+NO_CONTENTION = Contention()
+
+
 def latency_at(model: ModelSpec, prefill: Device, decode: Device, link: Link, workload: Workload,
-               q: float) -> tuple[float, float]:
-    """The P/D model's (TTFT, TPOT) q-quantiles for one prefill and one decode instance at TP1."""
-    service = perf.prefill_s(model, prefill, 1, workload.isl)
+               q: float, contention: Contention = NO_CONTENTION) -> tuple[float, float]:
+    """The P/D model's (TTFT, TPOT) q-quantiles for one prefill and one decode instance at TP1.
+
+    Each engine runs at its contended speed for the share of time the other one is busy: the
+    decode is busy while it holds a stream (a Poisson batch is empty with probability e^-B), the
+    prefill for its utilisation.
+    """
+    rate = workload.rate
+    alone = perf.decode_batch(model, decode, 1, workload, rate)
+    decode_busy = 1 - math.exp(-alone) if math.isfinite(alone) else 1.0
+    service = perf.prefill_s(model, prefill, 1, workload.isl) * (1 + (contention.prefill - 1) * decode_busy)
+    slowdown = 1 + (contention.decode - 1) * min(1.0, rate * service)
     kv = perf.kv_transfer_s(model, prefill, 1, perf.endpoint(decode, 1), link, workload.isl)
-    batch = perf.decode_batch(model, decode, 1, workload, workload.rate)
-    first = perf.decode_step_s(model, decode, 1, 1 + batch, workload.mean_context)
-    return (perf.prefill_ttft_s(service, kv + first, workload.rate, q),
-            perf.decode_tpot_s(model, decode, 1, workload, workload.rate, q))
+    batch = perf.decode_batch(model, decode, 1, workload, rate, slowdown)
+    first = perf.decode_step_s(model, decode, 1, 1 + batch, workload.mean_context) * slowdown
+    return (perf.prefill_ttft_s(service, kv + first, rate, q),
+            perf.decode_tpot_s(model, decode, 1, workload, rate, q, slowdown))
 
 
-def predict(model: ModelSpec, prefill: Device, decode: Device, link: Link, workload: Workload) -> Latencies:
+def predict(model: ModelSpec, prefill: Device, decode: Device, link: Link, workload: Workload,
+            contention: Contention = NO_CONTENTION) -> Latencies:
     """The P/D model's TTFT and TPOT p50/p90 for one prefill and one decode instance at TP1."""
-    ttft, tpot = zip(*(latency_at(model, prefill, decode, link, workload, q) for q in QUANTILES))
+    ttft, tpot = zip(*(latency_at(model, prefill, decode, link, workload, q, contention) for q in QUANTILES))
     return Latencies(ttft=ttft, tpot=tpot)
 
 
@@ -122,6 +148,11 @@ def arrivals(rate: float, count: int, seed: int) -> list[float]:
         out.append(t)
         t += rng.expovariate(rate)
     return out
+
+
+def median_error(points: list[PointResult]) -> float:
+    """Median |relative error| over every finite predicted quantile of every point."""
+    return statistics.median(abs(e) for p in points for e in p.errors() if math.isfinite(e))
 
 
 def table(points: list[PointResult]) -> str:
@@ -151,12 +182,59 @@ async def _measure(url: str, workload: Workload, count: int, vocab: int, seed: i
     return Latencies(ttft=quantiles([r.ttft_s for r in runs]), tpot=quantiles(tpots))
 
 
-def calibrate_pair(model: ModelSpec, prefill_url: str, decode_url: str, router_url: str,
+async def _while_busy(url: str, prompt_tokens: int, max_tokens: int, clients: int, vocab: int, work):
+    """Await ``work`` while ``clients`` closed-loop clients keep ``url`` busy with completions of
+    ``prompt_tokens`` in and ``max_tokens`` out; a background client that fails fails the run."""
+    import aiohttp
+
+    from vllm_hetero_pd.planner.calibrate import HTTP_TIMEOUT, complete, random_prompt, served_model
+
+    rng = random.Random(7)
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session:
+        model = await served_model(session, url)
+
+        async def client() -> None:
+            while True:
+                await complete(session, url, model, random_prompt(rng, prompt_tokens, vocab), max_tokens)
+
+        tasks = [asyncio.create_task(client()) for _ in range(clients)]
+        await asyncio.sleep(0.5)  # the background work has started
+        try:
+            return await work
+        finally:
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception():
+                    raise RuntimeError(f"background load on {url} failed: {task.exception()}")
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def measure_contention(prefill_url: str, decode_url: str, isl: int, vocab: int) -> Contention:
+    """Each engine's time at the workload's prompt length, alone and while the other works: the
+    prefill while the decode streams 2 answers, the decode (batches 1 and 2) while the prefill
+    runs prompts back to back. The alone runs are taken in the same sitting, so both see one host."""
+    from vllm_hetero_pd.planner.calibrate import measure_decode, measure_prefill
+
+    def prefill() -> Awaitable[list[PrefillSample]]:
+        return measure_prefill(prefill_url, [isl], 5, vocab, seed=11)
+
+    def decode() -> Awaitable[list[DecodeSample]]:
+        return measure_decode(decode_url, [1, 2], [isl], 32, vocab, seed=12)
+
+    pre_alone, dec_alone = await prefill(), await decode()
+    pre_busy = await _while_busy(decode_url, 16, 256, 2, vocab, prefill())
+    dec_busy = await _while_busy(prefill_url, isl, 1, 1, vocab, decode())
+    decode_ratio = statistics.fmean(b.step_seconds / a.step_seconds for a, b in zip(dec_alone, dec_busy))
+    return Contention(prefill=pre_busy[0].seconds / pre_alone[0].seconds, decode=decode_ratio)
+
+
+def calibrate_pair(model: ModelSpec, prefill_url: str, decode_url: str, router_url: str, isl: int,
                    name: str = "CPU-calibrated", lengths: Sequence[int] = (32, 128, 256, 512),
-                   contexts: Sequence[int] = (64, 256)) -> tuple[Device, Link]:
+                   contexts: Sequence[int] = (64, 256)) -> tuple[Device, Link, Contention]:
     """Fit the CPU device (prefill terms on the prefill engine at ``lengths``, decode terms on the
-    decode engine at ``contexts``) and the link, on calibration runs only: give lengths and contexts
-    that span the workload, since the fit extrapolates the attention terms poorly."""
+    decode engine at ``contexts``), the link, and the engines' contention at ``isl``, on
+    calibration runs only: give lengths and contexts that span the workload, since the fit
+    extrapolates the attention terms poorly."""
     from vllm_hetero_pd.planner.calibrate import measure_decode, measure_prefill
     from vllm_hetero_pd.planner.catalog import load_catalog
     from vllm_hetero_pd.planner.fit import fit_device
@@ -171,7 +249,8 @@ def calibrate_pair(model: ModelSpec, prefill_url: str, decode_url: str, router_u
         for seed in range(3):  # sequential requests: no queueing
             got = asyncio.run(_measure(router_url, Workload(isl=tokens, osl=2, rate=1e-3), 1, model.vocab_size, seed))
             link_samples.append((tokens, got.ttft[0]))
-    return device, fit_link(model, device, device, catalog.link(base, base), link_samples)
+    contention = asyncio.run(measure_contention(prefill_url, decode_url, isl, model.vocab_size))
+    return device, fit_link(model, device, device, catalog.link(base, base), link_samples), contention
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -195,7 +274,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     model = load_model(args.model, weight_dtype="bf16")
-    device, link = calibrate_pair(model, args.prefill_url, args.decode_url, args.router_url)
+    device, link, contention = calibrate_pair(model, args.prefill_url, args.decode_url, args.router_url, args.isl)
+    print(f"contention: a prefill takes {contention.prefill:.2f}x its time alone while the decode streams, "
+          f"a decode step {contention.decode:.2f}x while the prefill computes", flush=True)
     capacity = 1 / perf.prefill_s(model, device, 1, args.isl)
     points = []
     for i, frac in enumerate(float(x) for x in args.load.split(",")):
@@ -203,13 +284,17 @@ def run(args: argparse.Namespace) -> int:
         measured = [asyncio.run(_measure(args.router_url, workload, args.requests, model.vocab_size, 1000 * i + r))
                     for r in range(2 if i == args.repeat else 1)]
         points.append(PointResult(isl=args.isl, osl=args.osl, rate=workload.rate,
-                                  predicted=predict(model, device, device, link, workload), measured=measured))
+                                  predicted=predict(model, device, device, link, workload, contention),
+                                  measured=measured))
         print(table(points[-1:]).splitlines()[-1], flush=True)
-    (out / "pd-validation.json").write_bytes(msgspec.json.encode({"points": points, "device": device, "link": link}))
+    isolated = [msgspec.structs.replace(p, predicted=predict(model, device, device, link,
+                                                             Workload(isl=p.isl, osl=p.osl, rate=p.rate)))
+                for p in points]
+    (out / "pd-validation.json").write_bytes(msgspec.json.encode(
+        {"points": points, "without_contention": isolated, "device": device, "link": link, "contention": contention}))
     print(table(points))
-    errors = [abs(e) for p in points for e in p.errors() if not math.isinf(e)]
-    print(f"median |error| {statistics.median(errors):.0%}; load average after: {os.getloadavg()[0]:.2f}; "
-          f"results in {out}")
+    print(f"median |error| {median_error(points):.0%} (without the contention term: {median_error(isolated):.0%}); "
+          f"load average after: {os.getloadavg()[0]:.2f}; results in {out}")
     return 0
 
 
