@@ -48,7 +48,7 @@ demo: $(STAMP) $(STAMP_028)
 test: $(STAMP) $(STAMP_028)
 	$(VENV)/bin/ruff check .
 	$(PY_028) -m pytest $(TESTS_028)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 clean:
 	rm -rf $(VENV) $(VENV_028)

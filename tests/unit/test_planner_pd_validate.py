@@ -54,10 +54,14 @@ def test_errors_noise_and_table():
     lat = pd_validate.Latencies
     point = pd_validate.PointResult(isl=256, osl=32, rate=1.5, predicted=lat((0.1, 0.2), (0.01, 0.02)),
                                     measured=[lat((0.125, 0.2), (0.01, 0.025)), lat((0.1, 0.25), (0.011, 0.025))])
-    assert point.errors() == pytest.approx([-0.2, 0.0, 0.0, -0.2])
+    # against the mean of the two runs: TTFT 112.5 and 225 ms, TPOT 10.5 and 25 ms
+    assert point.errors() == pytest.approx([0.1 / 0.1125 - 1, 0.2 / 0.225 - 1, 0.01 / 0.0105 - 1, -0.2])
     assert point.noise() == pytest.approx([0.25, 0.25, 0.1, 0.0])
     text = pd_validate.table([point])
-    assert "| 256 | 32 | 1.5 | 100.0 / 125.0 | 200.0 / 200.0 |" in text and "-20%, +0%, +0%, -20%" in text
+    assert "| 256 | 32 | 1.5 | 100.0 / 112.5 | 200.0 / 225.0 | 10.0 / 10.5 |" in text
+    assert "-11%, -11%, -5%, -20%" in text
+    once = msgspec.structs.replace(point, measured=point.measured[:1])
+    assert once.errors() == pytest.approx([-0.2, 0.0, 0.0, -0.2]) and once.noise() is None
     assert "25%, 25%, 10%, 0%" in text
 
 
@@ -66,7 +70,7 @@ def test_the_bench_command_parses_without_starting_engines():
     pd_validate.add_arguments(parser)
     args = parser.parse_args(["--model", "/m", "--prefill-url", "http://p", "--decode-url", "http://d",
                               "--router-url", "http://r", "--load", "0.1,0.3,0.5", "--requests", "40"])
-    assert args.load == "0.1,0.3,0.5" and args.repeat == 1
+    assert args.load == "0.1,0.3,0.5" and args.repeat == "all" and args.isl == 2048
     from vllm_hetero_pd.bench import BENCHMARKS
 
     assert BENCHMARKS["planner-pd"][0] == "vllm_hetero_pd.planner.pd_validate"
@@ -85,3 +89,51 @@ def test_measure_uses_the_calibration_clients_timeout():
     source = inspect.getsource(pd_validate._measure)
     imported = source.split("from vllm_hetero_pd.planner.calibrate import ")[1].split("\n")[0]
     assert all(hasattr(calibrate, name.strip()) for name in imported.split(","))
+
+
+def test_contention_slows_each_engine_for_the_share_of_time_the_other_is_busy():
+    service = perf.prefill_s(TINY, CPU, 1, 256)
+    wl = Workload(isl=256, osl=32, rate=0.5 / service)
+    alone = pd_validate.predict(TINY, CPU, CPU, LINK, wl)
+    assert pd_validate.predict(TINY, CPU, CPU, LINK, wl, pd_validate.Contention(1.0, 1.0)) == alone
+    slow_prefill = pd_validate.predict(TINY, CPU, CPU, LINK, wl, pd_validate.Contention(prefill=1.5))
+    assert slow_prefill.ttft[0] > alone.ttft[0] and slow_prefill.tpot[0] == pytest.approx(alone.tpot[0])
+    slow_decode = pd_validate.predict(TINY, CPU, CPU, LINK, wl, pd_validate.Contention(decode=2.0))
+    # the prefill is busy half the time, so decode steps take 1.5x (and the batch grows with them)
+    assert slow_decode.tpot[0] >= 1.5 * alone.tpot[0] and slow_decode.ttft[0] > alone.ttft[0]
+    idle = Workload(isl=256, osl=32, rate=1e-9)  # nothing to contend with at vanishing load
+    assert pd_validate.predict(TINY, CPU, CPU, LINK, idle, pd_validate.Contention(2.0, 2.0)).ttft[0] == pytest.approx(
+        pd_validate.predict(TINY, CPU, CPU, LINK, idle).ttft[0], rel=1e-6)
+
+
+def test_median_error_skips_infinite_predictions():
+    lat = pd_validate.Latencies
+    points = [pd_validate.PointResult(isl=256, osl=32, rate=1.0, predicted=lat((0.1, math.inf), (0.01, 0.02)),
+                                      measured=[lat((0.2, 0.2), (0.01, 0.01))])]
+    assert pd_validate.median_error(points) == pytest.approx(0.5)  # |-50%|, |0%|, |+100%| -> 50%
+
+
+EXPOSITION = """# HELP vllm:request_prefill_time_seconds Histogram of time spent in PREFILL phase for request.
+# TYPE vllm:request_prefill_time_seconds histogram
+vllm:request_prefill_time_seconds_bucket{engine="0",le="0.3",model_name="m"} 3.0
+vllm:request_prefill_time_seconds_sum{engine="0",model_name="m"} 0.75
+vllm:request_prefill_time_seconds_count{engine="0",model_name="m"} 3.0
+vllm:request_queue_time_seconds_sum{engine="0",model_name="m"} 0.25
+vllm:request_queue_time_seconds_count{engine="0",model_name="m"} 3.0
+vllm:request_decode_time_seconds_sum{engine="0",model_name="m"} 9.0
+"""
+
+
+def test_the_prefill_engines_own_means_come_from_histogram_differences():
+    before = pd_validate.histogram_totals(EXPOSITION)
+    assert before == {"vllm:request_prefill_time_seconds": (0.75, 3.0), "vllm:request_queue_time_seconds": (0.25, 3.0)}
+    after = pd_validate.histogram_totals(EXPOSITION.replace("0.75", "1.35").replace("0.25", "0.45")
+                                         .replace("count{engine=\"0\",model_name=\"m\"} 3.0",
+                                                  "count{engine=\"0\",model_name=\"m\"} 5.0"))
+    times = pd_validate.engine_times(before, after)  # 2 requests: 0.6 s of prefill, 0.2 s of waiting
+    assert times.prefill_s == pytest.approx(0.3) and times.queue_s == pytest.approx(0.1)
+    assert math.isnan(pd_validate.engine_times(before, before).prefill_s)
+    lat = pd_validate.Latencies((0.1, 0.2), (0.01, 0.02))
+    point = pd_validate.PointResult(isl=256, osl=32, rate=1.5, predicted=lat, measured=[lat], service_s=0.25,
+                                    engine=[times])
+    assert "| 1.5 | 250.0 / 300.0 | 100.0 |" in pd_validate.engine_table([point])

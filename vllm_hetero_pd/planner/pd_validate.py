@@ -14,7 +14,9 @@ is started with the existing launchers and this command is pointed at it. On a q
 1. *Calibrate* on runs that are not validated: isolated prefills on the prefill engine and closed
    decode batches on the decode engine fit the CPU device (``calibrate``/``fit``); sequential
    requests through the router at two prompt lengths fit the KV link (latency and GB/s of what the
-   router and connector add beyond prefill and the first decode step).
+   router and connector add beyond prefill and the first decode step); each engine timed alone and
+   while the other works gives the pair's contention (``Contention``): both share one host here,
+   which separate GPUs in a planned deployment do not, so only this validation prices it.
 2. *Predict* TTFT and TPOT p50/p90 at each arrival rate (``--load``, fractions of the predicted
    prefill capacity) with the P/D model: M/D/1 prefill + KV hand-off + first decode step, and
    Little's-law decode with Poisson batch fluctuations.
@@ -57,19 +59,62 @@ class Latencies(msgspec.Struct, frozen=True):
     tpot: tuple[float, float]
 
 
+class EngineTimes(msgspec.Struct, frozen=True):
+    """Means of vLLM's per-request histograms on the prefill engine over one run: where a TTFT
+    error comes from (a slower prefill than the model's, or a longer wait for the engine)."""
+
+    prefill_s: float  # vllm:request_prefill_time_seconds (scheduled to first token)
+    queue_s: float  # vllm:request_queue_time_seconds (waiting in the engine)
+
+
+HISTOGRAMS = ("vllm:request_prefill_time_seconds", "vllm:request_queue_time_seconds")
+
+
+def histogram_totals(text: str) -> dict[str, tuple[float, float]]:
+    """``{name: (sum, count)}`` of ``HISTOGRAMS`` in a Prometheus text exposition (summed over labels)."""
+    totals = {name: [0.0, 0.0] for name in HISTOGRAMS}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        name = key.split("{", 1)[0]
+        for suffix, slot in (("_sum", 0), ("_count", 1)):
+            base = name.removesuffix(suffix)
+            if name.endswith(suffix) and base in totals:
+                totals[base][slot] += float(value.split()[0])
+    return {name: (total, count) for name, (total, count) in totals.items()}
+
+
+def engine_times(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> EngineTimes:
+    """Per-request means of what the engine recorded between two scrapes (NaN when nothing was)."""
+    def mean(name: str) -> float:
+        total, count = (a - b for a, b in zip(after[name], before[name]))
+        return total / count if count else math.nan
+
+    return EngineTimes(prefill_s=mean(HISTOGRAMS[0]), queue_s=mean(HISTOGRAMS[1]))
+
+
+def _scrape(url: str) -> dict[str, tuple[float, float]]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as resp:
+        return histogram_totals(resp.read().decode())
+
+
 class PointResult(msgspec.Struct, frozen=True, kw_only=True):
-    """One arrival rate: what the model said and what the pair did (twice for the repeated point)."""
+    """One arrival rate: what the model said and what the pair did (once, or twice to show the noise)."""
 
     isl: int
     osl: int
     rate: float
     predicted: Latencies
     measured: list[Latencies]
+    service_s: float = math.nan  # the model's prefill service time at this rate (contention included)
+    engine: list[EngineTimes] = []  # the prefill engine's own means over each measured run
 
     def errors(self) -> list[float]:
-        """Relative error of each predicted quantile against the first measurement: TTFT p50, p90, TPOT p50, p90."""
-        got = self.measured[0]
-        return [p / m - 1 for p, m in zip((*self.predicted.ttft, *self.predicted.tpot), (*got.ttft, *got.tpot))]
+        """Relative error of each predicted quantile against the mean of the measurements:
+        TTFT p50, p90, TPOT p50, p90."""
+        got = [statistics.fmean(col) for col in zip(*((*m.ttft, *m.tpot) for m in self.measured))]
+        return [p / m - 1 for p, m in zip((*self.predicted.ttft, *self.predicted.tpot), got)]
 
     def noise(self) -> list[float] | None:
         """Spread of the repeat (max/min - 1) per quantile, or None when the point ran once."""
@@ -114,18 +159,25 @@ class Contention(msgspec.Struct, frozen=True):
 NO_CONTENTION = Contention()
 
 
+def prefill_service_s(model: ModelSpec, prefill: Device, decode: Device, workload: Workload,
+                      contention: Contention = NO_CONTENTION) -> float:
+    """The prefill's service time at the workload's rate: alone, slowed by ``contention.prefill``
+    for the share of time the decode holds a stream (a Poisson batch is empty with probability
+    e^-B)."""
+    batch = perf.decode_batch(model, decode, 1, workload, workload.rate)
+    decode_busy = 1 - math.exp(-batch) if math.isfinite(batch) else 1.0
+    return perf.prefill_s(model, prefill, 1, workload.isl) * (1 + (contention.prefill - 1) * decode_busy)
+
+
 def latency_at(model: ModelSpec, prefill: Device, decode: Device, link: Link, workload: Workload,
                q: float, contention: Contention = NO_CONTENTION) -> tuple[float, float]:
     """The P/D model's (TTFT, TPOT) q-quantiles for one prefill and one decode instance at TP1.
 
     Each engine runs at its contended speed for the share of time the other one is busy: the
-    decode is busy while it holds a stream (a Poisson batch is empty with probability e^-B), the
-    prefill for its utilisation.
+    prefill as ``prefill_service_s`` says, the decode for the prefill's utilisation.
     """
     rate = workload.rate
-    alone = perf.decode_batch(model, decode, 1, workload, rate)
-    decode_busy = 1 - math.exp(-alone) if math.isfinite(alone) else 1.0
-    service = perf.prefill_s(model, prefill, 1, workload.isl) * (1 + (contention.prefill - 1) * decode_busy)
+    service = prefill_service_s(model, prefill, decode, workload, contention)
     slowdown = 1 + (contention.decode - 1) * min(1.0, rate * service)
     kv = perf.kv_transfer_s(model, prefill, 1, perf.endpoint(decode, 1), link, workload.isl)
     batch = perf.decode_batch(model, decode, 1, workload, rate, slowdown)
@@ -156,19 +208,31 @@ def median_error(points: list[PointResult]) -> float:
 
 
 def table(points: list[PointResult]) -> str:
-    """Markdown: per rate, predicted / measured TTFT and TPOT p50 and p90, error, and the repeat's spread."""
+    """Markdown: per rate, predicted / measured (the mean of the runs) TTFT and TPOT p50 and p90, error,
+    and the spread of the runs."""
     def ms(x: float) -> str:
         return "inf" if math.isinf(x) else f"{x * 1e3:.1f}"
 
     lines = ["| ISL | OSL | rate | TTFT p50 pred / meas (ms) | p90 | TPOT p50 pred / meas (ms) | p90 | "
              "error TTFT p50, p90, TPOT p50, p90 | repeat spread |", "|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        m = p.measured[0]
+        m = Latencies(*(tuple(statistics.fmean(c) for c in zip(*(getattr(r, f) for r in p.measured)))
+                        for f in ("ttft", "tpot")))
         cells = [f"{ms(a)} / {ms(b)}" for a, b in zip((*p.predicted.ttft, *p.predicted.tpot), (*m.ttft, *m.tpot))]
         noise = p.noise()
         lines.append(f"| {p.isl} | {p.osl} | {p.rate:.3g} | " + " | ".join(cells) + " | "
                      + ", ".join(f"{e:+.0%}" for e in p.errors()) + " | "
                      + (", ".join(f"{n:.0%}" for n in noise) if noise else "-") + " |")
+    return "\n".join(lines)
+
+
+def engine_table(points: list[PointResult]) -> str:
+    """Markdown: per rate, the prefill engine's mean prefill time (model / each run) and mean wait."""
+    lines = ["| rate | prefill in the engine, model / runs (ms) | wait in the engine, runs (ms) |", "|---|---|---|"]
+    for p in points:
+        runs = ", ".join(f"{e.prefill_s * 1e3:.1f}" for e in p.engine)
+        waits = ", ".join(f"{e.queue_s * 1e3:.1f}" for e in p.engine)
+        lines.append(f"| {p.rate:.3g} | {p.service_s * 1e3:.1f} / {runs} | {waits} |")
     return "\n".join(lines)
 
 
@@ -215,33 +279,33 @@ async def measure_contention(prefill_url: str, decode_url: str, isl: int, vocab:
     runs prompts back to back. The alone runs are taken in the same sitting, so both see one host."""
     from vllm_hetero_pd.planner.calibrate import measure_decode, measure_prefill
 
-    def prefill() -> Awaitable[list[PrefillSample]]:
-        return measure_prefill(prefill_url, [isl], 5, vocab, seed=11)
+    def prefill(seed: int) -> Awaitable[list[PrefillSample]]:  # fresh prompts each: no prefix-cache hits
+        return measure_prefill(prefill_url, [isl], 7, vocab, seed=seed)
 
-    def decode() -> Awaitable[list[DecodeSample]]:
-        return measure_decode(decode_url, [1, 2], [isl], 32, vocab, seed=12)
+    def decode(seed: int) -> Awaitable[list[DecodeSample]]:
+        return measure_decode(decode_url, [1, 2], [isl], 32, vocab, repeats=3, seed=seed)
 
-    pre_alone, dec_alone = await prefill(), await decode()
-    pre_busy = await _while_busy(decode_url, 16, 256, 2, vocab, prefill())
-    dec_busy = await _while_busy(prefill_url, isl, 1, 1, vocab, decode())
+    pre_alone, dec_alone = await prefill(11), await decode(12)
+    pre_busy = await _while_busy(decode_url, 16, 256, 2, vocab, prefill(13))
+    dec_busy = await _while_busy(prefill_url, isl, 1, 1, vocab, decode(14))
     decode_ratio = statistics.fmean(b.step_seconds / a.step_seconds for a, b in zip(dec_alone, dec_busy))
     return Contention(prefill=pre_busy[0].seconds / pre_alone[0].seconds, decode=decode_ratio)
 
 
-def calibrate_pair(model: ModelSpec, prefill_url: str, decode_url: str, router_url: str, isl: int,
+def calibrate_pair(model: ModelSpec, prefill_url: str, decode_url: str, router_url: str,
                    name: str = "CPU-calibrated", lengths: Sequence[int] = (32, 128, 256, 512),
-                   contexts: Sequence[int] = (64, 256)) -> tuple[Device, Link, Contention]:
+                   contexts: Sequence[int] = (64, 256), repeats: int = 5) -> tuple[Device, Link]:
     """Fit the CPU device (prefill terms on the prefill engine at ``lengths``, decode terms on the
-    decode engine at ``contexts``), the link, and the engines' contention at ``isl``, on
-    calibration runs only: give lengths and contexts that span the workload, since the fit
-    extrapolates the attention terms poorly."""
+    decode engine at ``contexts``) and the link, on calibration runs only: give lengths and contexts
+    that span the workload, since the fit extrapolates the attention terms poorly. Medians of
+    ``repeats`` prefills per length resist the stalls a shared host adds to single requests."""
     from vllm_hetero_pd.planner.calibrate import measure_decode, measure_prefill
     from vllm_hetero_pd.planner.catalog import load_catalog
     from vllm_hetero_pd.planner.fit import fit_device
 
     catalog = load_catalog()
     base = catalog.device("CPU")
-    pre_samples = asyncio.run(measure_prefill(prefill_url, list(lengths), 5, model.vocab_size))
+    pre_samples = asyncio.run(measure_prefill(prefill_url, list(lengths), repeats, model.vocab_size))
     dec_samples = asyncio.run(measure_decode(decode_url, [1, 2, 4, 8], list(contexts), 32, model.vocab_size))
     device, _ = fit_device(base, model, 1, pre_samples, dec_samples, name, f"{prefill_url} + {decode_url}")
     link_samples = []
@@ -249,8 +313,7 @@ def calibrate_pair(model: ModelSpec, prefill_url: str, decode_url: str, router_u
         for seed in range(3):  # sequential requests: no queueing
             got = asyncio.run(_measure(router_url, Workload(isl=tokens, osl=2, rate=1e-3), 1, model.vocab_size, seed))
             link_samples.append((tokens, got.ttft[0]))
-    contention = asyncio.run(measure_contention(prefill_url, decode_url, isl, model.vocab_size))
-    return device, fit_link(model, device, device, catalog.link(base, base), link_samples), contention
+    return device, fit_link(model, device, device, catalog.link(base, base), link_samples)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -258,12 +321,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-url", required=True)
     parser.add_argument("--decode-url", required=True)
     parser.add_argument("--router-url", required=True, help="the router in front of exactly these two")
-    parser.add_argument("--isl", type=int, default=256)
+    parser.add_argument("--isl", type=int, default=2048,
+                        help="prompt tokens; long enough that the engines' forward passes, which the model "
+                             "prices, outweigh the per-request work of the front-end processes, which it does not")
     parser.add_argument("--osl", type=int, default=32)
     parser.add_argument("--load", default="0.2,0.4,0.6",
                         help="arrival rates as fractions of predicted prefill capacity")
-    parser.add_argument("--requests", type=int, default=60, help="requests per rate")
-    parser.add_argument("--repeat", type=int, default=1, help="index into --load of the point measured twice")
+    parser.add_argument("--requests", type=int, default=120, help="requests per rate")
+    parser.add_argument("--repeat", default="all",
+                        help="'all' (every rate measured twice) or the index into --load of the one rate measured "
+                             "twice: the spread of the two runs is the noise floor, and errors are against their mean")
     parser.add_argument("--out", type=Path, default=None)
 
 
@@ -274,19 +341,29 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     model = load_model(args.model, weight_dtype="bf16")
-    device, link, contention = calibrate_pair(model, args.prefill_url, args.decode_url, args.router_url, args.isl)
+    isl = args.isl  # calibration spans the workload's prompt length
+    device, link = calibrate_pair(model, args.prefill_url, args.decode_url, args.router_url,
+                                  lengths=sorted({max(16, isl // k) for k in (8, 4, 2, 1)}), contexts=sorted({64, isl}),
+                                  repeats=7)
+    contention = asyncio.run(measure_contention(args.prefill_url, args.decode_url, isl, model.vocab_size))
     print(f"contention: a prefill takes {contention.prefill:.2f}x its time alone while the decode streams, "
           f"a decode step {contention.decode:.2f}x while the prefill computes", flush=True)
     capacity = 1 / perf.prefill_s(model, device, 1, args.isl)
     points = []
     for i, frac in enumerate(float(x) for x in args.load.split(",")):
         workload = Workload(isl=args.isl, osl=args.osl, rate=frac * capacity)
-        measured = [asyncio.run(_measure(args.router_url, workload, args.requests, model.vocab_size, 1000 * i + r))
-                    for r in range(2 if i == args.repeat else 1)]
+        measured, engine = [], []
+        for r in range(2 if args.repeat in ("all", str(i)) else 1):
+            before = _scrape(args.prefill_url)
+            measured.append(asyncio.run(_measure(args.router_url, workload, args.requests, model.vocab_size,
+                                                 1000 * i + r)))
+            engine.append(engine_times(before, _scrape(args.prefill_url)))
         points.append(PointResult(isl=args.isl, osl=args.osl, rate=workload.rate,
                                   predicted=predict(model, device, device, link, workload, contention),
-                                  measured=measured))
+                                  measured=measured, engine=engine,
+                                  service_s=prefill_service_s(model, device, device, workload, contention)))
         print(table(points[-1:]).splitlines()[-1], flush=True)
+    print(engine_table(points))
     isolated = [msgspec.structs.replace(p, predicted=predict(model, device, device, link,
                                                              Workload(isl=p.isl, osl=p.osl, rate=p.rate)))
                 for p in points]
