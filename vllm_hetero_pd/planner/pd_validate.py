@@ -50,6 +50,7 @@ from vllm_hetero_pd.planner.model import ModelSpec
 from vllm_hetero_pd.planner.workload import Workload
 
 QUANTILES = (0.5, 0.9)
+QUIET_LOAD = 1.5  # above this load average before the run, the figures are marked noisy
 
 
 class Latencies(msgspec.Struct, frozen=True):
@@ -339,7 +340,10 @@ def run(args: argparse.Namespace) -> int:
 
     out = args.out or Path(tempfile.mkdtemp(prefix="planner-pd-validate-"))
     out.mkdir(parents=True, exist_ok=True)
-    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    load_before = os.getloadavg()[0]
+    noisy = (f" -- NOISY: load average {load_before:.2f} above {QUIET_LOAD} before the run, rerun on a quiet host"
+             if load_before > QUIET_LOAD else "")
+    print(f"load average before: {load_before:.2f}{noisy}", flush=True)
     model = load_model(args.model, weight_dtype="bf16")
     isl = args.isl  # calibration spans the workload's prompt length
     device, link = calibrate_pair(model, args.prefill_url, args.decode_url, args.router_url,
@@ -371,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
         {"points": points, "without_contention": isolated, "device": device, "link": link, "contention": contention}))
     print(table(points))
     print(f"median |error| {median_error(points):.0%} (without the contention term: {median_error(isolated):.0%}); "
-          f"load average after: {os.getloadavg()[0]:.2f}; results in {out}")
+          f"load average before {load_before:.2f}, after {os.getloadavg()[0]:.2f}{noisy}; results in {out}")
     return 0
 
 
