@@ -111,11 +111,18 @@ class PointResult(msgspec.Struct, frozen=True, kw_only=True):
     service_s: float = math.nan  # the model's prefill service time at this rate (contention included)
     engine: list[EngineTimes] = []  # the prefill engine's own means over each measured run
 
+    def mean(self) -> Latencies:
+        """Each quantile's mean over the measured runs: what the prediction is compared with."""
+        def avg(field: str) -> tuple[float, float]:
+            return tuple(statistics.fmean(c) for c in zip(*(getattr(m, field) for m in self.measured)))
+
+        return Latencies(ttft=avg("ttft"), tpot=avg("tpot"))
+
     def errors(self) -> list[float]:
         """Relative error of each predicted quantile against the mean of the measurements:
         TTFT p50, p90, TPOT p50, p90."""
-        got = [statistics.fmean(col) for col in zip(*((*m.ttft, *m.tpot) for m in self.measured))]
-        return [p / m - 1 for p, m in zip((*self.predicted.ttft, *self.predicted.tpot), got)]
+        got = self.mean()
+        return [p / m - 1 for p, m in zip((*self.predicted.ttft, *self.predicted.tpot), (*got.ttft, *got.tpot))]
 
     def noise(self) -> list[float] | None:
         """Spread of the repeat (max/min - 1) per quantile, or None when the point ran once."""
@@ -217,8 +224,7 @@ def table(points: list[PointResult]) -> str:
     lines = ["| ISL | OSL | rate | TTFT p50 pred / meas (ms) | p90 | TPOT p50 pred / meas (ms) | p90 | "
              "error TTFT p50, p90, TPOT p50, p90 | repeat spread |", "|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        m = Latencies(*(tuple(statistics.fmean(c) for c in zip(*(getattr(r, f) for r in p.measured)))
-                        for f in ("ttft", "tpot")))
+        m = p.mean()
         cells = [f"{ms(a)} / {ms(b)}" for a, b in zip((*p.predicted.ttft, *p.predicted.tpot), (*m.ttft, *m.tpot))]
         noise = p.noise()
         lines.append(f"| {p.isl} | {p.osl} | {p.rate:.3g} | " + " | ".join(cells) + " | "
@@ -267,11 +273,12 @@ async def _while_busy(url: str, prompt_tokens: int, max_tokens: int, clients: in
         try:
             return await work
         finally:
+            failed = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception()]
             for task in tasks:
-                if task.done() and not task.cancelled() and task.exception():
-                    raise RuntimeError(f"background load on {url} failed: {task.exception()}")
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if failed:
+                raise RuntimeError(f"background load on {url} failed: {failed[0]}")
 
 
 async def measure_contention(prefill_url: str, decode_url: str, isl: int, vocab: int) -> Contention:
@@ -345,24 +352,24 @@ def run(args: argparse.Namespace) -> int:
              if load_before > QUIET_LOAD else "")
     print(f"load average before: {load_before:.2f}{noisy}", flush=True)
     model = load_model(args.model, weight_dtype="bf16")
-    isl = args.isl  # calibration spans the workload's prompt length
-    device, link = calibrate_pair(model, args.prefill_url, args.decode_url, args.router_url,
+    isl = args.isl
+    device, link = calibrate_pair(model, args.prefill_url, args.decode_url, args.router_url,  # spanning the ISL
                                   lengths=sorted({max(16, isl // k) for k in (8, 4, 2, 1)}), contexts=sorted({64, isl}),
                                   repeats=7)
     contention = asyncio.run(measure_contention(args.prefill_url, args.decode_url, isl, model.vocab_size))
     print(f"contention: a prefill takes {contention.prefill:.2f}x its time alone while the decode streams, "
           f"a decode step {contention.decode:.2f}x while the prefill computes", flush=True)
-    capacity = 1 / perf.prefill_s(model, device, 1, args.isl)
+    capacity = 1 / perf.prefill_s(model, device, 1, isl)
     points = []
     for i, frac in enumerate(float(x) for x in args.load.split(",")):
-        workload = Workload(isl=args.isl, osl=args.osl, rate=frac * capacity)
+        workload = Workload(isl=isl, osl=args.osl, rate=frac * capacity)
         measured, engine = [], []
         for r in range(2 if args.repeat in ("all", str(i)) else 1):
             before = _scrape(args.prefill_url)
             measured.append(asyncio.run(_measure(args.router_url, workload, args.requests, model.vocab_size,
                                                  1000 * i + r)))
             engine.append(engine_times(before, _scrape(args.prefill_url)))
-        points.append(PointResult(isl=args.isl, osl=args.osl, rate=workload.rate,
+        points.append(PointResult(isl=isl, osl=args.osl, rate=workload.rate,
                                   predicted=predict(model, device, device, link, workload, contention),
                                   measured=measured, engine=engine,
                                   service_s=prefill_service_s(model, device, device, workload, contention)))
