@@ -140,12 +140,14 @@ def weights_read_bytes(model: ModelSpec, num_tokens: float) -> float:
     return model.dense_weight_bytes + model.num_moe_layers * model.experts_touched(num_tokens) * model.expert_bytes
 
 
-def prefill_s(model: ModelSpec, device: Device, tp: int, num_tokens: int) -> float:
-    """Execution time of one prefill of ``num_tokens`` tokens."""
-    compute = (prefill_matmul_flops(model, num_tokens) / device.peak_flops(model.low_precision)
-               + model.prefill_attention_flops(num_tokens) / device.attention_flops) / tp
-    memory = weights_read_bytes(model, num_tokens) / tp / device.memory_bytes_s
-    comm = 2 * model.num_layers * allreduce_s(device, tp, num_tokens * model.hidden_size * ACTIVATION_BYTES)
+def prefill_s(model: ModelSpec, device: Device, tp: int, num_tokens: int, sequences: int = 1) -> float:
+    """Execution time of one prefill forward of ``sequences`` prompts of ``num_tokens`` tokens each
+    (batched whole, as an engine without chunked prefill runs prompts that arrive together)."""
+    tokens = num_tokens * sequences
+    compute = (prefill_matmul_flops(model, tokens) / device.peak_flops(model.low_precision)
+               + sequences * model.prefill_attention_flops(num_tokens) / device.attention_flops) / tp
+    memory = weights_read_bytes(model, tokens) / tp / device.memory_bytes_s
+    comm = 2 * model.num_layers * allreduce_s(device, tp, tokens * model.hidden_size * ACTIVATION_BYTES)
     return max(compute, memory) + comm + device.prefill_overhead_s
 
 
