@@ -14,7 +14,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "shim": ("vllm_hetero_pd.shim.bench", "format translation GB/s per format pair vs torch copy"),
     "router": ("vllm_hetero_pd.router.bench", "router overhead vs calling the backends directly"),
     "planner": ("vllm_hetero_pd.planner.bench", "planner search time on a large catalog"),
-    "planner-nim": ("vllm_hetero_pd.planner.published", "planner model vs published tables: NVIDIA NIM (dense), ML.ENERGY and dstack (MoE)"),
+    "planner-nim": ("vllm_hetero_pd.planner.published", "planner model vs published NIM, ML.ENERGY, dstack tables"),
     "planner-pd": ("vllm_hetero_pd.planner.pd_validate", "planner P/D model vs a real CPU prefill+decode pair"),
     "e2e": ("vllm_hetero_pd.launch.bench_e2e", "TTFT/TPOT: monolithic vs upstream NixlConnector vs ours"),
     "goodput": ("vllm_hetero_pd.launch.bench_goodput", "goodput per arrival rate on the same 2 cores: monolithic "
