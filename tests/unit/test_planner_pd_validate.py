@@ -159,17 +159,15 @@ def test_fit_host_reproduces_the_probe_and_changes_nothing_when_the_probe_matche
     probe = Workload(isl=256, osl=32, rate=0.3 / service)
     pair = pd_validate.Contention(prefill=1.1, decode=1.2)
     truth = msgspec.structs.replace(pair, prefill_host_s=0.4 * service, decode_host_s=0.6 * service)
-    measured = pd_validate.Latencies(*(tuple(pd_validate.latency_at(TINY, CPU, CPU, LINK, probe, 0.5, truth)[i]
-                                             for _ in range(2)) for i in (0, 1)))
-    fitted = pd_validate.fit_host(TINY, CPU, CPU, LINK, probe, pair, measured)
-    assert fitted.prefill_host_s == pytest.approx(truth.prefill_host_s, rel=1e-4)
+    measured_prefill = pd_validate.prefill_service_s(TINY, CPU, CPU, probe, truth)
+    measured_tpot = pd_validate.latency_at(TINY, CPU, CPU, LINK, probe, 0.5, truth)[1]
+    fitted = pd_validate.fit_host(TINY, CPU, CPU, LINK, probe, pair, measured_prefill, measured_tpot)
+    assert fitted.prefill_host_s == pytest.approx(truth.prefill_host_s, rel=1e-6)
     # TPOT p50 is a step function of the Poisson batch quantile: the fit reproduces the TPOT, not the term
-    assert pd_validate.latency_at(TINY, CPU, CPU, LINK, probe, 0.5, fitted)[1] == pytest.approx(measured.tpot[0],
-                                                                                                rel=1e-3)
+    assert pd_validate.latency_at(TINY, CPU, CPU, LINK, probe, 0.5, fitted)[1] == pytest.approx(measured_tpot, rel=1e-3)
     assert (fitted.prefill, fitted.decode) == (1.1, 1.2)
-    # a probe that ran as fast as the model (or faster, or measured nothing) adds no host term
-    model_ttft, model_tpot = pd_validate.latency_at(TINY, CPU, CPU, LINK, probe, 0.5, pair)
-    fast = pd_validate.Latencies((0.9 * model_ttft,) * 2, (0.9 * model_tpot,) * 2)
-    assert pd_validate.fit_host(TINY, CPU, CPU, LINK, probe, pair, fast) == pair
-    nothing = pd_validate.Latencies((math.nan,) * 2, (math.nan,) * 2)
-    assert pd_validate.fit_host(TINY, CPU, CPU, LINK, probe, pair, nothing) == pair
+    # a probe that ran as fast as the model (or faster, or not at all) adds no host term
+    model_prefill = pd_validate.prefill_service_s(TINY, CPU, CPU, probe, pair)
+    model_tpot = pd_validate.latency_at(TINY, CPU, CPU, LINK, probe, 0.5, pair)[1]
+    assert pd_validate.fit_host(TINY, CPU, CPU, LINK, probe, pair, model_prefill * 0.9, model_tpot * 0.9) == pair
+    assert pd_validate.fit_host(TINY, CPU, CPU, LINK, probe, pair, math.nan, math.nan) == pair

@@ -173,7 +173,6 @@ class Contention(msgspec.Struct, frozen=True):
 
 NO_CONTENTION = Contention()
 MAX_HOST_SHARE = 0.9  # the host work's share of a core is capped below 1: the engine still runs
-HOST_FIT_ROUNDS = 8
 
 
 def host_factor(host_s: float, rate: float) -> float:
@@ -220,32 +219,28 @@ def predict(model: ModelSpec, prefill: Device, decode: Device, link: Link, workl
 
 
 def fit_host(model: ModelSpec, prefill: Device, decode: Device, link: Link, workload: Workload,
-             contention: Contention, measured: Latencies) -> Contention:
+             contention: Contention, prefill_s: float, tpot_p50_s: float) -> Contention:
     """``contention`` with the host terms that reproduce one probe run at ``workload.rate``: the
-    prefill's to its TTFT p50, then the decode's to its TPOT p50 (each 0 where the model is not
-    faster than the probe).
+    prefill engine's own mean prefill time, and the TPOT p50 through the router.
 
     Why: under load the pair's front-end processes take a growing share of both cores, so the
     prefill and the decode steps run slower than any engine-at-a-time calibration shows. The
     probe runs at a rate that is not validated, so the validated rates test how the fitted
-    per-request cost carries over to other loads. The engine's own prefill time is no target:
-    where a step holds several prompts it counts their compute too.
+    per-request cost carries over to other loads.
     """
-    def fit(terms: Contention, field: str, quantity: int, target: float) -> Contention:
-        """``terms`` with ``field`` set so the probe's p50 of ``quantity`` (0 TTFT, 1 TPOT) matches."""
-        def predicted(host_s: float) -> float:
-            with_host = msgspec.structs.replace(terms, **{field: host_s})
-            return latency_at(model, prefill, decode, link, workload, 0.5, with_host)[quantity]
+    rate = workload.rate
+    base = prefill_service_s(model, prefill, decode, workload, contention)
+    prefill_host = max(0.0, 1 - base / prefill_s) / rate if math.isfinite(prefill_s) else 0.0
+    fitted = msgspec.structs.replace(contention, prefill_host_s=min(prefill_host, MAX_HOST_SHARE / rate))
 
-        if not math.isfinite(target) or predicted(0.0) >= target:
-            return msgspec.structs.replace(terms, **{field: 0.0})
-        return msgspec.structs.replace(terms, **{field: perf.bisect(lambda h: predicted(h) < target, 0.0,
-                                                                      MAX_HOST_SHARE / workload.rate)})
+    def tpot(host_s: float) -> float:
+        with_host = msgspec.structs.replace(fitted, decode_host_s=host_s)
+        return latency_at(model, prefill, decode, link, workload, 0.5, with_host)[1]
 
-    fitted = contention
-    for _ in range(HOST_FIT_ROUNDS):  # each term moves the other's quantity a little: alternate to the fixed point
-        fitted = fit(fit(fitted, "prefill_host_s", 0, measured.ttft[0]), "decode_host_s", 1, measured.tpot[0])
-    return fitted
+    if not math.isfinite(tpot_p50_s) or tpot(0.0) >= tpot_p50_s:
+        return fitted
+    decode_host = perf.bisect(lambda h: tpot(h) < tpot_p50_s, 0.0, MAX_HOST_SHARE / rate)
+    return msgspec.structs.replace(fitted, decode_host_s=decode_host)
 
 
 def arrivals(rate: float, count: int, seed: int) -> list[float]:
@@ -410,8 +405,10 @@ def run(args: argparse.Namespace) -> int:
     pair = asyncio.run(measure_contention(args.prefill_url, args.decode_url, isl, model.vocab_size))
     capacity = 1 / perf.prefill_s(model, device, 1, isl)
     probe = Workload(isl=isl, osl=args.osl, rate=args.probe_load * capacity)
+    before = _scrape(args.prefill_url)
     probed = asyncio.run(_measure(args.router_url, probe, args.probe_requests, model.vocab_size, 99))
-    contention = fit_host(model, device, device, link, probe, pair, probed)
+    contention = fit_host(model, device, device, link, probe, pair, engine_times(before, _scrape(args.prefill_url))
+                          .prefill_s, probed.tpot[0])
     print(f"contention: a prefill takes {contention.prefill:.2f}x its time alone while the decode streams, "
           f"a decode step {contention.decode:.2f}x while the prefill computes; host work per request, fitted at "
           f"{probe.rate:.3g} req/s: {contention.prefill_host_s * 1e3:.1f} ms of the prefill's core, "
