@@ -137,37 +137,3 @@ def test_the_prefill_engines_own_means_come_from_histogram_differences():
     point = pd_validate.PointResult(isl=256, osl=32, rate=1.5, predicted=lat, measured=[lat], service_s=0.25,
                                     engine=[times])
     assert "| 1.5 | 250.0 / 300.0 | 100.0 |" in pd_validate.engine_table([point])
-
-
-def test_host_work_takes_its_share_of_each_engines_core():
-    assert pd_validate.host_factor(0.0, 5.0) == 1.0
-    assert pd_validate.host_factor(0.1, 2.0) == pytest.approx(1 / 0.8)  # 20 % of the core goes to the host
-    assert pd_validate.host_factor(1.0, 5.0) == pytest.approx(10.0)  # capped: the engine keeps 10 %
-    service = perf.prefill_s(TINY, CPU, 1, 256)
-    wl = Workload(isl=256, osl=32, rate=0.4 / service)
-    plain = pd_validate.predict(TINY, CPU, CPU, LINK, wl)
-    slow_prefill = pd_validate.predict(TINY, CPU, CPU, LINK, wl, pd_validate.Contention(prefill_host_s=0.5 * service))
-    assert slow_prefill.ttft[0] > plain.ttft[0] and slow_prefill.tpot[0] == pytest.approx(plain.tpot[0])
-    assert pd_validate.prefill_service_s(TINY, CPU, CPU, wl, pd_validate.Contention(prefill_host_s=0.5 * service)) \
-        == pytest.approx(service / 0.8)
-    slow_decode = pd_validate.predict(TINY, CPU, CPU, LINK, wl, pd_validate.Contention(decode_host_s=0.5 * service))
-    assert slow_decode.tpot[0] >= 1.25 * plain.tpot[0] and slow_decode.ttft[0] > plain.ttft[0]
-
-
-def test_fit_host_reproduces_the_probe_and_changes_nothing_when_the_probe_matches_the_model():
-    service = perf.prefill_s(TINY, CPU, 1, 256)
-    probe = Workload(isl=256, osl=32, rate=0.3 / service)
-    pair = pd_validate.Contention(prefill=1.1, decode=1.2)
-    truth = msgspec.structs.replace(pair, prefill_host_s=0.4 * service, decode_host_s=0.6 * service)
-    measured_prefill = pd_validate.prefill_service_s(TINY, CPU, CPU, probe, truth)
-    measured_tpot = pd_validate.latency_at(TINY, CPU, CPU, LINK, probe, 0.5, truth)[1]
-    fitted = pd_validate.fit_host(TINY, CPU, CPU, LINK, probe, pair, measured_prefill, measured_tpot)
-    assert fitted.prefill_host_s == pytest.approx(truth.prefill_host_s, rel=1e-6)
-    # TPOT p50 is a step function of the Poisson batch quantile: the fit reproduces the TPOT, not the term
-    assert pd_validate.latency_at(TINY, CPU, CPU, LINK, probe, 0.5, fitted)[1] == pytest.approx(measured_tpot, rel=1e-3)
-    assert (fitted.prefill, fitted.decode) == (1.1, 1.2)
-    # a probe that ran as fast as the model (or faster, or not at all) adds no host term
-    model_prefill = pd_validate.prefill_service_s(TINY, CPU, CPU, probe, pair)
-    model_tpot = pd_validate.latency_at(TINY, CPU, CPU, LINK, probe, 0.5, pair)[1]
-    assert pd_validate.fit_host(TINY, CPU, CPU, LINK, probe, pair, model_prefill * 0.9, model_tpot * 0.9) == pair
-    assert pd_validate.fit_host(TINY, CPU, CPU, LINK, probe, pair, math.nan, math.nan) == pair

@@ -16,14 +16,12 @@ is started with the existing launchers and this command is pointed at it. On a q
    requests through the router at two prompt lengths fit the KV link (latency and GB/s of what the
    router and connector add beyond prefill and the first decode step); each engine timed alone and
    while the other works gives the pair's contention (``Contention``): both share one host here,
-   which separate GPUs in a planned deployment do not, so only this validation prices it; a probe
-   run at a rate that is not validated (``--probe-load``) fits the host work per request that
-   the processes around each engine take from its core (``fit_host``).
+   which separate GPUs in a planned deployment do not, so only this validation prices it.
 2. *Predict* TTFT and TPOT p50/p90 at each arrival rate (``--load``, fractions of the predicted
    prefill capacity) with the P/D model: M/D/1 prefill + KV hand-off + first decode step, and
    Little's-law decode with Poisson batch fluctuations.
-3. *Measure* each rate with Poisson arrivals through the router, twice by default: the spread of
-   the two runs is the noise floor the model error should be read against.
+3. *Measure* each rate with Poisson arrivals through the router, and one rate twice: the spread of
+   that repeat is the noise floor the model error should be read against.
 
 The load average is printed before and after. Pure parts (link fit, quantiles, prediction, table)
 are unit-tested in tests/unit/test_planner_pd_validate.py.
@@ -164,32 +162,19 @@ class Contention(msgspec.Struct, frozen=True):
 
     prefill: float = 1.0  # a prefill's time while the decode streams, over its time alone
     decode: float = 1.0  # a decode step's time while the prefill computes, over its time alone
-    # Host-CPU seconds per request that the processes around each engine (its API server and
-    # engine core, the router, the clients) take from that engine's core: fitted on a probe run
-    # at a rate that is not validated (``fit_host``).
-    prefill_host_s: float = 0.0
-    decode_host_s: float = 0.0
 
 
 NO_CONTENTION = Contention()
-MAX_HOST_SHARE = 0.9  # the host work's share of a core is capped below 1: the engine still runs
-
-
-def host_factor(host_s: float, rate: float) -> float:
-    """How much longer an engine's work takes when ``host_s`` seconds per request, at ``rate``, are
-    spent on its core by other processes: the engine keeps ``1 - host_s x rate`` of the core."""
-    return 1 / (1 - min(host_s * rate, MAX_HOST_SHARE))
 
 
 def prefill_service_s(model: ModelSpec, prefill: Device, decode: Device, workload: Workload,
                       contention: Contention = NO_CONTENTION) -> float:
     """The prefill's service time at the workload's rate: alone, slowed by ``contention.prefill``
     for the share of time the decode holds a stream (a Poisson batch is empty with probability
-    e^-B), and by the host work that shares its core."""
+    e^-B)."""
     batch = perf.decode_batch(model, decode, 1, workload, workload.rate)
     decode_busy = 1 - math.exp(-batch) if math.isfinite(batch) else 1.0
-    return (perf.prefill_s(model, prefill, 1, workload.isl) * (1 + (contention.prefill - 1) * decode_busy)
-            * host_factor(contention.prefill_host_s, workload.rate))
+    return perf.prefill_s(model, prefill, 1, workload.isl) * (1 + (contention.prefill - 1) * decode_busy)
 
 
 def latency_at(model: ModelSpec, prefill: Device, decode: Device, link: Link, workload: Workload,
@@ -197,13 +182,11 @@ def latency_at(model: ModelSpec, prefill: Device, decode: Device, link: Link, wo
     """The P/D model's (TTFT, TPOT) q-quantiles for one prefill and one decode instance at TP1.
 
     Each engine runs at its contended speed for the share of time the other one is busy: the
-    prefill as ``prefill_service_s`` says, the decode for the prefill's utilisation; both lose
-    their share of the host work (``host_factor``).
+    prefill as ``prefill_service_s`` says, the decode for the prefill's utilisation.
     """
     rate = workload.rate
     service = prefill_service_s(model, prefill, decode, workload, contention)
-    slowdown = ((1 + (contention.decode - 1) * min(1.0, rate * service))
-                * host_factor(contention.decode_host_s, rate))
+    slowdown = 1 + (contention.decode - 1) * min(1.0, rate * service)
     kv = perf.kv_transfer_s(model, prefill, 1, perf.endpoint(decode, 1), link, workload.isl)
     batch = perf.decode_batch(model, decode, 1, workload, rate, slowdown)
     first = perf.decode_step_s(model, decode, 1, 1 + batch, workload.mean_context) * slowdown
@@ -216,31 +199,6 @@ def predict(model: ModelSpec, prefill: Device, decode: Device, link: Link, workl
     """The P/D model's TTFT and TPOT p50/p90 for one prefill and one decode instance at TP1."""
     ttft, tpot = zip(*(latency_at(model, prefill, decode, link, workload, q, contention) for q in QUANTILES))
     return Latencies(ttft=ttft, tpot=tpot)
-
-
-def fit_host(model: ModelSpec, prefill: Device, decode: Device, link: Link, workload: Workload,
-             contention: Contention, prefill_s: float, tpot_p50_s: float) -> Contention:
-    """``contention`` with the host terms that reproduce one probe run at ``workload.rate``: the
-    prefill engine's own mean prefill time, and the TPOT p50 through the router.
-
-    Why: under load the pair's front-end processes take a growing share of both cores, so the
-    prefill and the decode steps run slower than any engine-at-a-time calibration shows. The
-    probe runs at a rate that is not validated, so the validated rates test how the fitted
-    per-request cost carries over to other loads.
-    """
-    rate = workload.rate
-    base = prefill_service_s(model, prefill, decode, workload, contention)
-    prefill_host = max(0.0, 1 - base / prefill_s) / rate if math.isfinite(prefill_s) else 0.0
-    fitted = msgspec.structs.replace(contention, prefill_host_s=min(prefill_host, MAX_HOST_SHARE / rate))
-
-    def tpot(host_s: float) -> float:
-        with_host = msgspec.structs.replace(fitted, decode_host_s=host_s)
-        return latency_at(model, prefill, decode, link, workload, 0.5, with_host)[1]
-
-    if not math.isfinite(tpot_p50_s) or tpot(0.0) >= tpot_p50_s:
-        return fitted
-    decode_host = perf.bisect(lambda h: tpot(h) < tpot_p50_s, 0.0, MAX_HOST_SHARE / rate)
-    return msgspec.structs.replace(fitted, decode_host_s=decode_host)
 
 
 def arrivals(rate: float, count: int, seed: int) -> list[float]:
@@ -378,10 +336,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", default="0.2,0.4,0.6",
                         help="arrival rates as fractions of predicted prefill capacity")
     parser.add_argument("--requests", type=int, default=120, help="requests per rate")
-    parser.add_argument("--probe-load", type=float, default=0.3,
-                        help="the rate, as a fraction of predicted prefill capacity, of the probe run that fits the "
-                             "host terms (Contention.prefill_host_s, decode_host_s); keep it off the --load rates")
-    parser.add_argument("--probe-requests", type=int, default=60)
     parser.add_argument("--repeat", default="all",
                         help="'all' (every rate measured twice) or the index into --load of the one rate measured "
                              "twice: the spread of the two runs is the noise floor, and errors are against their mean")
@@ -402,17 +356,10 @@ def run(args: argparse.Namespace) -> int:
     device, link = calibrate_pair(model, args.prefill_url, args.decode_url, args.router_url,  # spanning the ISL
                                   lengths=sorted({max(16, isl // k) for k in (8, 4, 2, 1)}), contexts=sorted({64, isl}),
                                   repeats=7)
-    pair = asyncio.run(measure_contention(args.prefill_url, args.decode_url, isl, model.vocab_size))
-    capacity = 1 / perf.prefill_s(model, device, 1, isl)
-    probe = Workload(isl=isl, osl=args.osl, rate=args.probe_load * capacity)
-    before = _scrape(args.prefill_url)
-    probed = asyncio.run(_measure(args.router_url, probe, args.probe_requests, model.vocab_size, 99))
-    contention = fit_host(model, device, device, link, probe, pair, engine_times(before, _scrape(args.prefill_url))
-                          .prefill_s, probed.tpot[0])
+    contention = asyncio.run(measure_contention(args.prefill_url, args.decode_url, isl, model.vocab_size))
     print(f"contention: a prefill takes {contention.prefill:.2f}x its time alone while the decode streams, "
-          f"a decode step {contention.decode:.2f}x while the prefill computes; host work per request, fitted at "
-          f"{probe.rate:.3g} req/s: {contention.prefill_host_s * 1e3:.1f} ms of the prefill's core, "
-          f"{contention.decode_host_s * 1e3:.1f} ms of the decode's", flush=True)
+          f"a decode step {contention.decode:.2f}x while the prefill computes", flush=True)
+    capacity = 1 / perf.prefill_s(model, device, 1, isl)
     points = []
     for i, frac in enumerate(float(x) for x in args.load.split(",")):
         workload = Workload(isl=isl, osl=args.osl, rate=frac * capacity)
@@ -428,19 +375,14 @@ def run(args: argparse.Namespace) -> int:
                                   service_s=prefill_service_s(model, device, device, workload, contention)))
         print(table(points[-1:]).splitlines()[-1], flush=True)
     print(engine_table(points))
-    def without(terms: Contention) -> list[PointResult]:
-        return [msgspec.structs.replace(p, predicted=predict(model, device, device, link,
-                                                             Workload(isl=p.isl, osl=p.osl, rate=p.rate), terms))
+    isolated = [msgspec.structs.replace(p, predicted=predict(model, device, device, link,
+                                                             Workload(isl=p.isl, osl=p.osl, rate=p.rate)))
                 for p in points]
-
-    pair_only, isolated = without(pair), without(NO_CONTENTION)
     (out / "pd-validation.json").write_bytes(msgspec.json.encode(
-        {"points": points, "without_host": pair_only, "without_contention": isolated, "device": device,
-         "link": link, "contention": contention, "probe": {"rate": probe.rate, "measured": probed}}))
+        {"points": points, "without_contention": isolated, "device": device, "link": link, "contention": contention}))
     print(table(points))
-    print(f"median |error| {median_error(points):.0%} (without the host terms: {median_error(pair_only):.0%}; "
-          f"without any contention: {median_error(isolated):.0%}); load average before {load_before:.2f}, "
-          f"after {os.getloadavg()[0]:.2f}{noisy}; results in {out}")
+    print(f"median |error| {median_error(points):.0%} (without the contention term: {median_error(isolated):.0%}); "
+          f"load average before {load_before:.2f}, after {os.getloadavg()[0]:.2f}{noisy}; results in {out}")
     return 0
 
 
