@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 import msgspec
 
@@ -108,17 +109,24 @@ def closed_loop(model: ModelSpec, device: Device, workload: Workload, concurrenc
     return (rate, *colocated.latency(inst, rate, None))
 
 
+def compute_scaled(device: Device, k: float) -> Device:
+    """``device`` with every compute efficiency (matmul at each precision, attention) times ``k``."""
+    return msgspec.structs.replace(device, fp8_efficiency=device.fp8_efficiency * k,
+                                   bf16_efficiency=device.bf16_efficiency * k,
+                                   attention_efficiency=device.attention_efficiency * k)
+
+
+def fit_compute(device: Device, too_slow: Callable[[Device], bool]) -> Device:
+    """``device`` compute-scaled to the boundary where ``too_slow`` stops holding (all efficiencies ≤ 1)."""
+    top = 1 / max(device.fp8_efficiency, device.bf16_efficiency, device.attention_efficiency)
+    return compute_scaled(device, perf.bisect(lambda k: too_slow(compute_scaled(device, k)), 1e-3, top))
+
+
 def calibrated(model: ModelSpec, device: Device) -> Device:
-    """``device`` with its FP8 matmul and attention efficiencies scaled so the calibration run's TTFT matches."""
+    """``device`` with its compute efficiencies scaled so the calibration run's TTFT matches."""
     workload, concurrency, ttft = CALIBRATION
-
-    def scaled(k: float) -> Device:
-        return msgspec.structs.replace(device, fp8_efficiency=device.fp8_efficiency * k,
-                                       attention_efficiency=device.attention_efficiency * k)
-
-    k = perf.bisect(lambda k: closed_loop(model, scaled(k), workload, concurrency)[1] > ttft, 0.05,
-                    1.0 / device.fp8_efficiency)
-    return msgspec.structs.replace(scaled(k), sources={
+    fitted = fit_compute(device, lambda d: closed_loop(model, d, workload, concurrency)[1] > ttft)
+    return msgspec.structs.replace(fitted, sources={
         **device.sources, "fp8_efficiency": f"fitted to {SOURCE}, 500/2000 at concurrency 1 (TTFT 47.77 ms)"})
 
 
@@ -203,15 +211,7 @@ def fit_lockstep(model: ModelSpec, device: Device) -> Device:
     (the step is weight-read bound: its memory term grows with the experts a batch touches). A fit
     outside the catalog's ranges (an efficiency above 1, a negative overhead) fails its checks."""
     wl, (first, second), tp = LOCKSTEP_WORKLOAD, LOCKSTEP_FIT, LOCKSTEP_TP
-
-    def scaled(k: float) -> Device:
-        return msgspec.structs.replace(device, fp8_efficiency=device.fp8_efficiency * k,
-                                       bf16_efficiency=device.bf16_efficiency * k,
-                                       attention_efficiency=device.attention_efficiency * k)
-
-    k = perf.bisect(lambda k: lockstep(model, scaled(k), tp, wl, first)[0] > LOCKSTEP_PUBLISHED[first][0], 1e-3,
-                    1 / max(device.fp8_efficiency, device.bf16_efficiency, device.attention_efficiency))
-    prefill_fitted = scaled(k)
+    prefill_fitted = fit_compute(device, lambda d: lockstep(model, d, tp, wl, first)[0] > LOCKSTEP_PUBLISHED[first][0])
 
     def memory_s(batch: int) -> float:
         step = perf.step_model(model, prefill_fitted, tp, wl.mean_context)
