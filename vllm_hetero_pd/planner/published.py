@@ -213,8 +213,9 @@ def fit_lockstep(model: ModelSpec, device: Device) -> Device:
     wl, (first, second), tp = LOCKSTEP_WORKLOAD, LOCKSTEP_FIT, LOCKSTEP_TP
     prefill_fitted = fit_compute(device, lambda d: lockstep(model, d, tp, wl, first)[0] > LOCKSTEP_PUBLISHED[first][0])
 
+    step = perf.step_model(model, prefill_fitted, tp, wl.mean_context)
+
     def memory_s(batch: int) -> float:
-        step = perf.step_model(model, prefill_fitted, tp, wl.mean_context)
         return step.dense_s + step.expert_s * model.experts_touched(batch) + step.kv_s * batch
 
     gap = {c: LOCKSTEP_PUBLISHED[c][2] - lockstep(model, prefill_fitted, tp, wl, c)[1] for c in LOCKSTEP_FIT}
